@@ -1,0 +1,100 @@
+from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Image(_message.Message):
+    __slots__ = ("pixels", "raw")
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    pixels: _containers.RepeatedScalarFieldContainer[float]
+    raw: bytes
+    def __init__(self, pixels: _Optional[_Iterable[float]] = ..., raw: _Optional[bytes] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("prediction", "confidence", "probabilities", "cached")
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    prediction: int
+    confidence: float
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    cached: bool
+    def __init__(self, prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("image", "image_raw", "model_name", "model_version")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_RAW_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    image: _containers.RepeatedScalarFieldContainer[float]
+    image_raw: bytes
+    model_name: str
+    model_version: str
+    def __init__(self, image: _Optional[_Iterable[float]] = ..., image_raw: _Optional[bytes] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("prediction", "confidence", "probabilities", "model_name", "model_version", "cached")
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    prediction: int
+    confidence: float
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    model_name: str
+    model_version: int
+    cached: bool
+    def __init__(self, prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class PredictBatchRequest(_message.Message):
+    __slots__ = ("images", "model_name", "model_version")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    model_name: str
+    model_version: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class PredictBatchResponse(_message.Message):
+    __slots__ = ("predictions", "model_name", "model_version")
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    model_name: str
+    model_version: int
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class PredictStreamRequest(_message.Message):
+    __slots__ = ("request_id", "image", "model_name", "model_version")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    image: Image
+    model_name: str
+    model_version: str
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class PredictStreamResponse(_message.Message):
+    __slots__ = ("request_id", "prediction", "model_name", "model_version")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prediction: Prediction
+    model_name: str
+    model_version: int
+    def __init__(self, request_id: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,107 @@
+"""PostgreSQL access for mlmesh's own tables: pools, databases and migrations (asyncpg)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+# Each migration runs once, in order, inside one transaction; never edit a released one.
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE audit_events (
+            event_id          BIGSERIAL PRIMARY KEY,
+            time              TIMESTAMPTZ NOT NULL DEFAULT now(),
+            client            TEXT NOT NULL,
+            action            TEXT NOT NULL,
+            model_name        TEXT NOT NULL,
+            version           INTEGER NOT NULL,
+            from_stage        TEXT NOT NULL,
+            to_stage          TEXT NOT NULL,
+            previous_version  INTEGER NOT NULL DEFAULT 0,
+            archived_versions INTEGER[] NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX audit_events_model_idx ON audit_events (model_name, event_id DESC);
+        """,
+    ),
+]
+
+# Any fixed number works; it only has to be the same in every process that migrates.
+_MIGRATION_LOCK_ID = 0x6D6C6D657368
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+def database_name(url: str) -> str:
+    """The database a PostgreSQL URL names."""
+    return urlsplit(url).path.lstrip("/")
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the database ``url`` names if it does not exist; True when it was created."""
+    name = database_name(url)
+    conn = await asyncpg.connect(_with_database(url, "postgres"))
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists:
+            return False
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        except asyncpg.DuplicateDatabaseError:
+            return False  # created concurrently by another process
+        return True
+    finally:
+        await conn.close()
+
+
+async def drop_database(url: str) -> None:
+    """Drop the database ``url`` names, disconnecting its sessions first."""
+    name = database_name(url)
+    conn = await asyncpg.connect(_with_database(url, "postgres"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def migrate(pool: asyncpg.Pool) -> None:
+    """Apply pending migrations; safe to run from several processes at once."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_ID)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, sql in MIGRATIONS:
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            log.info("applied migration %d", version)
+
+
+async def connect_pool(url: str, *, wait_s: float = 30.0) -> asyncpg.Pool:
+    """Open a pool, creating the database and migrating it; waits for PostgreSQL to come up."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            await ensure_database(url)
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=10)
+            break
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            log.warning("PostgreSQL not reachable yet (%s); retrying", exc)
+            await asyncio.sleep(1.0)
+    await migrate(pool)
+    return pool

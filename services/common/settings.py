@@ -1,0 +1,117 @@
+"""One typed settings object for every mlmesh process.
+
+Every field is read from the environment with the ``MLMESH_`` prefix (``MLMESH_REDIS_URL``,
+...) or from a ``.env`` file in the working directory. Build it once in a process's ``main``
+and pass it down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Settings shared by the launcher, the gateway renderer and the services."""
+
+    model_config = SettingsConfigDict(env_prefix="MLMESH_", env_file=".env", extra="ignore")
+
+    # -- backing stores -------------------------------------------------------------------
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/mlmesh",
+        description="PostgreSQL database for mlmesh's own tables (jobs, audit log).",
+    )
+    mlflow_backend_store_uri: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/mlflow",
+        description="MLflow server's backend store (the launcher passes it to `mlflow server`).",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis for the job queue, prediction cache, events and rate limits.",
+    )
+    mlflow_tracking_uri: str = Field(
+        "http://127.0.0.1:5000",
+        description="MLflow tracking server; the launcher starts it on this host and port.",
+    )
+    mlflow_request_timeout_s: float = Field(
+        10.0, description="Timeout of one MLflow REST call made by a service."
+    )
+    mlflow_request_max_retries: int = Field(
+        1, description="Retries of a failed MLflow REST call made by a service."
+    )
+
+    # -- services ---------------------------------------------------------------------------
+    registry_address: str = Field(
+        "127.0.0.1:50051", description="host:port the Registry gRPC server listens on."
+    )
+    registry_ops_port: int = Field(
+        9101, description="HTTP port of the Registry process: /ready, /health, /metrics."
+    )
+    training_address: str = Field(
+        "127.0.0.1:50052", description="host:port of the Training gRPC server."
+    )
+    inference_address: str = Field(
+        "127.0.0.1:50053", description="host:port of the Inference gRPC server."
+    )
+    grpc_max_message_bytes: int = Field(
+        4 * 1024 * 1024, description="Largest gRPC message a service accepts or sends."
+    )
+    shutdown_grace_s: float = Field(
+        10.0, description="Seconds in-flight RPCs get to finish after SIGTERM."
+    )
+    readiness_timeout_s: float = Field(
+        2.0, description="Timeout of each dependency check behind /ready."
+    )
+
+    # -- gateway ----------------------------------------------------------------------------
+    gateway_host: str = Field("127.0.0.1", description="Address the Envoy gateway binds.")
+    gateway_port: int = Field(8000, description="Envoy listener: REST and gRPC (h2c).")
+    gateway_admin_port: int = Field(9901, description="Envoy admin interface (loopback only).")
+    api_keys: str = Field(
+        "",
+        description="API keys as comma-separated client=key pairs, e.g. `alice=s3cret`.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of client=key lines; read in addition to MLMESH_API_KEYS."
+    )
+
+    # -- launcher ---------------------------------------------------------------------------
+    state_dir: Path = Field(
+        Path(".mlmesh"),
+        description="Where the launcher keeps logs, config, private databases, artifacts.",
+    )
+    default_model_name: str = Field(
+        "mnist-classifier", description="Registered model used when a request names none."
+    )
+    log_level: str = Field("INFO", description="Log level of every process.")
+
+    @property
+    def mlflow_port(self) -> int:
+        """Port of the MLflow server, taken from mlflow_tracking_uri."""
+        return urlsplit(self.mlflow_tracking_uri).port or 5000
+
+    @property
+    def mlflow_backend_sqlalchemy_uri(self) -> str:
+        """mlflow_backend_store_uri with the driver MLflow is built and tested with (psycopg2).
+
+        SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, with which MLflow's
+        archive_existing_versions query fails on PostgreSQL.
+        """
+        scheme, sep, rest = self.mlflow_backend_store_uri.partition("://")
+        if scheme in ("postgresql", "postgres"):
+            return f"postgresql+psycopg2{sep}{rest}"
+        return self.mlflow_backend_store_uri
+
+    @property
+    def gateway_url(self) -> str:
+        """Base URL of the gateway."""
+        return f"http://{self.gateway_host}:{self.gateway_port}"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Split "host:port" into its parts."""
+    host, _, port = address.rpartition(":")
+    return host, int(port)

@@ -1,0 +1,376 @@
+"""The local mesh: every component as a child process, started in order and stopped in reverse."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.keys import ApiKeyError, load_api_keys, write_dev_key
+from gateway.render import build_descriptor_set, render_envoy_config, tool
+from services.common.settings import Settings, split_address
+from services.launcher.backing import PrivateRedis, postgres_specs
+from services.launcher.process import (
+    Child,
+    ChildSpec,
+    Command,
+    LaunchAborted,
+    LaunchError,
+    port_open,
+)
+from services.launcher.watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+API_KEY_HEADER = "x-api-key"  # the header gateway/envoy.yaml.j2 reads keys from
+
+
+# -- readiness probes: each answers True/False and never raises ---------------------------------
+
+
+def http_ok(url: str) -> bool:
+    """True when GET url answers 200."""
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def grpc_serving(address: str) -> bool:
+    """True when the server at address says SERVING for the whole server (service "")."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1.0
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- child specs --------------------------------------------------------------------------------
+
+
+def python_service(
+    name: str, module: str, address: str, *ops_ports: int, timeout_s: float = 60.0
+) -> ChildSpec:
+    """An mlmesh gRPC service run as `python -m <module>`, ready once its health says SERVING."""
+    host, port = split_address(address)
+    return ChildSpec(
+        name=name,
+        what=f"{name} service at {address}",
+        command=lambda: Command([sys.executable, "-m", module]),
+        ready=partial(grpc_serving, address),
+        timeout_s=timeout_s,
+        ports=[(host, port), *((host, p) for p in ops_ports)],
+    )
+
+
+def mlflow_spec(settings: Settings) -> ChildSpec:
+    """`mlflow server` over the PostgreSQL backend store, artifacts under the state dir."""
+    uri = settings.mlflow_tracking_uri.rstrip("/")
+    host = urlsplit(uri).hostname or "127.0.0.1"
+    artifacts = settings.state_dir / "mlartifacts"
+    return ChildSpec(
+        name="mlflow",
+        what=f"MLflow server at {uri}",
+        command=lambda: Command(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                settings.mlflow_backend_sqlalchemy_uri,
+                "--artifacts-destination",
+                str(artifacts),
+                "--host",
+                host,
+                "--port",
+                str(settings.mlflow_port),
+                "--workers",
+                "1",
+            ]
+        ),
+        ready=partial(http_ok, f"{uri}/health"),
+        # The first start on a new database runs all of MLflow's migrations.
+        timeout_s=180.0,
+        reuse_existing=True,
+        ports=[(host, settings.mlflow_port)],
+    )
+
+
+def envoy_spec(settings: Settings) -> ChildSpec:
+    """The Envoy gateway, ready once /ready through it answers 200 (the services' backends up)."""
+
+    def command() -> Command:
+        descriptor = build_descriptor_set(settings.state_dir / "mlmesh.binpb")
+        config = render_envoy_config(settings, descriptor, settings.state_dir / "envoy.yaml")
+        # A dynamic base id lets several Envoys (other meshes, tests) share one machine.
+        argv = [tool("envoy"), "-c", config, "--log-level", "warn", "--use-dynamic-base-id"]
+        return Command(argv)
+
+    return ChildSpec(
+        name="envoy",
+        what=f"Envoy gateway at {settings.gateway_url}",
+        command=command,
+        ready=partial(http_ok, f"{settings.gateway_url}/ready"),
+        timeout_s=60.0,
+        ports=[
+            (settings.gateway_host, settings.gateway_port),
+            ("127.0.0.1", settings.gateway_admin_port),
+        ],
+    )
+
+
+def mesh_specs(settings: Settings) -> list[ChildSpec]:
+    """Every component, in start order; a new service is one more python_service line."""
+    s, logs = settings, settings.state_dir / "logs"
+    return [
+        *postgres_specs([s.database_url, s.mlflow_backend_store_uri], s.state_dir, logs),
+        PrivateRedis(s.redis_url, s.state_dir / "redis", logs).spec(),
+        mlflow_spec(s),
+        python_service("registry", "services.registry", s.registry_address, s.registry_ops_port),
+        envoy_spec(s),
+    ]
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """This process's environment plus every setting as MLMESH_*, so children share one config."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(mode="json").items():
+        key = f"MLMESH_{name.upper()}"
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value if isinstance(value, str) else json.dumps(value)
+    env["PYTHONUNBUFFERED"] = "1"  # so a child's log tail is current when it fails
+    return env
+
+
+# -- the mesh -----------------------------------------------------------------------------------
+
+
+class Mesh:
+    """Starts the local mesh, waits for each part to be ready, and stops it all cleanly.
+
+    ``start()`` returns once the gateway's /ready answers 200, or raises LaunchError (after
+    stopping what it started) naming what did not come up. ``stop()`` stops the children in
+    reverse order and is safe to call twice. ``with Mesh(settings) as mesh:`` does both.
+    """
+
+    def __init__(self, settings: Settings, *, stop_timeout_s: float | None = None) -> None:
+        state_dir = Path(settings.state_dir).resolve()
+        # Children may run elsewhere (PostgreSQL's cwd is its data dir): paths are absolute.
+        self.settings = settings.model_copy(update={"state_dir": state_dir})
+        self.log_dir = state_dir / "logs"
+        # Services drain in-flight RPCs for shutdown_grace_s after SIGTERM; give them that.
+        self.stop_timeout_s = stop_timeout_s or max(10.0, settings.shutdown_grace_s + 5.0)
+        self.api_key: tuple[str, str] | None = None  # (client, key) printed for the developer
+        self._children: list[Child] = []
+        self._watchdog: Watchdog | None = None
+        self._stop_requested = False
+        # Self-pipe: a signal handler may only write a byte; every wait selects on it.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bring every component up in order; raises LaunchError naming the one that failed."""
+        if self._children:
+            raise RuntimeError("the mesh is already started")
+        try:
+            self.settings, self.api_key = self._with_api_keys(self.settings)
+            env = child_env(self.settings)
+            self._watchdog = Watchdog(env)
+            for spec in mesh_specs(self.settings):
+                self._bring_up(spec, env)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("the mesh is ready")
+
+    def stop(self) -> None:
+        """Stop every child this mesh started, last started first."""
+        while self._children:
+            child = self._children.pop()
+            try:
+                child.stop(self.stop_timeout_s)
+            except Exception:  # keep going: the rest must still be stopped
+                log.exception("stopping %s failed", child.spec.name)
+            else:
+                if self._watchdog is not None:
+                    self._watchdog.forget(child)
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
+
+    def request_stop(self) -> None:
+        """Ask start() or wait() to return; safe to call from a signal handler."""
+        self._stop_requested = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Make a pending wait look again (SIGCHLD: a child may have exited)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full, so a wake-up is already pending
+
+    def install_signal_handlers(self) -> None:
+        """Route SIGINT/SIGTERM to request_stop() and SIGCHLD to wake(); call from main only."""
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGCHLD, lambda *_: self.wake())
+
+    def wait(self) -> None:
+        """Block until request_stop(); raises LaunchError if a child exits meanwhile.
+
+        A child's exit is noticed when something calls wake(), which
+        install_signal_handlers() wires to SIGCHLD.
+        """
+        while not self._stop_requested:
+            for child in self._children:
+                code = child.exit_code()
+                if code is not None:
+                    raise child.failure(f"exited unexpectedly with code {code}")
+            self._sleep(None)
+
+    def pids(self) -> dict[str, int]:
+        """Process ids of the running children, by name."""
+        return {c.spec.name: c.pid for c in self._children if c.pid is not None}
+
+    def __enter__(self) -> Mesh:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        for fd in (getattr(self, "_wake_r", -1), getattr(self, "_wake_w", -1)):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- output ------------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """What a developer needs once the mesh is up: URLs and the API key."""
+        s = self.settings
+        client, key = self.api_key or ("?", "?")
+        rows = [
+            ("gateway (REST + gRPC)", s.gateway_url),
+            ("MLflow UI", s.mlflow_tracking_uri),
+            ("Envoy admin", f"http://127.0.0.1:{s.gateway_admin_port}"),
+            ("registry gRPC", s.registry_address),
+            ("API key", f"{key}  (client {client!r}; send it as {API_KEY_HEADER})"),
+            ("logs", str(self.log_dir)),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = ["mlmesh is up:", *(f"  {name:<{width}}  {value}" for name, value in rows)]
+        lines.append(f"  try: curl -H '{API_KEY_HEADER}: {key}' {s.gateway_url}/ready")
+        lines.append("Press Ctrl-C to stop.")
+        return "\n".join(lines)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _with_api_keys(self, settings: Settings) -> tuple[Settings, tuple[str, str]]:
+        if not settings.api_keys and settings.api_keys_file is None:
+            path = settings.state_dir / "api-keys"
+            # Keep an earlier run's key, so scripts and notes keep working across restarts.
+            if not path.exists():
+                write_dev_key(path)
+                log.info("generated a development API key in %s", path)
+            settings = settings.model_copy(update={"api_keys_file": path})
+        elif settings.api_keys_file is not None:
+            path = Path(settings.api_keys_file).resolve()
+            settings = settings.model_copy(update={"api_keys_file": path})
+        try:
+            keys = load_api_keys(settings)
+        except ApiKeyError as exc:
+            raise LaunchError(f"API keys: {exc}") from exc
+        if not keys:
+            raise LaunchError("no API keys configured: set MLMESH_API_KEYS or MLMESH_API_KEYS_FILE")
+        client = "dev" if "dev" in keys else next(iter(keys))
+        return settings, (client, keys[client])
+
+    def _bring_up(self, spec: ChildSpec, env: dict[str, str]) -> None:
+        self._check_abort()
+        if spec.ready():
+            if not spec.reuse_existing:
+                raise LaunchError(
+                    f"{spec.what}: something already answers there; stop it or configure "
+                    "other ports (MLMESH_* settings)"
+                )
+            log.info("%s already answers; using it", spec.what)
+        else:
+            if spec.install is not None:
+                spec.install()
+            if spec.reuse_existing and spec.ready():
+                log.info("%s answers after installing it; using it", spec.what)
+            else:
+                self._start(spec, env)
+        if spec.after_ready is not None:
+            spec.after_ready()
+
+    def _start(self, spec: ChildSpec, env: dict[str, str]) -> None:
+        busy = [f"{host}:{port}" for host, port in spec.ports if port_open(host, port)]
+        if busy:
+            raise LaunchError(
+                f"{spec.what} does not answer, and {', '.join(busy)} is taken by something "
+                "else; stop it or configure other ports (MLMESH_* settings)"
+            )
+        try:
+            command = spec.command()
+        except LaunchError:
+            raise
+        except Exception as exc:
+            raise LaunchError(f"{spec.what}: cannot prepare it: {exc}") from exc
+        child = Child(spec, command, self.log_dir / f"{spec.name}.log", env)
+        child.start()
+        self._children.append(child)
+        if self._watchdog is not None:
+            self._watchdog.watch(child)
+        started = time.monotonic()
+        while not spec.ready():
+            self._check_abort()
+            code = child.exit_code()
+            if code is not None:
+                raise child.failure(f"exited with code {code} before it was ready")
+            if time.monotonic() - started > spec.timeout_s:
+                raise child.failure(f"not ready after {spec.timeout_s:.0f} s")
+            self._sleep(0.25)
+        log.info("%s is ready (%.1f s)", spec.what, time.monotonic() - started)
+
+    def _check_abort(self) -> None:
+        if self._stop_requested:
+            raise LaunchAborted("stop requested while the mesh was starting")
+
+    def _sleep(self, timeout_s: float | None) -> None:
+        """Sleep up to timeout_s (None: for ever), returning early on wake()."""
+        readable, _, _ = select.select([self._wake_r], [], [], timeout_s)
+        if readable:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass

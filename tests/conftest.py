@@ -1,0 +1,88 @@
+"""Shared fixtures: free ports, an isolated Settings, and the whole mesh started as a user would."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from services.common import db
+from services.common.settings import Settings
+from services.launcher.mesh import Mesh
+
+SHARED_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+SHARED_REDIS = "redis://127.0.0.1:6379"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
+    """Settings with unique databases, a Redis db of its own and free ports for everything."""
+    tag = secrets.token_hex(4)
+    values: dict[str, object] = {
+        "database_url": f"{SHARED_POSTGRES}/mlmesh_t_{tag}",
+        "mlflow_backend_store_uri": f"{SHARED_POSTGRES}/mlflow_t_{tag}",
+        "redis_url": f"{SHARED_REDIS}/{9 + secrets.randbelow(6)}",
+        "mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}",
+        "registry_address": f"127.0.0.1:{free_port()}",
+        "registry_ops_port": free_port(),
+        "training_address": f"127.0.0.1:{free_port()}",
+        "inference_address": f"127.0.0.1:{free_port()}",
+        "gateway_port": free_port(),
+        "gateway_admin_port": free_port(),
+        "state_dir": state_dir,
+        "api_keys": f"alice={secrets.token_urlsafe(24)},bob={secrets.token_urlsafe(24)}",
+        "api_keys_file": None,
+        "shutdown_grace_s": 3.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def drop_databases(settings: Settings) -> None:
+    """Drop the databases a test run created on the shared server."""
+    for url in (settings.database_url, settings.mlflow_backend_store_uri):
+        asyncio.run(db.drop_database(url))
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """The whole local mesh (MLflow, Registry, Envoy) on free ports, started by the launcher."""
+    settings = isolated_settings(tmp_path_factory.mktemp("mesh"))
+    try:
+        with Mesh(settings) as running:
+            yield running
+    finally:
+        drop_databases(settings)
+
+
+@pytest.fixture(scope="session")
+def keys(mesh: Mesh) -> dict[str, str]:
+    """client -> API key of the running mesh."""
+    return dict(pair.split("=", 1) for pair in mesh.settings.api_keys.split(","))
+
+
+@pytest.fixture(scope="session")
+def rest(mesh: Mesh) -> Iterator[httpx.Client]:
+    """An HTTP client for the gateway, without a key."""
+    with httpx.Client(base_url=mesh.settings.gateway_url, timeout=30.0) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def gateway_channel(mesh: Mesh) -> Iterator[grpc.Channel]:
+    """A gRPC channel to the gateway (h2c)."""
+    address = f"{mesh.settings.gateway_host}:{mesh.settings.gateway_port}"
+    with grpc.insecure_channel(address) as channel:
+        yield channel
