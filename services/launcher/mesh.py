@@ -189,7 +189,7 @@ class Mesh:
 
     def start(self) -> None:
         """Bring every component up in order; raises LaunchError naming the one that failed."""
-        if self._children:
+        if self._watchdog is not None:
             raise RuntimeError("the mesh is already started")
         try:
             self.settings, self.api_key = self._with_api_keys(self.settings)
@@ -226,8 +226,8 @@ class Mesh:
         """Make a pending wait look again (SIGCHLD: a child may have exited)."""
         try:
             os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full, so a wake-up is already pending
+        except OSError:
+            pass  # the pipe is full (a wake-up is pending already) or closed
 
     def install_signal_handlers(self) -> None:
         """Route SIGINT/SIGTERM to request_stop() and SIGCHLD to wake(); call from main only."""

@@ -85,6 +85,13 @@ def _mlflow_errors(what: str) -> Iterator[None]:
         raise Unavailable(f"{what}: MLflow is unreachable: {exc}") from exc
 
 
+def _with_aliases(version: ModelVersion, aliases: list[str]) -> ModelVersion:
+    proto = version.to_proto()
+    del proto.aliases[:]
+    proto.aliases.extend(sorted(aliases))
+    return ModelVersion.from_proto(proto)
+
+
 def _quote(value: str) -> str:
     """Quote a value for an MLflow filter string."""
     if "'" in value and '"' in value:
@@ -168,7 +175,7 @@ class MlflowStore:
             return self._client.get_registered_model(name)
 
     def list_model_versions(self, name: str, page_size: int, page_token: str) -> Page[ModelVersion]:
-        self.get_registered_model(name)  # NOT_FOUND for an unknown model, not an empty list
+        model = self.get_registered_model(name)  # NOT_FOUND for an unknown model, not []
         with _mlflow_errors(f"versions of {name!r}"):
             found = self._client.search_model_versions(
                 filter_string=f"name = {_quote(name)}",
@@ -176,7 +183,13 @@ class MlflowStore:
                 order_by=["version_number DESC"],
                 page_token=page_token or None,
             )
-        return Page(list(found), found.token or "")
+        # MLflow's version search leaves aliases out; the registered model has them all.
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        return Page(
+            [_with_aliases(v, aliases.get(v.version, [])) for v in found], found.token or ""
+        )
 
     def get_model_version(self, name: str, version: int) -> ModelVersion:
         with _mlflow_errors(f"version {version} of {name!r}"):

@@ -250,6 +250,12 @@ def test_transitions_and_audit(
     assert by_alias["version"] == 2
     model = rest.get(f"/v1/models/{name}").json()["registered_model"]
     assert model["aliases"] == {"production": 2}
+    listed = rest.get(f"/v1/models/{name}/versions").json()["model_versions"]
+    assert [(v["version"], v["stage"], v["aliases"]) for v in listed] == [
+        (3, "None", []),
+        (2, "Production", ["production"]),
+        (1, "Archived", []),
+    ]
 
     # The REST binding with the path parameters; Staging, then Archived drops the alias.
     staged = rest.post(

@@ -1,0 +1,40 @@
+# mlmesh: the targets a newcomer can guess. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+
+.PHONY: install generate lint test up demo clean
+
+install: $(VENV)/.installed
+
+# Reinstall whenever the dependency pins change.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+generate: install  ## regenerate clients/python/mlmesh and the gateway's descriptor set
+	$(PY) scripts/generate.py
+	$(BIN)/buf build --as-file-descriptor-set -o gateway/build/mlmesh.binpb
+
+lint: install  ## buf lint + breaking, generated code fresh, ruff
+	$(BIN)/buf lint
+	$(BIN)/buf breaking --against '.git#branch=main'
+	$(PY) scripts/generate.py --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install  ## the whole suite, against real PostgreSQL, Redis, MLflow and Envoy
+	$(PY) scripts/generate.py --check
+	$(BIN)/pytest
+
+up: install  ## run the mesh on this machine until Ctrl-C
+	$(PY) -m services.launcher up
+
+demo: install  ## start the mesh, exercise it end to end, stop it
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf gateway/build .pytest_cache .ruff_cache
