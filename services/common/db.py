@@ -30,6 +30,51 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX audit_events_model_idx ON audit_events (model_name, event_id DESC);
         """,
     ),
+    (
+        2,
+        """
+        CREATE TABLE training_jobs (
+            job_id            TEXT PRIMARY KEY,
+            state             TEXT NOT NULL,
+            dataset           TEXT NOT NULL,
+            architecture      TEXT NOT NULL,
+            epochs            INTEGER NOT NULL,
+            learning_rate     DOUBLE PRECISION NOT NULL,
+            batch_size        INTEGER NOT NULL,
+            optimizer         TEXT NOT NULL,
+            seed              BIGINT NOT NULL,
+            train_subset      INTEGER NOT NULL,
+            experiment_name   TEXT NOT NULL,
+            model_name        TEXT NOT NULL,
+            model_version     INTEGER NOT NULL DEFAULT 0,
+            mlflow_run_id     TEXT NOT NULL DEFAULT '',
+            progress_epoch    INTEGER NOT NULL DEFAULT 0,
+            progress_fraction DOUBLE PRECISION NOT NULL DEFAULT 0,
+            metrics           JSONB NOT NULL DEFAULT '{}',
+            error             TEXT NOT NULL DEFAULT '',
+            submitted_by      TEXT NOT NULL,
+            idempotency_key   TEXT,
+            attempts          INTEGER NOT NULL DEFAULT 0,
+            cancel_requested  BOOLEAN NOT NULL DEFAULT false,
+            cancelled_by      TEXT NOT NULL DEFAULT '',
+            event_seq         BIGINT NOT NULL DEFAULT 0,
+            lease_until       TIMESTAMPTZ,
+            create_time       TIMESTAMPTZ NOT NULL DEFAULT now(),
+            start_time        TIMESTAMPTZ,
+            end_time          TIMESTAMPTZ,
+            UNIQUE (submitted_by, idempotency_key)
+        );
+        CREATE INDEX training_jobs_list_idx ON training_jobs (create_time DESC, job_id DESC);
+        CREATE INDEX training_jobs_state_idx ON training_jobs (state, create_time DESC);
+        CREATE TABLE training_job_events (
+            job_id   TEXT NOT NULL REFERENCES training_jobs ON DELETE CASCADE,
+            sequence BIGINT NOT NULL,
+            time     TIMESTAMPTZ NOT NULL DEFAULT now(),
+            event    JSONB NOT NULL,
+            PRIMARY KEY (job_id, sequence)
+        );
+        """,
+    ),
 ]
 
 # Any fixed number works; it only has to be the same in every process that migrates.

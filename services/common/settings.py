@@ -56,6 +56,31 @@ class Settings(BaseSettings):
     inference_address: str = Field(
         "127.0.0.1:50053", description="host:port of the Inference gRPC server."
     )
+    training_ops_port: int = Field(
+        9102, description="HTTP port of the Training process: /ready, /health, /metrics."
+    )
+    training_queue: str = Field(
+        "arq:mlmesh-training", description="ARQ queue (Redis key) training jobs are queued on."
+    )
+    training_reconcile_interval_s: float = Field(
+        30.0, description="How often the Training service re-queues unfinished jobs Redis lost."
+    )
+    worker_max_jobs: int = Field(2, description="Training jobs one worker runs at once.")
+    worker_ops_port: int = Field(
+        9103, description="HTTP port of a training worker's /metrics; 0 turns it off."
+    )
+    worker_torch_threads: int = Field(
+        0, description="torch threads per training process; 0 = CPU cores / worker_max_jobs."
+    )
+    worker_lease_s: float = Field(
+        15.0, description="A job whose worker died is retried once its lease is this old."
+    )
+    job_max_tries: int = Field(
+        20, description="Attempts of a job before it fails for good (worker deaths, outages)."
+    )
+    data_dir: Path | None = Field(
+        None, description="IDX directory of MNIST/Fashion-MNIST used before the offline sources."
+    )
     grpc_max_message_bytes: int = Field(
         4 * 1024 * 1024, description="Largest gRPC message a service accepts or sends."
     )

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
-from services.common.errors import InvalidArgument
-from services.registry.store import Page, Transition
+from services.common.pagination import Page, decode_token, encode_token
+from services.registry.store import Transition
 
 
 @dataclass(frozen=True)
@@ -27,20 +25,6 @@ class AuditEvent:
     to_stage: str
     previous_version: int
     archived_versions: list[int]
-
-
-def _encode_token(event_id: int) -> str:
-    return base64.urlsafe_b64encode(f"audit:{event_id}".encode()).decode()
-
-
-def _decode_token(token: str) -> int:
-    try:
-        prefix, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if prefix != "audit":
-            raise ValueError(prefix)
-        return int(value)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"page_token {token!r} is not a token this API issued") from exc
 
 
 def _event(row: asyncpg.Record) -> AuditEvent:
@@ -73,7 +57,7 @@ async def list_events(
     pool: asyncpg.Pool, model_name: str, page_size: int, page_token: str
 ) -> Page[AuditEvent]:
     """A page of events, newest first, optionally of one model."""
-    before = _decode_token(page_token) if page_token else None
+    before = decode_token("audit", page_token)[0] if page_token else None
     rows = await pool.fetch(
         """
         SELECT * FROM audit_events
@@ -87,4 +71,4 @@ async def list_events(
     )
     events = [_event(r) for r in rows[:page_size]]
     more = len(rows) > page_size
-    return Page(events, _encode_token(events[-1].event_id) if more else "")
+    return Page(events, encode_token("audit", [events[-1].event_id]) if more else "")

@@ -14,8 +14,9 @@ from redis.exceptions import RedisError
 
 from services.common.errors import InvalidArgument, check_page_size
 from services.common.events import MODEL_EVENTS_CHANNEL
+from services.common.pagination import Page
 from services.registry import audit
-from services.registry.store import MlflowStore, Page, Transition, parse_stage
+from services.registry.store import MlflowStore, Transition, parse_stage
 
 log = logging.getLogger(__name__)
 

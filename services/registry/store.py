@@ -10,7 +10,6 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
 import requests
 from mlflow import MlflowClient
@@ -19,6 +18,7 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException, RestException
 
 from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.pagination import Page
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,6 @@ def parse_stage(stage: str) -> str:
     raise InvalidArgument(
         f"stage must be one of {', '.join(STAGE_ALIASES)} (any case), got {stage!r}"
     )
-
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Page(Generic[T]):
-    """One page of results and the token of the next (empty on the last)."""
-
-    items: list[T]
-    next_page_token: str
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,77 @@
+"""The shared shape of an mlmesh service process: backends, gRPC server, ops HTTP, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import asyncpg
+from arq.connections import ArqRedis
+
+from services.common import db
+from services.common.ops import OpsServer, mlflow_check, postgres_check, redis_check
+from services.common.server import GrpcServer, Registration, wait_for_termination
+from services.common.settings import Settings, split_address
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backends:
+    """The clients a service process shares: PostgreSQL, Redis (ARQ-capable), HTTP."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: ArqRedis
+    http: aiohttp.ClientSession
+
+
+@dataclass(frozen=True)
+class ServiceParts:
+    """What a service adds to the shared shape: its servicers and background loops."""
+
+    registrations: Sequence[Registration]
+    background: Sequence[Coroutine[Any, Any, None]] = ()
+
+
+async def serve_process(
+    settings: Settings, address: str, ops_port: int, build: Callable[[Backends], ServiceParts]
+) -> None:
+    """Run one service until SIGTERM/SIGINT, then drain RPCs and close every client."""
+    pool = await db.connect_pool(settings.database_url)
+    # Connects lazily: a Redis outage at start-up degrades /ready instead of the process.
+    redis = ArqRedis.from_url(settings.redis_url, socket_timeout=settings.readiness_timeout_s)
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.readiness_timeout_s))
+    backends = Backends(settings, pool, redis, http)
+    parts = build(backends)
+    server = GrpcServer(settings, address, parts.registrations)
+    ops = OpsServer(
+        split_address(address)[0],
+        ops_port,
+        {
+            "mlflow": mlflow_check(settings.mlflow_tracking_uri, http),
+            "redis": redis_check(redis),
+            "postgres": postgres_check(pool),
+        },
+        settings.readiness_timeout_s,
+    )
+    tasks = [asyncio.create_task(job) for job in parts.background]
+    try:
+        await ops.start()
+        await server.start()
+        await wait_for_termination()
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await server.stop()
+        await ops.stop()
+        await http.close()
+        await redis.aclose()
+        await pool.close()
