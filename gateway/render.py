@@ -21,6 +21,8 @@ from services.common.settings import Settings, split_address
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("envoy.yaml.j2")
+STRICT_JSON = Path(__file__).with_name("strict_json.lua")
+_SCHEMA_MARKER = "local SCHEMA = {} -- @SCHEMA@"
 # Envoy turns an api_key_auth-disabled route into a public one.
 _PUBLIC = (
     '{"envoy.filters.http.api_key_auth": '
@@ -71,6 +73,8 @@ class Binding:
 
     verb: str
     template: str
+    body: str = ""  # the HttpRule's body: "*", a request field's name, or "" for none
+    response_body: str = ""  # the response field sent as the whole JSON body, or ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class Rpc:
     method: str
     streaming: bool
     bindings: tuple[Binding, ...]
+    input_type: str = ""  # the request message's full name
+    output_type: str = ""  # the response message's full name
 
     @property
     def path(self) -> str:
@@ -89,7 +95,11 @@ class Rpc:
 
 def _bindings(rule: annotations_pb2.http_pb2.HttpRule) -> list[Binding]:
     verb = rule.WhichOneof("pattern")
-    found = [Binding(verb.upper(), getattr(rule, verb))] if verb and verb != "custom" else []
+    found = (
+        [Binding(verb.upper(), getattr(rule, verb), rule.body, rule.response_body)]
+        if verb and verb != "custom"
+        else []
+    )
     for extra in rule.additional_bindings:
         found += _bindings(extra)
     return found
@@ -107,8 +117,165 @@ def mesh_rpcs(descriptor_path: Path) -> list[Rpc]:
             for m in service.method:
                 streaming = m.client_streaming or m.server_streaming
                 rule = m.options.Extensions[annotations_pb2.http]
-                rpcs.append(Rpc(full, m.name, streaming, tuple(_bindings(rule))))
+                rpcs.append(
+                    Rpc(
+                        full,
+                        m.name,
+                        streaming,
+                        tuple(_bindings(rule)),
+                        m.input_type.lstrip("."),
+                        m.output_type.lstrip("."),
+                    )
+                )
     return rpcs
+
+
+# -- strict JSON bodies ---------------------------------------------------------------------
+# The transcoder drops unknown JSON body fields (envoyproxy/envoy#46623); strict_json.lua, a
+# Lua filter before it, rejects them. Its schema, generated here, lists the JSON keys of each
+# mlmesh message a REST body can carry, nested messages included.
+
+_FD = descriptor_pb2.FieldDescriptorProto
+
+
+def _messages(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, descriptor_pb2.DescriptorProto]:
+    """Every message of a descriptor set, nested ones included, by full name."""
+    found: dict[str, descriptor_pb2.DescriptorProto] = {}
+
+    def add(prefix: str, messages: list[descriptor_pb2.DescriptorProto]) -> None:
+        for m in messages:
+            found[f"{prefix}{m.name}"] = m
+            add(f"{prefix}{m.name}.", list(m.nested_type))
+
+    for file in fds.file:
+        add(f"{file.package}." if file.package else "", list(file.message_type))
+    return found
+
+
+def _lower_camel(name: str) -> str:
+    """The json_name protoc derives from a field name, for a descriptor that lacks it."""
+    out, upper = [], False
+    for c in name:
+        if c == "_":
+            upper = True
+        else:
+            out.append(c.upper() if upper else c)
+            upper = False
+    return "".join(out)
+
+
+def _checked(type_name: str, messages: dict[str, descriptor_pb2.DescriptorProto]) -> bool:
+    """Whether the keys of a message type are checked: mlmesh's own, not well-known types."""
+    return type_name.startswith("mlmesh.") and type_name in messages
+
+
+# A field's JSON value: ("-", "") not checked inside, ("message", T) an object (or array of
+# objects) of message T, ("map", T) an object whose values are messages T.
+FieldCheck = tuple[str, str]
+
+
+def message_schemas(descriptor_path: Path, roots: list[str]) -> dict[str, dict[str, FieldCheck]]:
+    """JSON key -> check of each mlmesh message reachable from ``roots`` (full names)."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path.read_bytes())
+    messages = _messages(fds)
+    schemas: dict[str, dict[str, FieldCheck]] = {}
+    todo = [r for r in roots if _checked(r, messages)]
+    while todo:
+        name = todo.pop()
+        if name in schemas:
+            continue
+        keys: dict[str, FieldCheck] = {}
+        for field in messages[name].field:
+            check: FieldCheck = ("-", "")
+            if field.type == _FD.TYPE_MESSAGE:
+                type_name = field.type_name.lstrip(".")
+                entry = messages.get(type_name)
+                if entry is not None and entry.options.map_entry:
+                    value = next(f for f in entry.field if f.number == 2)
+                    value_type = value.type_name.lstrip(".")
+                    if value.type == _FD.TYPE_MESSAGE and _checked(value_type, messages):
+                        check = ("map", value_type)
+                elif _checked(type_name, messages):
+                    check = ("message", type_name)
+            if check[0] != "-":
+                todo.append(check[1])
+            # The transcoder takes these two keys only: with json_name = "lr", "learningRate"
+            # is dropped like any unknown key.
+            for key in (field.name, field.json_name or _lower_camel(field.name)):
+                keys[key] = check
+        schemas[name] = keys
+    return dict(sorted(schemas.items()))
+
+
+def body_message(rpc: Rpc, binding: Binding, descriptor_path: Path) -> str | None:
+    """The message type a REST binding's JSON body maps to, or None when it has no body."""
+    if not binding.body:
+        return None
+    if binding.body == "*":
+        return rpc.input_type
+    # body names one field of the request: its message, unless it is a scalar or a map.
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path.read_bytes())
+    messages = _messages(fds)
+    field = next(f for f in messages[rpc.input_type].field if f.name == binding.body)
+    type_name = field.type_name.lstrip(".")
+    if field.type != _FD.TYPE_MESSAGE or messages[type_name].options.map_entry:
+        return None
+    return type_name
+
+
+def _lua_string(text: str) -> str:
+    """A Lua string literal of text (printable ASCII kept, every other byte escaped)."""
+    out = []
+    for b in text.encode():
+        c = chr(b)
+        out.append(c if 32 <= b < 127 and c not in '"\\' else f"\\{b:03d}")
+    return '"' + "".join(out) + '"'
+
+
+def strict_json_lua(schemas: dict[str, dict[str, FieldCheck]]) -> str:
+    """strict_json.lua with its SCHEMA table generated from ``schemas``."""
+    index = {name: i for i, name in enumerate(schemas, 1)}
+    lines = ["local SCHEMA = (function()", "  local m = {}"]
+    lines += [f"  m[{i}] = {{name = {_lua_string(n)}, keys = false}}" for n, i in index.items()]
+    for name, keys in schemas.items():
+        lines.append(f"  m[{index[name]}].keys = {{")
+        for key, (kind, type_name) in keys.items():
+            value = {"-": "true", "message": f"m[{index.get(type_name)}]"}.get(
+                kind, f"{{map = m[{index.get(type_name)}]}}"
+            )
+            lines.append(f"    [{_lua_string(key)}] = {value},")
+        lines.append("  }")
+    lines.append("  return {")
+    lines += [f"    [{_lua_string(n)}] = m[{i}]," for n, i in index.items()]
+    lines += ["  }", "end)()"]
+    source = STRICT_JSON.read_text()
+    if source.count(_SCHEMA_MARKER) != 1:
+        raise ValueError(f"{STRICT_JSON.name} must hold the line {_SCHEMA_MARKER!r} once")
+    return source.replace(_SCHEMA_MARKER, "\n".join(lines))
+
+
+def response_field(rpc: Rpc, binding: Binding, descriptor_path: Path) -> str | None:
+    """The field a binding's response_body names, checked to be the response's only field.
+
+    Envoy's transcoder ignores response_body for JSON (envoyproxy/envoy#11136); the Lua
+    filter unwraps ``{"<field>": X}`` to ``X`` instead, which is exact only for a response
+    message with that one field.
+    """
+    if not binding.response_body:
+        return None
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path.read_bytes())
+    fields = [f.name for f in _messages(fds)[rpc.output_type].field]
+    if fields != [binding.response_body]:
+        raise ValueError(
+            f"{rpc.path}: response_body {binding.response_body!r} needs a response message "
+            f"whose only field it is; {rpc.output_type} has {fields}"
+        )
+    return binding.response_body
+
+
+def _has_custom_verb(template: str) -> bool:
+    """Whether a path template ends in a custom verb, as "/v1/jobs/{id}:cancel" does."""
+    return ":" in template.rsplit("/", 1)[-1].rsplit("}", 1)[-1]
 
 
 def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Path) -> Path:
@@ -131,10 +298,13 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
     for service, cluster in SERVICE_CLUSTERS.items():
         host, port = split_address(addresses[cluster])
         clusters.append({"name": cluster, "service": service, "host": host, "port": port})
-    # Native gRPC requests match a route by RPC path. REST requests meet api_key_auth before
-    # the transcoder, on their REST path: public RPCs get a route per REST binding, and the
-    # rest fall to the protected catch-all, so an unlisted REST path fails closed.
-    routes = []
+    # Native gRPC requests match a route by RPC path. REST requests meet api_key_auth and
+    # strict_json.lua before the transcoder, on their REST path: every REST binding has a
+    # route, public only where the RPC is, that names the message its body maps to; any other
+    # path falls to the protected catch-all, so it fails closed. (After the transcoder the
+    # router re-selects the route by RPC path.) Templates with a custom verb go first, so
+    # "/v1/jobs/x:watch" takes its own route rather than that of "/v1/jobs/{id}".
+    routes, rest = [], []
     for r in rpcs:
         cluster = SERVICE_CLUSTERS[r.service]
         public = RPC_ACCESS[r.path] == "public"
@@ -148,20 +318,26 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
                 "timeout": timeout,
                 "public": public,
                 "verb": None,
+                "message": None,
+                "response_body": None,
             }
         )
-        if public:
-            routes += [
-                {
-                    "name": f"{name}.rest{i}",
-                    "regex": template_regex(b.template),
-                    "verb": b.verb,
-                    "cluster": cluster,
-                    "timeout": timeout,
-                    "public": True,
-                }
-                for i, b in enumerate(r.bindings)
-            ]
+        rest += [
+            {
+                "name": f"{name}.rest{i}",
+                "regex": template_regex(b.template),
+                "verb": b.verb,
+                "cluster": cluster,
+                "timeout": timeout,
+                "public": public,
+                "message": body_message(r, b, descriptor_path),
+                "response_body": response_field(r, b, descriptor_path),
+                "first": _has_custom_verb(b.template),
+            }
+            for i, b in enumerate(r.bindings)
+        ]
+    routes += sorted(rest, key=lambda route: not route["first"])
+    schemas = message_schemas(descriptor_path, [r["message"] for r in rest if r["message"]])
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE.parent),
         undefined=jinja2.StrictUndefined,
@@ -182,6 +358,9 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
         grpc_clusters=clusters,
         ops_host=split_address(settings.registry_address)[0],
         ops_port=settings.registry_ops_port,
+        strict_json=strict_json_lua(schemas),
+        # JSON spells a message in up to about 4 times its protobuf bytes (floats as text).
+        body_limit=4 * settings.grpc_max_message_bytes,
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

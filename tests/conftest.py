@@ -38,6 +38,9 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "registry_address": f"127.0.0.1:{free_port()}",
         "registry_ops_port": free_port(),
         "training_address": f"127.0.0.1:{free_port()}",
+        "training_ops_port": free_port(),
+        "training_queue": f"arq:mlmesh-training-{tag}",
+        "worker_ops_port": free_port(),
         "inference_address": f"127.0.0.1:{free_port()}",
         "gateway_port": free_port(),
         "gateway_admin_port": free_port(),
@@ -45,6 +48,7 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "api_keys": f"alice={secrets.token_urlsafe(24)},bob={secrets.token_urlsafe(24)}",
         "api_keys_file": None,
         "shutdown_grace_s": 3.0,
+        "worker_lease_s": 5.0,
     }
     values.update(overrides)
     return Settings(**values)

@@ -59,6 +59,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             cancelled_by      TEXT NOT NULL DEFAULT '',
             event_seq         BIGINT NOT NULL DEFAULT 0,
             lease_until       TIMESTAMPTZ,
+            worker            TEXT NOT NULL DEFAULT '',
             create_time       TIMESTAMPTZ NOT NULL DEFAULT now(),
             start_time        TIMESTAMPTZ,
             end_time          TIMESTAMPTZ,

@@ -78,6 +78,19 @@ def python_service(
     )
 
 
+def worker_spec(settings: Settings) -> ChildSpec:
+    """One ARQ training worker; `make up` starts one, scale by running more (any machine)."""
+    ops = f"http://127.0.0.1:{settings.worker_ops_port}/health"
+    return ChildSpec(
+        name="worker",
+        what=f"training worker on queue {settings.training_queue}",
+        command=lambda: Command([sys.executable, "-m", "services.training.worker"]),
+        ready=partial(http_ok, ops),
+        timeout_s=60.0,
+        ports=[("127.0.0.1", settings.worker_ops_port)],
+    )
+
+
 def mlflow_spec(settings: Settings) -> ChildSpec:
     """`mlflow server` over the PostgreSQL backend store, artifacts under the state dir."""
     uri = settings.mlflow_tracking_uri.rstrip("/")
@@ -143,6 +156,8 @@ def mesh_specs(settings: Settings) -> list[ChildSpec]:
         PrivateRedis(s.redis_url, s.state_dir / "redis", logs).spec(),
         mlflow_spec(s),
         python_service("registry", "services.registry", s.registry_address, s.registry_ops_port),
+        python_service("training", "services.training", s.training_address, s.training_ops_port),
+        worker_spec(s),
         envoy_spec(s),
     ]
 
@@ -282,6 +297,12 @@ class Mesh:
             ("MLflow UI", s.mlflow_tracking_uri),
             ("Envoy admin", f"http://127.0.0.1:{s.gateway_admin_port}"),
             ("registry gRPC", s.registry_address),
+            ("training gRPC", s.training_address),
+            (
+                "metrics",
+                f"registry :{s.registry_ops_port}, training :{s.training_ops_port}, "
+                f"worker :{s.worker_ops_port} (GET /metrics)",
+            ),
             ("API key", f"{key}  (client {client!r}; send it as {API_KEY_HEADER})"),
             ("logs", str(self.log_dir)),
         ]

@@ -80,14 +80,9 @@ def test_auth_matrix_rest(rest: httpx.Client, keys: dict[str, str], rpc: Rpc) ->
         assert valid.status_code < 500 or valid.status_code == 503, f"{verb} {path}"
 
 
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [("/train", {"epochs": 1, "lr": 0.01}), ("/predict", {"image": [0.0] * 784})],
-)
-def test_services_not_running_answer_unavailable(
-    rest: httpx.Client, keys: dict[str, str], path: str, body: dict
-) -> None:
-    resp = rest.post(path, json=body, headers={"x-api-key": keys["alice"]})
+def test_services_not_running_answer_unavailable(rest: httpx.Client, keys: dict[str, str]) -> None:
+    body = {"image": [0.0] * 784}
+    resp = rest.post("/predict", json=body, headers={"x-api-key": keys["alice"]})
     assert resp.status_code == 503
     assert "not running" in resp.text
 
@@ -167,3 +162,21 @@ def test_grpcurl_via_reflection(mesh: Mesh) -> None:
     assert "TransitionModelVersion" in described.stdout
     health = _grpcurl("-plaintext", target, "grpc.health.v1.Health/Check")
     assert json.loads(health.stdout) == {"status": "SERVING"}
+
+
+def test_unknown_json_fields_are_400_after_the_key_check(
+    rest: httpx.Client, keys: dict[str, str]
+) -> None:
+    body = {"epochs": 1, "lr": 0.01, "colour": "red"}
+    assert rest.post("/train", json=body).status_code == 401
+    resp = rest.post("/train", json=body, headers={"x-api-key": keys["alice"]})
+    assert resp.status_code == 400
+    assert resp.json() == {
+        "code": 3,
+        "message": 'unknown field "colour" in mlmesh.training.v1.SubmitTrainingJobRequest',
+        "details": [],
+    }
+    batch = {"images": [{"pixels": [0.0] * 784, "pixel": []}]}
+    resp = rest.post("/v1/predict:batch", json=batch, headers={"x-api-key": keys["alice"]})
+    assert resp.status_code == 400
+    assert resp.json()["message"] == 'unknown field "pixel" in mlmesh.inference.v1.Image'

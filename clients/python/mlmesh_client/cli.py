@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mlmesh.training.v1 import training_pb2
 from mlmesh_client.client import Client, MeshError
 
 
@@ -56,6 +57,72 @@ def _audit(args: argparse.Namespace) -> None:
             )
 
 
+class _Progress:
+    """A one-line progress bar for batches, and a line per finished epoch."""
+
+    def __init__(self, out=sys.stderr) -> None:
+        self._out = out
+
+    def __call__(self, event) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "queued":
+            self._line(f"job {event.job_id} queued")
+        elif kind == "started":
+            s = event.started
+            self._line(f"started (attempt {s.attempt}) on {s.device}; MLflow run {s.mlflow_run_id}")
+        elif kind == "batch_progress":
+            b = event.batch_progress
+            width = 30
+            filled = int(width * b.batch / max(1, b.total_batches))
+            bar = "#" * filled + "-" * (width - filled)
+            self._out.write(
+                f"\r  epoch {b.epoch} [{bar}] {b.batch}/{b.total_batches} loss {b.train_loss:.4f}"
+            )
+            self._out.flush()
+        elif kind == "epoch_completed":
+            e = event.epoch_completed
+            metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(e.metrics.items()))
+            self._line(f"epoch {e.epoch}/{e.total_epochs}: {metrics}")
+        elif kind == "succeeded":
+            s = event.succeeded
+            self._line(
+                f"succeeded: run {s.mlflow_run_id}, {s.model_name} v{s.model_version}, "
+                f"test_accuracy {s.metrics.get('test_accuracy', float('nan')):.4f}"
+            )
+        elif kind == "failed":
+            self._line(f"failed: {event.failed.error}")
+        elif kind == "cancelled":
+            self._line(f"cancelled by {event.cancelled.cancelled_by or 'someone'}")
+
+    def _line(self, text: str) -> None:
+        self._out.write("\r\033[K" + text + "\n")
+        self._out.flush()
+
+
+def _train(args: argparse.Namespace) -> None:
+    fields = {
+        k: v
+        for k, v in {
+            "dataset": args.dataset,
+            "architecture": args.architecture,
+            "epochs": args.epochs,
+            "learning_rate": args.lr,
+            "batch_size": args.batch_size,
+            "optimizer": args.optimizer,
+            "seed": args.seed,
+            "train_subset": args.train_subset,
+            "experiment_name": args.experiment,
+            "model_name": args.model,
+            "idempotency_key": args.idempotency_key,
+        }.items()
+        if v is not None
+    }
+    with _client(args) as mesh:
+        job = mesh.train(on_event=_Progress(), **fields)
+    if job.state != training_pb2.JOB_STATE_SUCCEEDED:
+        sys.exit(1)
+
+
 def _up(_: argparse.Namespace) -> None:
     from services.launcher.cli import main as launcher_main  # the server side, only for `up`
 
@@ -82,6 +149,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = commands.add_parser("versions", help="list a model's versions")
     p.add_argument("name")
     p.set_defaults(run=_versions)
+    p = commands.add_parser("train", help="train a model and follow it live (needs an API key)")
+    p.add_argument("--dataset", help="mnist (default) or fashion_mnist")
+    p.add_argument("--architecture", help="cnn (default) or mlp")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", help="adam (default), adamw or sgd")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--train-subset", type=int, help="train on the first N images only")
+    p.add_argument("--experiment", help="MLflow experiment (default mnist)")
+    p.add_argument("--model", help="registered model (default mnist-classifier)")
+    p.add_argument("--idempotency-key")
+    p.set_defaults(run=_train)
     p = commands.add_parser("promote", help="move a version to a stage (needs an API key)")
     p.add_argument("name")
     p.add_argument("version", type=int)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 import grpc
 
 from mlmesh.registry.v1 import registry_pb2 as registry
 from mlmesh.registry.v1 import registry_pb2_grpc
+from mlmesh.training.v1 import training_pb2 as training
+from mlmesh.training.v1 import training_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:8000"
 
@@ -39,6 +42,7 @@ class Client:
         self._timeout_s = timeout_s
         self._channel = grpc.insecure_channel(self.target)
         self.registry = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        self.training = training_pb2_grpc.TrainingServiceStub(self._channel)
 
     def _metadata(self) -> list[tuple[str, str]]:
         return [("x-api-key", self._api_key)] if self._api_key else []
@@ -98,6 +102,42 @@ class Client:
             registry.ListAuditEventsRequest(model_name=model_name, page_size=page_size),
         )
         return list(page.audit_events)
+
+    # -- training (needs an API key) ------------------------------------------------------
+    def submit_training_job(self, **fields: object) -> training.TrainingJob:
+        """Queue a job; fields are SubmitTrainingJobRequest's (epochs, learning_rate, ...)."""
+        request = training.SubmitTrainingJobRequest(**fields)
+        return self._call(self.training.SubmitTrainingJob, request).job
+
+    def get_training_job(self, job_id: str) -> training.TrainingJob:
+        request = training.GetTrainingJobRequest(job_id=job_id)
+        return self._call(self.training.GetTrainingJob, request).job
+
+    def cancel_training_job(self, job_id: str) -> training.TrainingJob:
+        request = training.CancelTrainingJobRequest(job_id=job_id)
+        return self._call(self.training.CancelTrainingJob, request).job
+
+    def watch_training_job(self, job_id: str) -> Iterator[training.WatchTrainingJobResponse]:
+        """The job's events, history first, until the terminal one."""
+        stream = self.training.WatchTrainingJob(
+            training.WatchTrainingJobRequest(job_id=job_id), metadata=self._metadata()
+        )
+        try:
+            yield from stream
+        except grpc.RpcError as err:
+            raise MeshError(err.code(), err.details() or "") from None
+
+    def train(
+        self,
+        on_event: Callable[[training.WatchTrainingJobResponse], None] | None = None,
+        **fields: object,
+    ) -> training.TrainingJob:
+        """Submit a job and follow it to the end; returns the finished job."""
+        job = self.submit_training_job(**fields)
+        for event in self.watch_training_job(job.job_id):
+            if on_event is not None:
+                on_event(event)
+        return self.get_training_job(job.job_id)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,0 +1,1 @@
+"""The Training service: asynchronous training jobs on ARQ workers."""

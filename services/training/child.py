@@ -1,0 +1,63 @@
+"""The training process: one per job attempt, spawned by the worker.
+
+It runs ``services.training.ml.train.train`` and reports back through a queue, so the
+worker's event loop keeps heartbeating, cancelling and relaying events while torch works.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing.synchronize
+import os
+import signal
+import sys
+from multiprocessing.queues import Queue
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    # A worker killed with SIGKILL must not leave its training running (and logging) alone.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def run(
+    spec: object,
+    events: Queue,
+    stop: multiprocessing.synchronize.Event,
+    threads: int,
+    parent: int,
+) -> None:
+    """Entry point of the spawned process; every outcome ends with one message on ``events``."""
+    _die_with_parent(parent)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s training: %(message)s"
+    )
+    import torch
+
+    from services.training.ml.train import Cancelled, TransientError, train
+
+    torch.set_num_threads(threads)
+    try:
+        result = train(spec, events.put, stop.is_set)
+    except Cancelled:
+        events.put({"type": "outcome", "outcome": "cancelled", "message": "cancelled"})
+    except TransientError as exc:
+        events.put({"type": "outcome", "outcome": "transient", "message": str(exc)})
+    except Exception as exc:  # reported to the worker, which fails the job with this message
+        logging.exception("training failed")
+        message = f"{type(exc).__name__}: {exc}"
+        events.put({"type": "outcome", "outcome": "failed", "message": message})
+    else:
+        events.put(
+            {
+                "type": "outcome",
+                "outcome": "succeeded",
+                "mlflow_run_id": result.mlflow_run_id,
+                "model_version": result.model_version,
+                "metrics": result.metrics,
+            }
+        )

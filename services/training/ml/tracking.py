@@ -1,0 +1,203 @@
+"""One training run in MLflow: a small store over an explicit MlflowClient.
+
+Params, metrics, tags, artifacts and the dataset go through ``MlflowClient(tracking_uri=...)``.
+Only logging and registering the model need MLflow's process-wide tracking URI (the flavor
+and ``register_model`` use the default client); it is set for those two calls alone and put
+back afterwards, and training runs in a process of its own anyway (services/training/child.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import requests
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException, RestException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import Schema, TensorSpec
+
+from services.training.ml.catalog import IMAGE_PIXELS, NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME_IN_RUN = "model"
+REGISTRATION_TIMEOUT_S = 300.0
+_HTTP_5XX = re.compile(r"\berror code 5\d\d\b|\bstatus code 5\d\d\b|\b5\d\d Server Error\b")
+_CONNECTION_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.RetryError,
+    ConnectionError,
+    TimeoutError,
+)
+
+# What a served model takes and gives: a batch of flattened 28x28 images, ten probabilities each.
+SIGNATURE = ModelSignature(
+    inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_PIXELS))]),
+    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or anything it was raised from) says MLflow could not be reached.
+
+    Connection failures, timeouts, exhausted retries and HTTP 5xx answers are transient;
+    MLflow's 4xx answers (bad names, missing things) are not.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _CONNECTION_ERRORS):
+            return True
+        if isinstance(current, RestException) and current.get_http_status_code() >= 500:
+            return True
+        if isinstance(current, MlflowException) and _HTTP_5XX.search(current.message):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def pip_requirements() -> list[str]:
+    """The logged model's requirements, stated rather than inferred (inference loads the
+    model in a subprocess and takes seconds)."""
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+        f"numpy=={np.__version__}",
+    ]
+
+
+class RunTracker:
+    """The MLflow run of one training attempt."""
+
+    def __init__(self, client: MlflowClient, tracking_uri: str, run_id: str) -> None:
+        self.client = client
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+
+    @classmethod
+    def open(
+        cls, tracking_uri: str, experiment_name: str, run_name: str, tags: dict[str, str]
+    ) -> RunTracker:
+        """Create the run (and the experiment when missing)."""
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_id = _experiment_id(client, experiment_name)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        return cls(client, tracking_uri, run.info.run_id)
+
+    def log_params(self, params: dict[str, object]) -> None:
+        """Log ``params`` (stringified) in one request."""
+        items = [Param(key, str(value)) for key, value in params.items()]
+        self.client.log_batch(self.run_id, params=items)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log ``metrics`` at ``step`` in one request."""
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: str) -> None:
+        """Record the dataset as the run's training input (MLflow keeps 36 digest characters)."""
+        dataset = Dataset(
+            name=name, digest=digest[:32], source_type="local", source=source, profile=profile
+        )
+        context = InputTag("mlflow.data.context", "training")
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[context])])
+
+    def log_artifacts(self, directory: Path) -> None:
+        """Upload every file of ``directory`` to the run's artifact root."""
+        self.client.log_artifacts(self.run_id, str(directory))
+
+    def log_model(self, model: torch.nn.Module, input_example: np.ndarray) -> ModelInfo:
+        """Log ``model`` (CPU, eval mode, outputs probabilities) in torch.export's pt2 format.
+
+        pt2 rather than pickle: MLflow 3.17 refuses to unpickle models unless
+        MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set, while a pt2 archive loads anywhere with
+        ``mlflow.pyfunc.load_model`` and needs none of mlmesh's code (the graph is traced).
+        The example must have more than one row for the batch dimension to stay dynamic.
+        """
+        with _global_tracking_uri(self.tracking_uri):
+            return mlflow.pytorch.log_model(
+                model,
+                name=MODEL_NAME_IN_RUN,
+                run_id=self.run_id,
+                signature=SIGNATURE,
+                input_example=input_example,
+                serialization_format="pt2",
+                pip_requirements=pip_requirements(),
+            )
+
+    def register(self, model_info: ModelInfo, model_name: str, tags: dict[str, str]) -> int:
+        """Register the logged model as a new version of ``model_name``; wait until READY."""
+        with _global_tracking_uri(self.tracking_uri):
+            version = mlflow.register_model(
+                model_info.model_uri, model_name, await_registration_for=0, tags=tags
+            )
+        deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
+        while True:
+            current = self.client.get_model_version(model_name, version.version)
+            if current.status == "READY":
+                return int(current.version)
+            if current.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"model {model_name} version {current.version} is {current.status}: "
+                    f"{current.status_message or 'registration did not finish'}"
+                )
+            time.sleep(0.5)
+
+    def end(self, status: str) -> None:
+        """End the run as FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status=status)
+
+    def end_quietly(self, status: str) -> None:
+        """End the run as ``status`` on the way out of an error; a failure here is only logged."""
+        try:
+            self.end(status)
+        except Exception:
+            log.warning("could not mark MLflow run %s %s", self.run_id, status, exc_info=True)
+
+    def status(self) -> str:
+        """The run's status as MLflow holds it (RUNNING, FINISHED, FAILED, KILLED)."""
+        return self.client.get_run(self.run_id).info.status
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except RestException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            # Another job created it between our look and our create.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage != "active":
+        raise ValueError(
+            f"experiment_name {name!r} names a deleted MLflow experiment; restore it or pick "
+            "another name"
+        )
+    return experiment.experiment_id

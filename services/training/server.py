@@ -1,0 +1,43 @@
+"""The Training process: gRPC service, ops HTTP, and the reconciler of unfinished jobs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mlmesh.training.v1 import training_pb2, training_pb2_grpc
+from services.common.process import Backends, ServiceParts, serve_process
+from services.common.server import Registration, configure_logging
+from services.common.settings import Settings
+from services.training.jobs import JobStore
+from services.training.service import Training
+from services.training.servicer import TrainingServicer
+
+SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+
+
+def build(backends: Backends) -> ServiceParts:
+    s = backends.settings
+    training = Training(
+        JobStore(backends.pool, backends.redis),
+        backends.redis,
+        s.training_queue,
+        s.default_model_name,
+    )
+    return ServiceParts(
+        registrations=[
+            Registration(
+                TrainingServicer(training),
+                training_pb2_grpc.add_TrainingServiceServicer_to_server,
+                SERVICE_NAME,
+            )
+        ],
+        background=[training.reconcile_forever(s.training_reconcile_interval_s)],
+    )
+
+
+def main() -> None:
+    settings = Settings()
+    configure_logging(settings)
+    asyncio.run(
+        serve_process(settings, settings.training_address, settings.training_ops_port, build)
+    )

@@ -1,0 +1,308 @@
+"""The training worker: an ARQ worker that runs each job attempt in a process of its own.
+
+    python -m services.training.worker
+
+``WorkerSettings`` is the worker's config; ``main`` fills in what comes from mlmesh's
+Settings (Redis, queue name, concurrency). Scale by starting more workers: they all consume
+one queue. A job is leased while it runs; if its worker dies, the lease (and ARQ's
+in-progress key, shortened to the lease) lapses and another worker takes the job over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import socket
+from typing import Any
+
+import aiohttp
+import mlflow
+from arq import Retry, func
+from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
+from arq.worker import create_worker
+from mlflow.exceptions import MlflowException
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common import db
+from services.common.ops import OpsServer, mlflow_check, postgres_check, redis_check
+from services.common.server import configure_logging, configure_mlflow_client
+from services.common.settings import Settings
+from services.training import child
+from services.training.jobs import JobStore
+from services.training.ml.train import TrainResult, TrainSpec
+from services.training.service import RUN_JOB
+
+log = logging.getLogger(__name__)
+
+JOBS_ACTIVE = Gauge("training_jobs_active", "Training jobs running on this worker.")
+JOBS_FINISHED = Counter("training_jobs_total", "Training jobs finished, by final state.", ["state"])
+EPOCH_SECONDS = Histogram(
+    "training_epoch_duration_seconds",
+    "Wall time of one training epoch.",
+    buckets=(1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 300, 600),
+)
+QUEUE_DEPTH = Gauge("training_queue_depth", "Jobs waiting in the training queue.")
+
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Outcome(Exception):
+    """The training process ended without a result: cancelled, transient failure or error."""
+
+    def __init__(self, outcome: str, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
+    """ARQ job: one attempt at training job ``job_id``."""
+    settings: Settings = ctx["settings"]
+    store: JobStore = ctx["store"]
+    if ctx["job_try"] > settings.job_max_tries:
+        await store.record(
+            job_id,
+            {"type": "failed", "error": f"gave up after {settings.job_max_tries} attempts"},
+            error=f"gave up after {settings.job_max_tries} attempts",
+        )
+        return "gave up"
+    job = await store.start_attempt(job_id, settings.worker_lease_s, WORKER_ID)
+    if job is None:
+        return "nothing to do: finished, cancelled, or leased by another worker"
+    stop = multiprocessing.get_context("spawn").Event()
+    lease = asyncio.create_task(_hold_lease(ctx, job_id, stop))
+    JOBS_ACTIVE.inc()
+    try:
+        if job.cancel_requested:
+            raise _Outcome("cancelled", "cancelled before it started")
+        if job.mlflow_run_id:  # a previous attempt died mid-run: close its MLflow run
+            await asyncio.to_thread(_close_abandoned_run, settings, job.mlflow_run_id)
+        spec = TrainSpec(
+            job_id=job_id,
+            dataset=job.params.dataset,
+            architecture=job.params.architecture,
+            epochs=job.params.epochs,
+            learning_rate=job.params.learning_rate,
+            batch_size=job.params.batch_size,
+            optimizer=job.params.optimizer,
+            seed=job.params.seed,
+            train_subset=job.params.train_subset,
+            experiment_name=job.params.experiment_name,
+            model_name=job.params.model_name,
+            tracking_uri=settings.mlflow_tracking_uri,
+            data_dir=str(settings.data_dir) if settings.data_dir else None,
+            client=job.submitted_by,
+            attempt=job.attempts,
+        )
+        result = await _train_in_process(settings, store, job_id, job.attempts, spec, stop)
+        await store.record(
+            job_id,
+            {
+                "type": "succeeded",
+                "mlflow_run_id": result.mlflow_run_id,
+                "model_name": job.params.model_name,
+                "model_version": result.model_version,
+                "metrics": result.metrics,
+            },
+            mlflow_run_id=result.mlflow_run_id,
+            model_version=result.model_version,
+            metrics=result.metrics,
+            progress_fraction=1.0,
+        )
+        JOBS_FINISHED.labels("succeeded").inc()
+        return f"succeeded: version {result.model_version}"
+    except _Outcome as outcome:
+        if outcome.outcome == "transient" and ctx["job_try"] < settings.job_max_tries:
+            delay = min(60, 5 * ctx["job_try"])
+            await store.requeue(job_id, f"waiting to retry in {delay}s: {outcome}")
+            log.warning(
+                "job %s hit a transient failure, retrying in %ds: %s", job_id, delay, outcome
+            )
+            raise Retry(defer=delay) from outcome
+        if outcome.outcome == "cancelled":
+            cancelled_by = await _canceller(store, job_id)
+            await store.record(job_id, {"type": "cancelled", "cancelled_by": cancelled_by})
+            JOBS_FINISHED.labels("cancelled").inc()
+            return "cancelled"
+        await store.record(job_id, {"type": "failed", "error": str(outcome)}, error=str(outcome))
+        JOBS_FINISHED.labels("failed").inc()
+        return f"failed: {outcome}"
+    except asyncio.CancelledError:
+        # The worker is shutting down: ARQ re-queues the job; say so in its record.
+        await asyncio.shield(store.requeue(job_id, "worker stopped; the job will resume"))
+        raise
+    finally:
+        JOBS_ACTIVE.dec()
+        lease.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lease
+
+
+async def _canceller(store: JobStore, job_id: str) -> str:
+    row = await store.get(job_id)
+    return row.cancelled_by if row else ""
+
+
+async def _hold_lease(ctx: dict[str, Any], job_id: str, stop: Any) -> None:
+    """Renew the job's lease and ARQ's in-progress key; turn a cancel request into ``stop``."""
+    settings: Settings = ctx["settings"]
+    store: JobStore = ctx["store"]
+    key = in_progress_key_prefix + ctx["job_id"]
+    lease_ms = int(settings.worker_lease_s * 1000)
+    while True:
+        try:
+            await ctx["redis"].pexpire(key, lease_ms)
+            if await store.renew_lease(job_id, settings.worker_lease_s):
+                stop.set()
+        except Exception as exc:  # a blip must not end the job; the next round retries
+            log.warning("renewing the lease of job %s failed: %s", job_id, exc)
+        await asyncio.sleep(min(1.0, settings.worker_lease_s / 5))
+
+
+async def _train_in_process(
+    settings: Settings, store: JobStore, job_id: str, attempt: int, spec: TrainSpec, stop: Any
+) -> TrainResult:
+    """Run one attempt in a spawned process, relaying its events into the job's record."""
+    mp = multiprocessing.get_context("spawn")
+    events = mp.Queue()
+    threads = settings.worker_torch_threads or max(
+        1, (os.cpu_count() or 1) // max(1, settings.worker_max_jobs)
+    )
+    proc = mp.Process(
+        target=child.run, args=(spec, events, stop, threads, os.getpid()), daemon=True
+    )
+    proc.start()
+    total = spec.epochs
+    try:
+        while True:
+            try:
+                event = await asyncio.to_thread(events.get, True, 0.5)
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise _Outcome(
+                        "failed", f"the training process exited with code {proc.exitcode}"
+                    ) from None
+                continue
+            kind = event["type"]
+            if kind == "started":
+                await store.record(
+                    job_id,
+                    {"type": "started", "attempt": attempt, **_without_type(event)},
+                    mlflow_run_id=event["mlflow_run_id"],
+                )
+            elif kind == "batch":
+                done = (event["epoch"] - 1 + event["batch"] / event["total_batches"]) / total
+                await store.record(
+                    job_id, event, progress_epoch=event["epoch"], progress_fraction=done
+                )
+            elif kind == "epoch":
+                EPOCH_SECONDS.observe(event["metrics"].get("epoch_seconds", 0.0))
+                await store.record(
+                    job_id,
+                    {**event, "type": "epoch"},
+                    progress_epoch=event["epoch"],
+                    progress_fraction=event["epoch"] / total,
+                    metrics=event["metrics"],
+                )
+            elif kind == "outcome":
+                if event["outcome"] == "succeeded":
+                    return TrainResult(
+                        event["mlflow_run_id"], event["model_version"], event["metrics"]
+                    )
+                raise _Outcome(event["outcome"], event["message"])
+    finally:
+        if proc.is_alive():
+            stop.set()
+            await asyncio.to_thread(proc.join, 10)
+        if proc.is_alive():
+            proc.kill()
+            await asyncio.to_thread(proc.join, 5)
+        events.close()
+
+
+def _without_type(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != "type"}
+
+
+def _close_abandoned_run(settings: Settings, run_id: str) -> None:
+    try:
+        client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+    except MlflowException as exc:
+        log.warning("could not close abandoned MLflow run %s: %s", run_id, exc)
+
+
+async def _watch_queue_depth(ctx: dict[str, Any]) -> None:
+    while True:
+        with contextlib.suppress(Exception):
+            QUEUE_DEPTH.set(await ctx["redis"].zcard(ctx["settings"].training_queue))
+        await asyncio.sleep(5)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    ctx["pool"] = await db.connect_pool(settings.database_url)
+    ctx["store"] = JobStore(ctx["pool"], ctx["redis"])
+    ctx["http"] = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=settings.readiness_timeout_s)
+    )
+    ctx["ops"] = None
+    if settings.worker_ops_port:
+        ctx["ops"] = OpsServer(
+            "127.0.0.1",
+            settings.worker_ops_port,
+            {
+                "mlflow": mlflow_check(settings.mlflow_tracking_uri, ctx["http"]),
+                "redis": redis_check(ctx["redis"]),
+                "postgres": postgres_check(ctx["pool"]),
+            },
+            settings.readiness_timeout_s,
+        )
+        await ctx["ops"].start()
+    ctx["depth"] = asyncio.create_task(_watch_queue_depth(ctx))
+    log.info("training worker ready on queue %s", settings.training_queue)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    ctx["depth"].cancel()
+    if ctx["ops"] is not None:
+        await ctx["ops"].stop()
+    await ctx["http"].close()
+    await ctx["pool"].close()
+
+
+class WorkerSettings:
+    """ARQ's configuration of the training worker (main() adds what comes from Settings)."""
+
+    # Jobs are leased (worker_lease_s) rather than bounded by ARQ's timeout: a long
+    # training run is fine, a dead worker's job is retried once its lease lapses.
+    functions = [func(run_training_job, name=RUN_JOB, timeout=7 * 24 * 3600, max_tries=10**6)]
+    on_startup = startup
+    on_shutdown = shutdown
+    retry_jobs = True
+    keep_result = 3600
+    poll_delay = 0.2
+
+
+def main() -> None:
+    settings = Settings()
+    configure_logging(settings)
+    configure_mlflow_client(settings)
+    worker = create_worker(
+        WorkerSettings,
+        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        queue_name=settings.training_queue,
+        max_jobs=settings.worker_max_jobs,
+        ctx={"settings": settings},
+    )
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()
