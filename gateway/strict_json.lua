@@ -294,6 +294,12 @@ local function check(body, message)
 end
 
 function envoy_on_request(handle)
+  -- The router re-selects the route by RPC path after transcoding, so the response side
+  -- cannot read this REST route's metadata: carry response_body over in the stream's own.
+  local response_body = handle:metadata():get("response_body")
+  if response_body then
+    handle:streamInfo():dynamicMetadata():set("mlmesh", "response_body", response_body)
+  end
   local message = handle:metadata():get("message")
   if not message then return end
   local headers = handle:headers()
@@ -311,11 +317,12 @@ end
 
 
 -- google.api.http response_body, which the transcoder ignores for JSON
--- (envoyproxy/envoy#11136): a route whose metadata names response_body gets {"<field>": X}
+-- (envoyproxy/envoy#11136): a REST route whose metadata names response_body gets {"<field>": X}
 -- from the transcoder and answers X. render.py allows it only where that field is the
 -- response message's one field, so the unwrapped text is exactly X.
 function envoy_on_response(handle)
-  local field = handle:metadata():get("response_body")
+  local carried = handle:streamInfo():dynamicMetadata():get("mlmesh")
+  local field = carried and carried["response_body"]
   if not field then return end
   local headers = handle:headers()
   if headers:get(":status") ~= "200" then return end

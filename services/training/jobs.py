@@ -73,6 +73,7 @@ class Job:
     attempts: int
     worker: str
     cancel_requested: bool
+    cancelled_by: str
     create_time: datetime
     start_time: datetime | None
     end_time: datetime | None
@@ -139,6 +140,7 @@ def _job(row: asyncpg.Record) -> Job:
         attempts=row["attempts"],
         worker=row["worker"],
         cancel_requested=row["cancel_requested"],
+        cancelled_by=row["cancelled_by"],
         create_time=row["create_time"],
         start_time=row["start_time"],
         end_time=row["end_time"],

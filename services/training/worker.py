@@ -125,13 +125,22 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
             )
             raise Retry(defer=delay) from outcome
         if outcome.outcome == "cancelled":
-            cancelled_by = await _canceller(store, job_id)
+            current = await store.get(job_id)
+            cancelled_by = current.cancelled_by if current else ""
             await store.record(job_id, {"type": "cancelled", "cancelled_by": cancelled_by})
             JOBS_FINISHED.labels("cancelled").inc()
             return "cancelled"
         await store.record(job_id, {"type": "failed", "error": str(outcome)}, error=str(outcome))
         JOBS_FINISHED.labels("failed").inc()
         return f"failed: {outcome}"
+    except Retry:
+        raise
+    except Exception as exc:  # a bug or an unexpected failure: fail the job, keep the worker
+        log.exception("job %s failed", job_id)
+        message = f"{type(exc).__name__}: {exc}"
+        await store.record(job_id, {"type": "failed", "error": message}, error=message)
+        JOBS_FINISHED.labels("failed").inc()
+        return f"failed: {message}"
     except asyncio.CancelledError:
         # The worker is shutting down: ARQ re-queues the job; say so in its record.
         await asyncio.shield(store.requeue(job_id, "worker stopped; the job will resume"))
@@ -141,11 +150,6 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
         lease.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await lease
-
-
-async def _canceller(store: JobStore, job_id: str) -> str:
-    row = await store.get(job_id)
-    return row.cancelled_by if row else ""
 
 
 async def _hold_lease(ctx: dict[str, Any], job_id: str, stop: Any) -> None:

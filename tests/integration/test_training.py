@@ -91,7 +91,9 @@ def test_submit_over_rest_seed_route_answers_at_once(
     assert final["mlflow_run_id"] and final["model_version"] >= 1
 
 
-def test_grpc_job_trains_logs_and_registers(mesh: Mesh, training, auth) -> None:
+def test_grpc_job_trains_logs_and_registers(
+    mesh: Mesh, training, auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
     job = training.SubmitTrainingJob(
         pb.SubmitTrainingJobRequest(model_name="it-train-model", **SMALL), metadata=auth
     ).job
@@ -119,6 +121,7 @@ def test_grpc_job_trains_logs_and_registers(mesh: Mesh, training, auth) -> None:
         "confusion_matrix.png",
         "classification_report.json",
     } <= artifacts
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mesh.settings.mlflow_tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/it-train-model/{done.model_version}")
     probs = np.asarray(model.predict(np.random.default_rng(0).random((3, 784), np.float32)))
     assert probs.shape == (3, 10)
@@ -289,7 +292,9 @@ def test_list_jobs_filters_and_paginates(training, auth) -> None:
     second = training.ListTrainingJobs(
         pb.ListTrainingJobsRequest(page_size=2, page_token=first.next_page_token), metadata=auth
     )
-    assert [j.job_id for j in first.jobs + second.jobs] == [j.job_id for j in everything.jobs[:4]]
+    assert [j.job_id for j in [*first.jobs, *second.jobs]] == [
+        j.job_id for j in everything.jobs[:4]
+    ]
     done = training.ListTrainingJobs(
         pb.ListTrainingJobsRequest(state=pb.JOB_STATE_SUCCEEDED, page_size=1000), metadata=auth
     )
