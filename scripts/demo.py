@@ -1,61 +1,45 @@
-"""`make demo`: start the mesh, put a run and two model versions into MLflow, and exercise the
-Registry through the gateway over REST and gRPC, printing what each step did.
+"""`make demo`: start the mesh, train a CNN on real MNIST through the gateway, promote it, and
+exercise the Registry over REST and gRPC, printing what each step did.
 
-Training and inference arrive with their services; until then the demo's model versions
-point at a run's artifacts rather than at a trained network, and it says so.
+    python scripts/demo.py [--epochs 3] [--train-subset 0]
+
+Inference arrives with its service; until then the demo shows its route answering 503.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
-import time
 
 import httpx
-from mlflow import MlflowClient
 
+from mlmesh.training.v1 import training_pb2
 from mlmesh_client import Client
+from mlmesh_client.cli import Progress
 from services.common.server import configure_logging
 from services.common.settings import Settings
 from services.launcher.mesh import Mesh
 
 EXPERIMENT = "mlmesh-demo"
-MODEL = "mlmesh-demo-model"
+MODEL = "mnist-classifier"
 
 
 def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def seed(tracking_uri: str) -> tuple[str, list[int]]:
-    """One run with params, per-epoch metrics and an artifact; two versions registered from it."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = found.experiment_id if found else client.create_experiment(EXPERIMENT)
-    run = client.create_run(experiment_id, run_name=f"demo-{int(time.time())}")
-    run_id = run.info.run_id
-    client.log_param(run_id, "lr", "0.001")
-    client.log_param(run_id, "epochs", "3")
-    for epoch, acc in enumerate([0.95, 0.975, 0.985], start=1):
-        client.log_metric(run_id, "val_accuracy", acc, step=epoch)
-    client.log_text(run_id, "seeded by scripts/demo.py; not a trained model", "notes.txt")
-    client.set_terminated(run_id)
-    if not client.search_registered_models(f"name = '{MODEL}'"):
-        client.create_registered_model(MODEL, description="versions created by make demo")
-    versions = [
-        int(client.create_model_version(MODEL, f"runs:/{run_id}/notes.txt", run_id).version)
-        for _ in range(2)
-    ]
-    return run_id, versions
-
-
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-subset", type=int, default=0, help="0 = all 50,000 images")
+    args = parser.parse_args()
     settings = Settings()
     configure_logging(settings)
     for noisy in ("httpx", "services.launcher", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    step("starting the mesh (PostgreSQL, Redis, MLflow, Registry, Envoy)")
+    step("starting the mesh (PostgreSQL, Redis, MLflow, Registry, Training, worker, Envoy)")
     with Mesh(settings) as mesh:
         print(mesh.summary().replace("Press Ctrl-C to stop.", ""))
         _, key = mesh.api_key
@@ -66,47 +50,61 @@ def main() -> int:
         step("GET /ready")
         print(rest.get("/ready").json())
 
-        step(f"seeding MLflow at {mesh.settings.mlflow_tracking_uri}")
-        run_id, (v_a, v_b) = seed(mesh.settings.mlflow_tracking_uri)
-        print(f"run {run_id} in experiment {EXPERIMENT!r}; {MODEL} versions {v_a} and {v_b}")
+        step(f"training a CNN on MNIST for {args.epochs} epochs (POST /train, then watch)")
+        with Client(grpc_target, api_key=key) as sdk:
+            job = sdk.train(
+                on_event=Progress(sys.stdout),
+                epochs=args.epochs,
+                train_subset=args.train_subset,
+                experiment_name=EXPERIMENT,
+                model_name=MODEL,
+            )
+        if job.state != training_pb2.JOB_STATE_SUCCEEDED:
+            print(f"training did not succeed: {job.error}")
+            return 1
+        version = job.model_version
+        accuracy = job.metrics["test_accuracy"]
+        print(f"  run {job.mlflow_run_id}: {MODEL} v{version}, test accuracy {accuracy:.4f}")
+        print(f"  see it in the MLflow UI: {mesh.settings.mlflow_tracking_uri}")
+
+        step(f"REST: curl -H 'x-api-key: ...' {gateway}/train/status/{job.job_id}")
+        status = rest.get(f"/train/status/{job.job_id}", headers={"x-api-key": key}).json()
+        print("  " + json.dumps({k: status[k] for k in _STATUS_FIELDS}))
 
         step(f"REST (public): curl {gateway}/experiments")
         for e in rest.get("/experiments").json()["experiments"]:
             print(f"  {e['experiment_id']:>4}  {e['name']}")
 
-        step(f"REST (public): curl {gateway}/v1/runs?experiment_ids=...&order_by=...")
-        exp = rest.get("/v1/experiments", params={"filter": f"name = '{EXPERIMENT}'"}).json()
-        runs = rest.get(
-            "/v1/runs",
-            params={
-                "experiment_ids": exp["experiments"][0]["experiment_id"],
-                "order_by": "attributes.start_time DESC",
-                "page_size": 3,
-            },
-        ).json()["runs"]
-        for r in runs:
-            print(f"  {r['run_id']}  {r['status']}  params={r['params']}")
+        step(f"REST (public): the run's metric history, GET /v1/runs/{job.mlflow_run_id}/...")
+        history = rest.get(
+            f"/v1/runs/{job.mlflow_run_id}/metric-history", params={"metric_key": "val_accuracy"}
+        ).json()["metrics"]
+        print("  val_accuracy by epoch: " + ", ".join(f"{m['value']:.4f}" for m in history))
 
         step("REST without a key: POST /models/transition")
-        denied = rest.post("/models/transition", json={"model_name": MODEL, "version": v_a})
+        denied = rest.post("/models/transition", json={"model_name": MODEL, "version": version})
         print(f"  HTTP {denied.status_code}: {denied.text.strip()}")
 
-        step(f"REST with the key: POST /models/transition v{v_a} -> Production")
+        step(f"REST with the key: promote v{version} to Production, archiving the previous one")
         moved = rest.post(
             "/models/transition",
-            json={"model_name": MODEL, "version": v_a, "stage": "Production"},
+            json={
+                "model_name": MODEL,
+                "version": version,
+                "stage": "Production",
+                "archive_existing_versions": True,
+            },
             headers={"x-api-key": key},
         )
-        print(f"  HTTP {moved.status_code}: " + json.dumps(moved.json()["model_version"]))
+        body = moved.json()
+        print(
+            f"  HTTP {moved.status_code}: v{body['model_version']['version']} is "
+            f"{body['model_version']['stage']}, aliases {body['model_version']['aliases']}, "
+            f"archived {body['archived_versions']}"
+        )
 
-        step(f"gRPC (Python SDK): promote v{v_b} to Production, archiving v{v_a}")
         with Client(grpc_target, api_key=key) as sdk:
-            done = sdk.transition(MODEL, v_b, "production", archive_existing=True)
-            print(
-                f"  v{done.model_version.version} {done.model_version.stage}, "
-                f"previous v{done.previous_version}, archived {list(done.archived_versions)}"
-            )
-            step("gRPC: the model's versions")
+            step("gRPC (Python SDK): the model's versions")
             for v in sdk.list_model_versions(MODEL)[:4]:
                 print(f"  v{v.version:<3} {v.stage:<10} aliases={list(v.aliases)}")
             step("gRPC: the audit log (who moved what, when)")
@@ -116,11 +114,18 @@ def main() -> int:
                     f"v{e.version} {e.from_stage} -> {e.to_stage}"
                 )
 
-        step("REST: /train and /predict are not running yet")
-        print("  " + rest.post("/train", json={"epochs": 1}, headers={"x-api-key": key}).text)
+        step("REST: POST /predict (the Inference service is not running yet)")
+        image = {"image": [0.0] * 784}
+        print("  " + rest.post("/predict", json=image, headers={"x-api-key": key}).text)
         step("stopping the mesh")
-    print("\ndemo finished: the Registry answered over REST and gRPC through Envoy.")
+    print(
+        f"\ndemo finished: trained {MODEL} v{version} (test accuracy {accuracy:.4f}), "
+        "promoted it, and read it back over REST and gRPC through Envoy."
+    )
     return 0
+
+
+_STATUS_FIELDS = ("job_id", "state", "mlflow_run_id", "model_name", "model_version")
 
 
 if __name__ == "__main__":

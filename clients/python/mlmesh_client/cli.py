@@ -57,7 +57,7 @@ def _audit(args: argparse.Namespace) -> None:
             )
 
 
-class _Progress:
+class Progress:
     """A one-line progress bar for batches, and a line per finished epoch."""
 
     def __init__(self, out=sys.stderr) -> None:
@@ -118,7 +118,7 @@ def _train(args: argparse.Namespace) -> None:
         if v is not None
     }
     with _client(args) as mesh:
-        job = mesh.train(on_event=_Progress(), **fields)
+        job = mesh.train(on_event=Progress(), **fields)
     if job.state != training_pb2.JOB_STATE_SUCCEEDED:
         sys.exit(1)
 
