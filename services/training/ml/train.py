@@ -23,6 +23,7 @@ from services.training.ml import report
 from services.training.ml.catalog import ARCHITECTURES, CLASS_NAMES, DATASETS, OPTIMIZERS
 from services.training.ml.data import Dataset, Split, load_dataset
 from services.training.ml.loop import (
+    LR_DECAY_PER_EPOCH,
     SGD_MOMENTUM,
     Cancelled,
     Setup,
@@ -208,6 +209,7 @@ def _run(
             "dataset_source": dataset.source,
             "pixel_mean": round(job.setup.pixel_mean, 6),
             "pixel_std": round(job.setup.pixel_std, 6),
+            "lr_decay_per_epoch": LR_DECAY_PER_EPOCH,
             **({"momentum": SGD_MOMENTUM} if spec.optimizer == "sgd" else {}),
         }
     )
@@ -243,6 +245,7 @@ def _run(
             on_progress=progress,
             throttle=throttle,
         )
+        job.setup.scheduler.step()
         val_loss, val_accuracy, _ = evaluate(model, val_on)
         metrics = {
             "train_loss": train_loss,
