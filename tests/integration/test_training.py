@@ -63,16 +63,15 @@ TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 def test_submit_over_rest_seed_route_answers_at_once(
     rest: httpx.Client, keys: dict[str, str], training, auth
 ) -> None:
-    start = time.perf_counter()
     resp = rest.post(
         "/train",
         json={"epochs": 1, "lr": 0.002, "train_subset": 2000, "experiment_name": "it-training"},
         headers={"x-api-key": keys["alice"]},
     )
-    elapsed = time.perf_counter() - start
     assert resp.status_code == 200, resp.text
     job = resp.json()
-    assert job["state"] == "JOB_STATE_QUEUED"  # answered before any training
+    assert job["state"] == "JOB_STATE_QUEUED"  # answered before any training started
+    assert job["mlflow_run_id"] == "" and job["attempts"] == 0
     assert job["hyperparameters"]["learning_rate"] == 0.002
     assert (job["dataset"], job["architecture"], job["model_name"]) == (
         "mnist",
@@ -80,7 +79,6 @@ def test_submit_over_rest_seed_route_answers_at_once(
         "mnist-classifier",
     )
     assert job["submitted_by"] == "alice"
-    assert elapsed < 5, "the submission must not wait for training"
     status = rest.get(f"/train/status/{job['job_id']}", headers={"x-api-key": keys["alice"]})
     assert status.status_code == 200
     assert status.json()["job_id"] == job["job_id"]
