@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -84,16 +85,7 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
             await asyncio.to_thread(_close_abandoned_run, settings, job.mlflow_run_id)
         spec = TrainSpec(
             job_id=job_id,
-            dataset=job.params.dataset,
-            architecture=job.params.architecture,
-            epochs=job.params.epochs,
-            learning_rate=job.params.learning_rate,
-            batch_size=job.params.batch_size,
-            optimizer=job.params.optimizer,
-            seed=job.params.seed,
-            train_subset=job.params.train_subset,
-            experiment_name=job.params.experiment_name,
-            model_name=job.params.model_name,
+            **dataclasses.asdict(job.params),
             tracking_uri=settings.mlflow_tracking_uri,
             data_dir=str(settings.data_dir) if settings.data_dir else None,
             client=job.submitted_by,
