@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -13,6 +15,7 @@ import pytest
 
 from gateway.policy import RPC_ACCESS
 from gateway.render import Rpc, build_descriptor_set, mesh_rpcs, tool
+from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.launcher.mesh import Mesh
 
 DESCRIPTOR = build_descriptor_set(Path(__file__).parents[2] / "gateway" / "build" / "mlmesh.binpb")
@@ -42,6 +45,34 @@ def _call(channel: grpc.Channel, rpc: Rpc, metadata: list[tuple[str, str]]) -> g
 
 def _rest_requests(rpc: Rpc) -> list[tuple[str, str]]:
     return [(b.verb, re.sub(r"\{[^}]+\}", "1", b.template)) for b in rpc.bindings]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cancel_jobs_the_matrix_submits(mesh: Mesh, keys: dict[str, str]) -> Iterator[None]:
+    """An empty SubmitTrainingJob is a valid (full-size) job: cancel them all afterwards."""
+    yield
+    address = f"{mesh.settings.gateway_host}:{mesh.settings.gateway_port}"
+    auth = [("x-api-key", keys["alice"])]
+    with grpc.insecure_channel(address) as channel:
+        training = training_pb2_grpc.TrainingServiceStub(channel)
+        deadline = time.monotonic() + 120
+        while True:
+            jobs = training.ListTrainingJobs(
+                training_pb2.ListTrainingJobsRequest(page_size=1000), metadata=auth
+            ).jobs
+            live = [
+                j
+                for j in jobs
+                if j.state in (training_pb2.JOB_STATE_QUEUED, training_pb2.JOB_STATE_RUNNING)
+            ]
+            if not live:
+                return
+            assert time.monotonic() < deadline, f"jobs would not stop: {live}"
+            for job in live:
+                training.CancelTrainingJob(
+                    training_pb2.CancelTrainingJobRequest(job_id=job.job_id), metadata=auth
+                )
+            time.sleep(1)
 
 
 def test_every_rpc_is_classified() -> None:

@@ -204,6 +204,23 @@ def test_two_jobs_at_once_on_one_worker(training, auth) -> None:
     assert a < d and b < c, "the two jobs overlapped in time"
 
 
+def test_worker_exports_training_metrics(mesh: Mesh) -> None:
+    text = httpx.get(f"http://127.0.0.1:{mesh.settings.worker_ops_port}/metrics").text
+    for name in (
+        "training_jobs_active",
+        "training_jobs_total",
+        "training_epoch_duration_seconds_bucket",
+        "training_queue_depth",
+    ):
+        assert name in text, name
+    succeeded = [
+        line
+        for line in text.splitlines()
+        if line.startswith('training_jobs_total{state="succeeded"}')
+    ]
+    assert succeeded and float(succeeded[0].split()[-1]) >= 1
+
+
 def test_cancel_a_running_job_then_the_worker_takes_the_next(training, auth) -> None:
     long = training.SubmitTrainingJob(
         pb.SubmitTrainingJobRequest(train_subset=20000, epochs=5, experiment_name="it-training"),
