@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         9103, description="HTTP port of a training worker's /metrics; 0 turns it off."
     )
     worker_torch_threads: int = Field(
-        0, description="torch threads per training process; 0 = CPU cores / worker_max_jobs."
+        0, description="torch threads per training process; 0 = CPU cores / jobs running."
     )
     worker_lease_s: float = Field(
         15.0, description="A job whose worker died is retried once its lease is this old."

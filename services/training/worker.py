@@ -78,6 +78,7 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
     stop = multiprocessing.get_context("spawn").Event()
     lease = asyncio.create_task(_hold_lease(ctx, job_id, stop))
     JOBS_ACTIVE.inc()
+    ctx["running"] += 1
     try:
         if job.cancel_requested:
             raise _Outcome("cancelled", "cancelled before it started")
@@ -91,7 +92,9 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
             client=job.submitted_by,
             attempt=job.attempts,
         )
-        result = await _train_in_process(settings, store, job_id, job.attempts, spec, stop)
+        result = await _train_in_process(
+            settings, store, job_id, job.attempts, spec, stop, ctx["running"]
+        )
         await store.record(
             job_id,
             {
@@ -139,6 +142,7 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
         raise
     finally:
         JOBS_ACTIVE.dec()
+        ctx["running"] -= 1
         lease.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await lease
@@ -161,14 +165,19 @@ async def _hold_lease(ctx: dict[str, Any], job_id: str, stop: Any) -> None:
 
 
 async def _train_in_process(
-    settings: Settings, store: JobStore, job_id: str, attempt: int, spec: TrainSpec, stop: Any
+    settings: Settings,
+    store: JobStore,
+    job_id: str,
+    attempt: int,
+    spec: TrainSpec,
+    stop: Any,
+    running: int,
 ) -> TrainResult:
     """Run one attempt in a spawned process, relaying its events into the job's record."""
     mp = multiprocessing.get_context("spawn")
     events = mp.Queue()
-    threads = settings.worker_torch_threads or max(
-        1, (os.cpu_count() or 1) // max(1, settings.worker_max_jobs)
-    )
+    # A job alone gets every core; one that starts beside others shares them.
+    threads = settings.worker_torch_threads or max(1, (os.cpu_count() or 1) // running)
     proc = mp.Process(
         target=child.run, args=(spec, events, stop, threads, os.getpid()), daemon=True
     )
@@ -245,6 +254,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["pool"] = await db.connect_pool(settings.database_url)
     ctx["store"] = JobStore(ctx["pool"], ctx["redis"])
+    ctx["running"] = 0  # jobs this worker runs now
     ctx["http"] = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=settings.readiness_timeout_s)
     )
