@@ -7,6 +7,7 @@ row, so concurrent writers (the service cancelling, a worker reporting) never co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import uuid
@@ -110,18 +111,7 @@ class JobEvent:
         )
 
 
-_PARAM_COLUMNS = (
-    "dataset",
-    "architecture",
-    "epochs",
-    "learning_rate",
-    "batch_size",
-    "optimizer",
-    "seed",
-    "train_subset",
-    "experiment_name",
-    "model_name",
-)
+_PARAM_COLUMNS = tuple(f.name for f in dataclasses.fields(JobParams))
 
 
 def _job(row: asyncpg.Record) -> Job:
