@@ -42,7 +42,7 @@ SIZES_AND_DATA = (
     "dataset_digest",
     "dataset_source",
 )
-EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "epoch_seconds")
+EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "train_seconds", "epoch_seconds")
 
 
 def a_spec(mesh: Mesh, **overrides: object) -> TrainSpec:
