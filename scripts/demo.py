@@ -1,9 +1,9 @@
-"""`make demo`: start the mesh, train a CNN on real MNIST through the gateway, promote it, and
-exercise the Registry over REST and gRPC, printing what each step did.
+"""`make demo`: the platform end to end through the gateway, printing what each step did.
+
+Start the mesh, train a CNN on real MNIST, promote it, exercise the Registry, and classify a
+test image with the promoted version over REST and gRPC (the repeat from the prediction cache).
 
     python scripts/demo.py [--epochs 3] [--train-subset 0]
-
-Inference arrives with its service; until then the demo shows its route answering 503.
 """
 
 from __future__ import annotations
@@ -11,23 +11,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 
 import httpx
 
 from mlmesh.training.v1 import training_pb2
 from mlmesh_client import Client
-from mlmesh_client.cli import Progress
+from mlmesh_client.cli import Progress, dataset_image
 from services.common.server import configure_logging
 from services.common.settings import Settings
 from services.launcher.mesh import Mesh
 
 EXPERIMENT = "mlmesh-demo"
 MODEL = "mnist-classifier"
+TEST_IMAGE = 0  # index in MNIST's test split
 
 
 def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
+
+
+def failed(why: str) -> int:
+    print(f"\ndemo failed: {why}", file=sys.stderr)
+    return 1
 
 
 def main() -> int:
@@ -39,7 +46,10 @@ def main() -> int:
     configure_logging(settings)
     for noisy in ("httpx", "services.launcher", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    step("starting the mesh (PostgreSQL, Redis, MLflow, Registry, Training, worker, Envoy)")
+    step(
+        "starting the mesh "
+        "(PostgreSQL, Redis, MLflow, Registry, Training, worker, Inference, Envoy)"
+    )
     with Mesh(settings) as mesh:
         print(mesh.summary().replace("Press Ctrl-C to stop.", ""))
         _, key = mesh.api_key
@@ -60,8 +70,7 @@ def main() -> int:
                 model_name=MODEL,
             )
         if job.state != training_pb2.JOB_STATE_SUCCEEDED:
-            print(f"training did not succeed: {job.error}")
-            return 1
+            return failed(f"training did not succeed: {job.error}")
         version = job.model_version
         accuracy = job.metrics["test_accuracy"]
         print(f"  run {job.mlflow_run_id}: {MODEL} v{version}, test accuracy {accuracy:.4f}")
@@ -114,13 +123,53 @@ def main() -> int:
                     f"v{e.version} {e.from_stage} -> {e.to_stage}"
                 )
 
-        step("REST: POST /predict (the Inference service is not running yet)")
-        image = {"image": [0.0] * 784}
-        print("  " + rest.post("/predict", json=image, headers={"x-api-key": key}).text)
+        pixels, label = dataset_image("mnist", TEST_IMAGE)
+        body = {"image": pixels.tolist(), "model_name": MODEL}
+        body_file = mesh.settings.state_dir / "demo-predict.json"
+        body_file.write_text(json.dumps(body))
+        step(
+            f"REST: classify MNIST test image {TEST_IMAGE} (a {label}) with the production version"
+        )
+        print(
+            f"  curl -s -X POST {gateway}/predict -H {shlex.quote(f'x-api-key: {key}')} "
+            f"-d @{shlex.quote(str(body_file))}"
+        )
+        print(f'  ({body_file} is {{"image": [784 floats in [0, 1]], "model_name": "{MODEL}"}})')
+        answer = rest.post("/predict", json=body, headers={"x-api-key": key})
+        if answer.status_code != 200:
+            return failed(f"POST /predict answered HTTP {answer.status_code}: {answer.text}")
+        by_rest = answer.json()
+        shown = {**by_rest, "probabilities": [round(p, 3) for p in by_rest["probabilities"]]}
+        print(f"  HTTP 200: {json.dumps(shown)}")
+
+        with Client(grpc_target, api_key=key) as sdk:
+            step("gRPC (Python SDK): the same image, then once more")
+            by_grpc = sdk.predict(pixels, model_name=MODEL)
+            repeat = sdk.predict(pixels, model_name=MODEL)
+        for what, a in (("first ", by_grpc), ("repeat", repeat)):
+            print(
+                f"  {what}: class {a.prediction} (confidence {a.confidence:.4f}) from "
+                f"{a.model_name} v{a.model_version}, cached: {str(a.cached).lower()}"
+            )
+        if mesh.settings.prediction_cache_ttl_s > 0 and not repeat.cached:
+            return failed("the repeated prediction did not come from the cache")
+
+        step("the versions involved")
+        answered = {
+            "REST": by_rest["model_version"],
+            "gRPC": by_grpc.model_version,
+            "gRPC repeat": repeat.model_version,
+        }
+        print(f"  promoted to Production: {MODEL} v{version}")
+        print("  answered: " + ", ".join(f"{how} v{v}" for how, v in answered.items()))
+        if set(answered.values()) != {version}:
+            return failed(f"predictions were not answered by the promoted v{version}")
+        if by_rest["prediction"] != label:
+            print(f"  (the model got this one wrong: {by_rest['prediction']}, not {label})")
         step("stopping the mesh")
     print(
-        f"\ndemo finished: trained {MODEL} v{version} (test accuracy {accuracy:.4f}), "
-        "promoted it, and read it back over REST and gRPC through Envoy."
+        f"\ndemo finished: trained {MODEL} v{version} (test accuracy {accuracy:.4f}), promoted "
+        f"it, read it back and classified a test image with it over REST and gRPC through Envoy."
     )
     return 0
 

@@ -42,6 +42,7 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "training_queue": f"arq:mlmesh-training-{tag}",
         "worker_ops_port": free_port(),
         "inference_address": f"127.0.0.1:{free_port()}",
+        "inference_ops_port": free_port(),
         "gateway_port": free_port(),
         "gateway_admin_port": free_port(),
         "state_dir": state_dir,

@@ -56,6 +56,37 @@ class Settings(BaseSettings):
     inference_address: str = Field(
         "127.0.0.1:50053", description="host:port of the Inference gRPC server."
     )
+    inference_ops_port: int = Field(
+        9104, description="HTTP port of the Inference process: /ready, /health, /metrics."
+    )
+    inference_max_batch_images: int = Field(
+        256, description="Most images one PredictBatch request may carry."
+    )
+    batch_max_size: int = Field(
+        32, description="Most images the dynamic batcher puts in one forward pass."
+    )
+    batch_max_wait_ms: float = Field(
+        1.0,
+        description="How long the batcher waits for more requests before a forward pass "
+        "that is not full; 0 batches only what is already queued.",
+    )
+    inference_threads: int = Field(
+        1, description="Threads one forward pass uses (ONNX Runtime intra-op / torch)."
+    )
+    model_cache_versions: int = Field(
+        3, description="Model versions an inference replica keeps loaded (least recently used go)."
+    )
+    model_refresh_interval_s: float = Field(
+        10.0,
+        description="How often inference re-reads aliases from MLflow, in case a Redis "
+        "model event was missed.",
+    )
+    prediction_cache_ttl_s: int = Field(
+        3600, description="Lifetime of a cached prediction in Redis; 0 turns the cache off."
+    )
+    drift_window_images: int = Field(
+        2000, description="Recent inputs the drift score (PSI against training) is computed over."
+    )
     training_ops_port: int = Field(
         9102, description="HTTP port of the Training process: /ready, /health, /metrics."
     )

@@ -158,6 +158,9 @@ def mesh_specs(settings: Settings) -> list[ChildSpec]:
         python_service("registry", "services.registry", s.registry_address, s.registry_ops_port),
         python_service("training", "services.training", s.training_address, s.training_ops_port),
         worker_spec(s),
+        python_service(
+            "inference", "services.inference", s.inference_address, s.inference_ops_port
+        ),
         envoy_spec(s),
     ]
 
@@ -298,10 +301,11 @@ class Mesh:
             ("Envoy admin", f"http://127.0.0.1:{s.gateway_admin_port}"),
             ("registry gRPC", s.registry_address),
             ("training gRPC", s.training_address),
+            ("inference gRPC", s.inference_address),
             (
                 "metrics",
                 f"registry :{s.registry_ops_port}, training :{s.training_ops_port}, "
-                f"worker :{s.worker_ops_port} (GET /metrics)",
+                f"worker :{s.worker_ops_port}, inference :{s.inference_ops_port} (GET /metrics)",
             ),
             ("API key", f"{key}  (client {client!r}; send it as {API_KEY_HEADER})"),
             ("logs", str(self.log_dir)),

@@ -52,7 +52,7 @@ class Transition:
 
 
 @contextlib.contextmanager
-def _mlflow_errors(what: str) -> Iterator[None]:
+def mlflow_errors(what: str) -> Iterator[None]:
     try:
         yield
     except RestException as exc:
@@ -98,7 +98,7 @@ class MlflowStore:
     def list_experiments(
         self, page_size: int, page_token: str, filter_string: str, order_by: list[str]
     ) -> Page[Experiment]:
-        with _mlflow_errors("list experiments"):
+        with mlflow_errors("list experiments"):
             found = self._client.search_experiments(
                 view_type=ViewType.ACTIVE_ONLY,
                 max_results=page_size,
@@ -109,7 +109,7 @@ class MlflowStore:
         return Page(list(found), found.token or "")
 
     def get_experiment(self, experiment_id: str) -> Experiment:
-        with _mlflow_errors(f"experiment {experiment_id!r}"):
+        with mlflow_errors(f"experiment {experiment_id!r}"):
             return self._client.get_experiment(experiment_id)
 
     def list_runs(
@@ -120,7 +120,7 @@ class MlflowStore:
         page_size: int,
         page_token: str,
     ) -> Page[Run]:
-        with _mlflow_errors("list runs"):
+        with mlflow_errors("list runs"):
             found = self._client.search_runs(
                 experiment_ids=experiment_ids,
                 filter_string=filter_string,
@@ -131,18 +131,18 @@ class MlflowStore:
         return Page(list(found), found.token or "")
 
     def get_run(self, run_id: str) -> Run:
-        with _mlflow_errors(f"run {run_id!r}"):
+        with mlflow_errors(f"run {run_id!r}"):
             return self._client.get_run(run_id)
 
     def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
-        with _mlflow_errors(f"metric {key!r} of run {run_id!r}"):
+        with mlflow_errors(f"metric {key!r} of run {run_id!r}"):
             self._client.get_run(run_id)  # a missing run is NOT_FOUND, not an empty history
             return sorted(
                 self._client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)
             )
 
     def list_artifacts(self, run_id: str, path: str) -> tuple[str, list[FileInfo]]:
-        with _mlflow_errors(f"artifacts of run {run_id!r}"):
+        with mlflow_errors(f"artifacts of run {run_id!r}"):
             run = self._client.get_run(run_id)
             return run.info.artifact_uri, self._client.list_artifacts(run_id, path or None)
 
@@ -150,7 +150,7 @@ class MlflowStore:
     def list_registered_models(
         self, page_size: int, page_token: str, filter_string: str
     ) -> Page[RegisteredModel]:
-        with _mlflow_errors("list registered models"):
+        with mlflow_errors("list registered models"):
             found = self._client.search_registered_models(
                 filter_string=filter_string or None,
                 max_results=page_size,
@@ -160,12 +160,12 @@ class MlflowStore:
         return Page(list(found), found.token or "")
 
     def get_registered_model(self, name: str) -> RegisteredModel:
-        with _mlflow_errors(f"registered model {name!r}"):
+        with mlflow_errors(f"registered model {name!r}"):
             return self._client.get_registered_model(name)
 
     def list_model_versions(self, name: str, page_size: int, page_token: str) -> Page[ModelVersion]:
         model = self.get_registered_model(name)  # NOT_FOUND for an unknown model, not []
-        with _mlflow_errors(f"versions of {name!r}"):
+        with mlflow_errors(f"versions of {name!r}"):
             found = self._client.search_model_versions(
                 filter_string=f"name = {_quote(name)}",
                 max_results=page_size,
@@ -181,11 +181,16 @@ class MlflowStore:
         )
 
     def get_model_version(self, name: str, version: int) -> ModelVersion:
-        with _mlflow_errors(f"version {version} of {name!r}"):
+        with mlflow_errors(f"version {version} of {name!r}"):
             return self._client.get_model_version(name, str(version))
 
+    def model_version_download_uri(self, name: str, version: int) -> str:
+        """Where the artifacts of version ``version`` of ``name`` can be downloaded from."""
+        with mlflow_errors(f"version {version} of {name!r}"):
+            return self._client.get_model_version_download_uri(name, str(version))
+
     def get_model_version_by_alias(self, name: str, alias: str) -> ModelVersion:
-        with _mlflow_errors(f"alias {alias!r} of {name!r}"):
+        with mlflow_errors(f"alias {alias!r} of {name!r}"):
             return self._client.get_model_version_by_alias(name, alias)
 
     def _alias_holder(self, name: str, alias: str) -> int:
@@ -205,7 +210,7 @@ class MlflowStore:
         target_alias = STAGE_ALIASES[stage]
         previous = self._alias_holder(name, target_alias) if target_alias else 0
         archived: list[int] = []
-        with _mlflow_errors(f"transition {name!r} v{version} to {stage}"):
+        with mlflow_errors(f"transition {name!r} v{version} to {stage}"):
             if target_alias:
                 self._client.set_registered_model_alias(name, target_alias, str(version))
             for alias in STAGE_ALIASES.values():

@@ -6,8 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from mlmesh.training.v1 import training_pb2
 from mlmesh_client.client import Client, MeshError
+from mlmesh_client.images import ImageError, read_image_file
+from services.training.ml.catalog import CLASS_NAMES, DATASETS  # torch-free
+
+
+class UsageError(Exception):
+    """Input the user can fix (a file, an index); exits with 2, as argparse's own errors do."""
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -55,6 +63,50 @@ def _audit(args: argparse.Namespace) -> None:
                 f"{when}  {e.client:<12} {e.action} {e.model_name} v{e.version}: "
                 f"{e.from_stage} -> {e.to_stage}"
             )
+
+
+def _predict(args: argparse.Namespace) -> None:
+    label = None
+    if args.image is not None:
+        try:
+            image = read_image_file(args.image, invert=args.invert)
+        except ImageError as err:
+            raise UsageError(str(err)) from None
+    else:
+        if args.invert:
+            raise UsageError("--invert is for --image; the test images are as trained on")
+        image, label = dataset_image(args.dataset, args.index)
+    with _client(args) as mesh:
+        answer = mesh.predict(image, model_name=args.model, model_version=args.version)
+
+    def name(n: int) -> str:
+        names = CLASS_NAMES[args.dataset]
+        return str(n) if names[n] == str(n) else f"{n} ({names[n]})"
+
+    print(f"prediction: {name(answer.prediction)}  confidence {answer.confidence:.4f}")
+    print(f"model:      {answer.model_name} v{answer.model_version}")
+    print(f"cached:     {str(answer.cached).lower()}")
+    if label is not None:
+        verdict = "right" if label == answer.prediction else "wrong"
+        print(f"true label: {name(label)}  ({verdict})")
+
+
+def dataset_image(dataset: str, index: int) -> tuple[np.ndarray, int]:
+    """Image ``index`` of ``dataset``'s test split and its label, from the loader the training
+    workers use (and its data dir), so an index means the same image to both."""
+    from services.common.settings import Settings
+    from services.training.ml.data import DataNotFound, load_dataset  # imports torch: ~2 s
+
+    try:
+        test = load_dataset(dataset, Settings().data_dir).test
+    except DataNotFound as err:
+        raise UsageError(str(err)) from None
+    if not 0 <= index < len(test):
+        raise UsageError(
+            f"--index must be 0 to {len(test) - 1} (the {dataset} test split has "
+            f"{len(test)} images), got {index}"
+        )
+    return test.images[index].numpy(), int(test.labels[index])
 
 
 class Progress:
@@ -168,6 +220,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stage", default="Production", help="Production, Staging or Archived")
     p.add_argument("--archive-existing", action="store_true", help="archive the previous holders")
     p.set_defaults(run=_promote)
+    p = commands.add_parser(
+        "predict",
+        help="classify an image file or a test image (needs an API key)",
+        description="Classify one image with a registered model and say which version answered.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--image",
+        metavar="PATH",
+        help="a picture (PNG, JPEG, ...; made 28x28 grayscale) or a .npy of 784 values",
+    )
+    source.add_argument(
+        "--index", type=int, metavar="N", help="image N of the dataset's test split"
+    )
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="mnist",
+        help="test split --index reads, and class names (default mnist)",
+    )
+    p.add_argument(
+        "--invert",
+        action="store_true",
+        help="the picture is dark on light (MNIST is light on dark)",
+    )
+    p.add_argument("--model", default="", help="registered model (default: the service's)")
+    p.add_argument(
+        "--version", default="", help="version number or alias (default: the production version)"
+    )
+    p.set_defaults(run=_predict)
     p = commands.add_parser("audit", help="show the newest registry changes (needs an API key)")
     p.add_argument("--model", default="", help="only this registered model")
     p.add_argument("--limit", type=int, default=20)
@@ -176,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
+    except UsageError as err:
+        print(f"mlmesh {args.command}: {err}", file=sys.stderr)
+        sys.exit(2)
     except MeshError as err:
         print(f"mlmesh: {err}", file=sys.stderr)
         sys.exit(1)

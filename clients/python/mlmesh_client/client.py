@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
 import grpc
 
+from mlmesh.inference.v1 import inference_pb2 as inference
+from mlmesh.inference.v1 import inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2 as registry
 from mlmesh.registry.v1 import registry_pb2_grpc
 from mlmesh.training.v1 import training_pb2 as training
 from mlmesh.training.v1 import training_pb2_grpc
+from mlmesh_client.images import ImageLike, to_image
 
 DEFAULT_TARGET = "127.0.0.1:8000"
 
@@ -43,6 +46,7 @@ class Client:
         self._channel = grpc.insecure_channel(self.target)
         self.registry = registry_pb2_grpc.RegistryServiceStub(self._channel)
         self.training = training_pb2_grpc.TrainingServiceStub(self._channel)
+        self.inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
 
     def _metadata(self) -> list[tuple[str, str]]:
         return [("x-api-key", self._api_key)] if self._api_key else []
@@ -52,6 +56,16 @@ class Client:
             return method(request, metadata=self._metadata(), timeout=self._timeout_s)
         except grpc.RpcError as err:
             raise MeshError(err.code(), err.details() or "") from None
+
+    def _stream(self, method, request) -> Iterator:
+        """A server-streaming call's answers; open-ended, so no deadline. Closing early cancels."""
+        call = method(request, metadata=self._metadata())
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise MeshError(err.code(), err.details() or "") from None
+        finally:
+            call.cancel()
 
     def _all(self, method, request, field: str) -> list:
         """Follow next_page_token until the last page; return every item."""
@@ -119,13 +133,8 @@ class Client:
 
     def watch_training_job(self, job_id: str) -> Iterator[training.WatchTrainingJobResponse]:
         """The job's events, history first, until the terminal one."""
-        stream = self.training.WatchTrainingJob(
-            training.WatchTrainingJobRequest(job_id=job_id), metadata=self._metadata()
-        )
-        try:
-            yield from stream
-        except grpc.RpcError as err:
-            raise MeshError(err.code(), err.details() or "") from None
+        request = training.WatchTrainingJobRequest(job_id=job_id)
+        return self._stream(self.training.WatchTrainingJob, request)
 
     def train(
         self,
@@ -138,6 +147,54 @@ class Client:
             if on_event is not None:
                 on_event(event)
         return self.get_training_job(job.job_id)
+
+    # -- inference (needs an API key) -----------------------------------------------------
+    # An image is 784 floats in [0, 1] (a sequence or array, any shape of 784 values), or 784
+    # uint8 intensities (bytes or a uint8 array), sent as they are. ``model_version`` is a
+    # version number or an alias ("staging"); empty means the production version, and an
+    # empty ``model_name`` the service's default model.
+    def predict(
+        self, image: ImageLike, *, model_name: str = "", model_version: str | int = ""
+    ) -> inference.PredictResponse:
+        """The class of one image, with the model version that answered and whether cached."""
+        pixels = to_image(image)
+        request = inference.PredictRequest(
+            image=pixels.pixels,
+            image_raw=pixels.raw,
+            model_name=model_name,
+            model_version=str(model_version),
+        )
+        return self._call(self.inference.Predict, request)
+
+    def predict_batch(
+        self, images: Iterable[ImageLike], *, model_name: str = "", model_version: str | int = ""
+    ) -> inference.PredictBatchResponse:
+        """The classes of many images, in order, all answered by one model version."""
+        request = inference.PredictBatchRequest(
+            images=[to_image(image) for image in images],
+            model_name=model_name,
+            model_version=str(model_version),
+        )
+        return self._call(self.inference.PredictBatch, request)
+
+    def predict_stream(
+        self, images: Iterable[ImageLike], *, model_name: str = "", model_version: str | int = ""
+    ) -> Iterator[inference.PredictStreamResponse]:
+        """Answers to a stream of images, in order, as they come; ``request_id`` is each image's
+        position ("0", "1", ...). ``images`` is read lazily, so it may be endless."""
+        requests = (
+            inference.PredictStreamRequest(
+                request_id=str(i),
+                image=to_image(image),
+                model_name=model_name,
+                model_version=str(model_version),
+            )
+            for i, image in enumerate(images)
+        )
+        sent = _Requests(requests)
+        yield from self._stream(self.inference.PredictStream, sent)
+        if sent.error is not None:  # after the answers to the images before it
+            raise sent.error
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -153,3 +210,27 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _Requests:
+    """Requests of a client-streaming call that end the stream at the first error, kept in
+    ``error``: gRPC reads request iterators on a thread of its own and would turn the error
+    into a bare CANCELLED call."""
+
+    def __init__(self, requests: Iterator) -> None:
+        self._requests = requests
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._requests)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            self.error = exc
+            raise StopIteration from None

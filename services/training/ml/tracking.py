@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,10 @@ from services.training.ml.catalog import IMAGE_PIXELS, NUM_CLASSES
 log = logging.getLogger(__name__)
 
 MODEL_NAME_IN_RUN = "model"
+# The ONNX export logged inside the model's directory (MLflow puts extra files under
+# extra_files/); the inference service runs it with ONNX Runtime.
+ONNX_FILE = "model.onnx"
+ONNX_PATH_IN_MODEL = f"extra_files/{ONNX_FILE}"
 REGISTRATION_TIMEOUT_S = 300.0
 _HTTP_5XX = re.compile(r"\berror code 5\d\d\b|\bstatus code 5\d\d\b|\b5\d\d Server Error\b")
 _CONNECTION_ERRORS = (
@@ -121,23 +126,28 @@ class RunTracker:
         self.client.log_artifacts(self.run_id, str(directory))
 
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray) -> ModelInfo:
-        """Log ``model`` (CPU, eval mode, outputs probabilities) in torch.export's pt2 format.
+        """Log ``model`` (CPU, eval mode, outputs probabilities) in torch.export's pt2 format,
+        with an ONNX export of it beside (``ONNX_PATH_IN_MODEL``) for serving.
 
         pt2 rather than pickle: MLflow 3.17 refuses to unpickle models unless
         MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set, while a pt2 archive loads anywhere with
         ``mlflow.pyfunc.load_model`` and needs none of mlmesh's code (the graph is traced).
         The example must have more than one row for the batch dimension to stay dynamic.
         """
-        with _global_tracking_uri(self.tracking_uri):
-            return mlflow.pytorch.log_model(
-                model,
-                name=MODEL_NAME_IN_RUN,
-                run_id=self.run_id,
-                signature=SIGNATURE,
-                input_example=input_example,
-                serialization_format="pt2",
-                pip_requirements=pip_requirements(),
-            )
+        with tempfile.TemporaryDirectory(prefix="mlmesh-onnx-") as tmp:
+            onnx_path = Path(tmp) / ONNX_FILE
+            export_onnx(model, input_example, onnx_path)
+            with _global_tracking_uri(self.tracking_uri):
+                return mlflow.pytorch.log_model(
+                    model,
+                    name=MODEL_NAME_IN_RUN,
+                    run_id=self.run_id,
+                    signature=SIGNATURE,
+                    input_example=input_example,
+                    serialization_format="pt2",
+                    pip_requirements=pip_requirements(),
+                    extra_files=[str(onnx_path)],
+                )
 
     def register(self, model_info: ModelInfo, model_name: str, tags: dict[str, str]) -> int:
         """Register the logged model as a new version of ``model_name``; wait until READY."""
@@ -171,6 +181,22 @@ class RunTracker:
     def status(self) -> str:
         """The run's status as MLflow holds it (RUNNING, FINISHED, FAILED, KILLED)."""
         return self.client.get_run(self.run_id).info.status
+
+
+def export_onnx(model: torch.nn.Module, input_example: np.ndarray, path: Path) -> None:
+    """Export ``model`` to ONNX at ``path`` with a dynamic batch dimension (input "x")."""
+    example = torch.from_numpy(np.ascontiguousarray(input_example, dtype=np.float32))
+    program = torch.onnx.export(
+        model,
+        (example,),
+        input_names=["x"],
+        output_names=["probabilities"],
+        dynamo=True,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        optimize=True,
+        verbose=False,
+    )
+    program.save(str(path))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,53 @@
+"""Turning request images into the model's input: (N, 784) float32 in [0, 1], or a clear error."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.common.errors import InvalidArgument
+from services.training.ml.catalog import IMAGE_PIXELS
+
+
+def image_array(pixels: Sequence[float], raw: bytes, field: str, raw_field: str) -> np.ndarray:
+    """One image given as ``pixels`` (784 floats in [0, 1]) or ``raw`` (784 uint8 bytes).
+
+    ``field``/``raw_field`` are the request's names for the two forms, used in errors.
+    """
+    if len(pixels) and len(raw):
+        raise InvalidArgument(f"give {field} or {raw_field}, not both")
+    if len(raw):
+        if len(raw) != IMAGE_PIXELS:
+            raise InvalidArgument(
+                f"{raw_field} has {len(raw)} bytes; a 28x28 image needs {IMAGE_PIXELS}"
+            )
+        return np.frombuffer(raw, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    if not len(pixels):
+        raise InvalidArgument(
+            f"{field} is empty: give {IMAGE_PIXELS} pixel intensities in [0, 1] "
+            f"(or {raw_field}: {IMAGE_PIXELS} bytes)"
+        )
+    if len(pixels) != IMAGE_PIXELS:
+        raise InvalidArgument(
+            f"{field} has {len(pixels)} values; a 28x28 image needs {IMAGE_PIXELS}"
+        )
+    image = np.asarray(pixels, dtype=np.float32)
+    # NaN fails both comparisons, so one check covers NaN, infinities and the range.
+    if not (image.min() >= 0.0 and image.max() <= 1.0):
+        bad = int(np.flatnonzero(~((image >= 0.0) & (image <= 1.0)))[0])
+        value = float(image[bad])
+        what = "is NaN" if np.isnan(value) else f"is {value:g}"
+        raise InvalidArgument(f"{field}[{bad}] {what}; pixel intensities must be in [0, 1]")
+    return image
+
+
+def check_batch_size(count: int, maximum: int, field: str) -> None:
+    """A batch holds 1..maximum images."""
+    if count == 0:
+        raise InvalidArgument(f"{field} is empty: give at least one image")
+    if count > maximum:
+        raise InvalidArgument(
+            f"{field} has {count} images; at most {maximum} are allowed per request "
+            "(MLMESH_INFERENCE_MAX_BATCH_IMAGES)"
+        )

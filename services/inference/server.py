@@ -1,0 +1,54 @@
+"""The Inference process: gRPC service, ops HTTP, model events and the periodic alias check."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.common.process import Backends, ServiceParts, serve_process
+from services.common.server import Registration, configure_logging, configure_mlflow_client
+from services.common.settings import Settings
+from services.inference.cache import PredictionCache
+from services.inference.repository import ModelRepository
+from services.inference.service import Inference
+from services.inference.servicer import InferenceServicer
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+def build(backends: Backends) -> ServiceParts:
+    s = backends.settings
+    # One thread runs forward passes, one batch at a time: requests queue behind it and
+    # form the next batch (see batching.py).
+    forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+    repository = ModelRepository(s, forward)
+    inference = Inference(
+        repository, PredictionCache(backends.redis, s.prediction_cache_ttl_s), s.default_model_name
+    )
+    return ServiceParts(
+        registrations=[
+            Registration(
+                InferenceServicer(inference, s.inference_max_batch_images),
+                inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+                SERVICE_NAME,
+            )
+        ],
+        background=[
+            repository.warm(s.default_model_name),
+            repository.follow_events(backends.redis),
+            repository.refresh_forever(s.model_refresh_interval_s),
+        ],
+    )
+
+
+def main() -> None:
+    settings = Settings()
+    configure_logging(settings)
+    configure_mlflow_client(settings)
+    torch.set_num_threads(max(1, settings.inference_threads))
+    asyncio.run(
+        serve_process(settings, settings.inference_address, settings.inference_ops_port, build)
+    )

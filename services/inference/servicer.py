@@ -1,0 +1,143 @@
+"""mlmesh.inference.v1.InferenceService: protobuf in, Inference.predict, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from mlmesh.inference.v1 import inference_pb2 as pb
+from mlmesh.inference.v1 import inference_pb2_grpc
+from services.common.errors import InvalidArgument
+from services.inference import metrics
+from services.inference.inputs import check_batch_size, image_array
+from services.inference.service import Inference, Predictions
+
+# Answers of one stream being computed at once; later messages wait (flow control).
+STREAM_WINDOW = 32
+
+
+def fresh_requested(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the caller sent ``cache-control: no-cache``: compute, don't read the cache."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "cache-control" and "no-cache" in str(value).lower():
+            return True
+    return False
+
+
+def _prediction(p: Predictions, i: int) -> pb.Prediction:
+    probabilities = p.probabilities[i]
+    best = int(probabilities.argmax())
+    return pb.Prediction(
+        prediction=best,
+        confidence=float(probabilities[best]),
+        probabilities=probabilities.tolist(),
+        cached=bool(p.cached[i]),
+    )
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Thin adapter from the generated service to the Inference domain."""
+
+    def __init__(self, inference: Inference, max_batch_images: int) -> None:
+        self._inference = inference
+        self._max_batch_images = max_batch_images
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        started = time.perf_counter()
+        image = image_array(request.image, request.image_raw, "image", "image_raw")
+        p = await self._inference.predict(
+            image[np.newaxis],
+            request.model_name,
+            request.model_version,
+            read_cache=not fresh_requested(context),
+        )
+        answer = _prediction(p, 0)
+        metrics.PREDICTION_DURATION.labels("Predict").observe(time.perf_counter() - started)
+        return pb.PredictResponse(
+            prediction=answer.prediction,
+            confidence=answer.confidence,
+            probabilities=answer.probabilities,
+            model_name=p.model_name,
+            model_version=p.model_version,
+            cached=answer.cached,
+        )
+
+    async def PredictBatch(
+        self, request: pb.PredictBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictBatchResponse:
+        started = time.perf_counter()
+        check_batch_size(len(request.images), self._max_batch_images, "images")
+        images = np.stack(
+            [
+                image_array(im.pixels, im.raw, f"images[{i}].pixels", f"images[{i}].raw")
+                for i, im in enumerate(request.images)
+            ]
+        )
+        p = await self._inference.predict(
+            images,
+            request.model_name,
+            request.model_version,
+            read_cache=not fresh_requested(context),
+        )
+        metrics.PREDICTION_DURATION.labels("PredictBatch").observe(time.perf_counter() - started)
+        return pb.PredictBatchResponse(
+            predictions=[_prediction(p, i) for i in range(len(images))],
+            model_name=p.model_name,
+            model_version=p.model_version,
+        )
+
+    async def PredictStream(
+        self,
+        request_iterator: AsyncIterator[pb.PredictStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.PredictStreamResponse]:
+        """Answers in request order; up to STREAM_WINDOW messages are in flight at once, so
+        one stream's images share forward passes."""
+        read_cache = not fresh_requested(context)
+        pending: asyncio.Queue[asyncio.Task[pb.PredictStreamResponse] | None] = asyncio.Queue(
+            STREAM_WINDOW
+        )
+
+        async def one(request: pb.PredictStreamRequest) -> pb.PredictStreamResponse:
+            started = time.perf_counter()
+            try:
+                image = image_array(
+                    request.image.pixels, request.image.raw, "image.pixels", "image.raw"
+                )
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"request {request.request_id!r}: {exc}") from exc
+            p = await self._inference.predict(
+                image[np.newaxis], request.model_name, request.model_version, read_cache=read_cache
+            )
+            metrics.PREDICTION_DURATION.labels("PredictStream").observe(
+                time.perf_counter() - started
+            )
+            return pb.PredictStreamResponse(
+                request_id=request.request_id,
+                prediction=_prediction(p, 0),
+                model_name=p.model_name,
+                model_version=p.model_version,
+            )
+
+        async def read() -> None:
+            async for request in request_iterator:
+                await pending.put(asyncio.create_task(one(request)))
+            await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # surfaces a failure of the request stream itself
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
