@@ -14,9 +14,10 @@ import httpx
 import pytest
 
 from gateway.policy import RPC_ACCESS
-from gateway.render import Rpc, build_descriptor_set, mesh_rpcs, tool
+from gateway.render import Rpc, build_descriptor_set, mesh_rpcs, render_envoy_config, tool
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.launcher.mesh import Mesh
+from tests.conftest import isolated_settings
 
 DESCRIPTOR = build_descriptor_set(Path(__file__).parents[2] / "gateway" / "build" / "mlmesh.binpb")
 RPCS = mesh_rpcs(DESCRIPTOR)
@@ -111,11 +112,33 @@ def test_auth_matrix_rest(rest: httpx.Client, keys: dict[str, str], rpc: Rpc) ->
         assert valid.status_code < 500 or valid.status_code == 503, f"{verb} {path}"
 
 
-def test_services_not_running_answer_unavailable(rest: httpx.Client, keys: dict[str, str]) -> None:
-    body = {"image": [0.0] * 784}
-    resp = rest.post("/predict", json=body, headers={"x-api-key": keys["alice"]})
-    assert resp.status_code == 503
-    assert "not running" in resp.text
+def test_services_not_running_answer_unavailable(tmp_path: Path) -> None:
+    # The gateway alone: nothing listens at any service address.
+    settings = isolated_settings(tmp_path, api_keys="alice=" + "k" * 24)
+    config = render_envoy_config(settings, DESCRIPTOR, tmp_path / "envoy.yaml")
+    envoy = subprocess.Popen(
+        [tool("envoy"), "-c", str(config), "--log-level", "error", "--use-dynamic-base-id"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                resp = httpx.post(
+                    f"{settings.gateway_url}/predict",
+                    json={"image": [0.0] * 784},
+                    headers={"x-api-key": "k" * 24},
+                )
+                break
+            except httpx.TransportError:
+                assert envoy.poll() is None and time.monotonic() < deadline, "envoy did not start"
+                time.sleep(0.2)
+        assert resp.status_code == 503
+        assert "not running" in resp.text
+    finally:
+        envoy.terminate()
+        envoy.wait(10)
 
 
 def test_unknown_route_is_404_with_a_key(rest: httpx.Client, keys: dict[str, str]) -> None:
