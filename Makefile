@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 
-.PHONY: install generate lint test up demo clean
+.PHONY: install generate lint test up demo bench clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ up: install  ## run the mesh on this machine until Ctrl-C
 
 demo: install  ## start the mesh, exercise it end to end, stop it
 	$(PY) scripts/demo.py
+
+bench: install  ## prediction serving benchmark (not a test, ~6 min): writes bench/results/predict.md
+	scripts/install-system-packages.sh  # wrk and h2load, if an older install lacks them
+	$(PY) -m bench.predict $(BENCH_ARGS)
 
 clean:
 	rm -rf gateway/build .pytest_cache .ruff_cache

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Debian packages mlmesh uses beside its Python ones: Fashion-MNIST's IDX files (offline
-# data) and docker-compose (to validate docker-compose.yml). Installed only when missing and
-# when running as root; otherwise say what is missing and go on.
+# data), docker-compose (to validate docker-compose.yml), and the load generators of
+# `make bench` (wrk for HTTP, h2load from nghttp2-client for gRPC). Installed only when
+# missing and when running as root; otherwise say what is missing and go on.
 set -euo pipefail
 missing=()
 [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 else
-  echo "note: not installed (needs root): ${missing[*]}; Fashion-MNIST training and the" \
-       "compose check need them" >&2
+  echo "note: not installed (needs root): ${missing[*]}; Fashion-MNIST training, the" \
+       "compose check and make bench need them" >&2
 fi
