@@ -186,6 +186,9 @@ class RunTracker:
 def export_onnx(model: torch.nn.Module, input_example: np.ndarray, path: Path) -> None:
     """Export ``model`` to ONNX at ``path`` with a dynamic batch dimension (input "x")."""
     example = torch.from_numpy(np.ascontiguousarray(input_example, dtype=np.float32))
+    # The exporter's graph passes log every step at INFO; a job's log needs none of it.
+    for chatty in ("onnxscript", "onnx_ir"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     program = torch.onnx.export(
         model,
         (example,),
