@@ -54,7 +54,9 @@ DRIFT_WINDOW = Gauge(
     MODEL_LABELS,
 )
 MODELS_LOADED = Gauge(
-    "inference_models_loaded", "Model versions held in memory.", ("model_name", "model_version")
+    "inference_models_loaded",
+    "Model versions held in memory, with the runtime each runs on (onnxruntime or torch).",
+    (*MODEL_LABELS, "runtime"),
 )
 MODEL_LOAD_DURATION = Histogram(
     "inference_model_load_duration_seconds",

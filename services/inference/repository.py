@@ -35,7 +35,9 @@ from services.inference.batching import Batcher
 from services.inference.drift import DriftMonitor
 from services.inference.runtime import Runtime, load_runtime
 from services.registry.store import MlflowStore, mlflow_errors
-from services.training.ml.report import INPUT_REFERENCE
+from services.training.ml.catalog import DATASETS
+from services.training.ml.data import load_dataset
+from services.training.ml.report import INPUT_REFERENCE, input_reference
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +245,7 @@ class ModelRepository:
             drift=DriftMonitor(reference, s.drift_window_images) if reference is not None else None,
         )
         self._models[(name, version)] = model
-        metrics.MODELS_LOADED.labels(*model.labels).set(1)
+        metrics.MODELS_LOADED.labels(*model.labels, runtime.kind).set(1)
         metrics.MODEL_LOAD_DURATION.observe(time.monotonic() - started)
         log.info("loaded %s (%s) in %.2f s", what, runtime.kind, time.monotonic() - started)
         await self._evict()
@@ -256,7 +258,7 @@ class ModelRepository:
             pinned = {(name, version) for (name, _), version in self._aliases.items()}
             key = next((k for k in self._models if k not in pinned), next(iter(self._models)))
             model = self._models.pop(key)
-            metrics.MODELS_LOADED.remove(*model.labels)
+            metrics.MODELS_LOADED.remove(*model.labels, model.runtime.kind)
             await model.batcher.close()
             log.info("unloaded model %r version %d", *key)
 
@@ -276,7 +278,8 @@ class ModelRepository:
         return runtime, reference
 
     def _reference(self, run_id: str | None, tmp: str, what: str) -> np.ndarray | None:
-        """The training inputs' pixel histogram logged with the run, if it is there."""
+        """The training inputs' pixel histogram: the one logged with the run, or, when the run
+        has none, computed now from the training split of the dataset the run names."""
         if not run_id:
             log.warning("%s has no run; its inputs' drift is not measured", what)
             return None
@@ -289,14 +292,21 @@ class ModelRepository:
                 tracking_uri=uri,
             )
             return np.asarray(json.loads(Path(path).read_text())["histogram"], dtype=np.float64)
-        except Exception as exc:  # absent or unreadable: serve anyway, without a drift score
+        except Exception as exc:  # absent or unreadable: compute it, or serve without drift
+            absent = f"{type(exc).__name__}: {exc}"
+        dataset = self._store.get_run(run_id).data.params.get("dataset", "")
+        if dataset not in DATASETS:
             log.warning(
-                "%s has no readable %s (%s); its inputs' drift is not measured",
-                what,
-                INPUT_REFERENCE,
-                exc,
-            )
+                "%s has no %s (%s) and its run names no known dataset (params.dataset=%r); "
+                "its inputs' drift is not measured",
+                what, INPUT_REFERENCE, absent, dataset,
+            )  # fmt: skip
             return None
+        train = load_dataset(dataset, self._settings.data_dir).train
+        log.info("%s has no %s: computed it from %s's training split", what, INPUT_REFERENCE,
+                 dataset)  # fmt: skip
+        reference = input_reference(train.images, train.labels)["histogram"]
+        return np.asarray(reference, dtype=np.float64)
 
 
 def _no_such_alias(name: str, alias: str) -> MeshError:

@@ -25,6 +25,7 @@ from mlmesh.inference.v1 import inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.launcher.mesh import Mesh, child_env, grpc_serving
 from services.training.ml.data import load_dataset
+from services.training.ml.models import Probabilities, build_model
 from services.training.ml.train import TrainResult, train
 from tests.conftest import free_port
 from tests.integration.test_training_ml import a_spec
@@ -500,3 +501,36 @@ def test_a_redis_outage_degrades_to_uncached_serving(
         while not ask(again).cached:
             assert time.monotonic() < deadline, "caching did not resume after Redis returned"
             time.sleep(0.2)
+
+
+def test_a_model_registered_by_other_means_serves_on_torch_with_a_computed_drift_reference(
+    models: Models, stub: inference_pb2_grpc.InferenceServiceStub, auth, mesh: Mesh
+) -> None:
+    # MLflow's pytorch flavor only: no ONNX export, no input_reference.json; the run names
+    # its dataset, so the reference is computed from that dataset at first load.
+    name = f"{models.name}-external"
+    module = Probabilities(build_model("mlp")).eval()
+    mlflow.set_tracking_uri(mesh.settings.mlflow_tracking_uri)
+    try:
+        mlflow.set_experiment(name)
+        with mlflow.start_run():
+            mlflow.log_param("dataset", "mnist")
+            mlflow.pytorch.log_model(
+                module,
+                name="model",
+                input_example=np.zeros((2, 784), np.float32),
+                serialization_format="pt2",
+                registered_model_name=name,
+            )
+    finally:
+        mlflow.set_tracking_uri(None)
+    images = models.images[:256]
+    reply = stub.PredictBatch(batch_request(images, name, "1"), metadata=auth)
+    with torch.inference_mode():
+        own = module(torch.from_numpy(images)).numpy()
+    served = np.array([list(p.probabilities) for p in reply.predictions], dtype=np.float32)
+    np.testing.assert_allclose(served, own, atol=1e-5)
+    text = scrape(mesh)
+    loaded = {"model_name": name, "model_version": "1"}
+    assert metric(text, "inference_models_loaded", **loaded, runtime="torch") == 1
+    assert 0.0 <= metric(text, "model_input_drift_psi", **loaded) < 0.1
