@@ -586,7 +586,7 @@ def register_model(settings: Settings, train_images: int, work_dir: Path) -> Mod
     _, key = settings.api_keys.split(",")[0].split("=", 1)
     gateway = f"{settings.gateway_host}:{settings.gateway_port}"
     with Client(gateway, api_key=key) as sdk:
-        sdk.transition(spec.model_name, result.model_version, "Production")
+        sdk.promote(spec.model_name, result.model_version)
     print(f"promoted {spec.model_name} v{result.model_version} to Production", flush=True)
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)

@@ -44,7 +44,7 @@ def _versions(args: argparse.Namespace) -> None:
 
 def _promote(args: argparse.Namespace) -> None:
     with _client(args) as mesh:
-        done = mesh.transition(
+        done = mesh.promote(
             args.name, args.version, args.stage, archive_existing=args.archive_existing
         )
         v = done.model_version

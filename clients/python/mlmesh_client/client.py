@@ -93,10 +93,11 @@ class Client:
         request = registry.ListModelVersionsRequest(name=name)
         return self._all(self.registry.ListModelVersions, request, "model_versions")
 
-    def transition(
-        self, name: str, version: int, stage: str, *, archive_existing: bool = False
+    def promote(
+        self, name: str, version: int, stage: str = "production", *, archive_existing: bool = False
     ) -> registry.TransitionModelVersionResponse:
-        """Move a version to Production, Staging or Archived (needs an API key)."""
+        """Move a version to Production (the default), Staging or Archived (needs an API key);
+        inference replicas serving that stage's alias switch to it within a second."""
         return self._call(
             self.registry.TransitionModelVersion,
             registry.TransitionModelVersionRequest(
