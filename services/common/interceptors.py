@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from prometheus_client import Counter, Histogram
 
 from services.common.errors import MeshError
 
@@ -20,8 +22,25 @@ ANONYMOUS = "anonymous"
 
 _client: contextvars.ContextVar[str] = contextvars.ContextVar("mlmesh_client", default=ANONYMOUS)
 
-# Health probes are not traffic: neither logged nor (later) counted.
+# Health probes are not traffic: neither logged nor counted.
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+# The standard gRPC server metrics (the names of go-grpc-prometheus and py-grpc-prometheus).
+_RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _RPC_LABELS)
+HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, whatever their status code.",
+    (*_RPC_LABELS, "grpc_code"),
+)
+HANDLING = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from the start of an RPC to its status, on the server.",
+    _RPC_LABELS,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RECEIVED = Counter("grpc_server_msg_received_total", "Messages received from clients.", _RPC_LABELS)
+SENT = Counter("grpc_server_msg_sent_total", "Messages sent to clients.", _RPC_LABELS)
 
 
 def current_client() -> str:
@@ -44,7 +63,11 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseExcept
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Binds the caller's identity, maps domain errors to status codes, and logs each RPC."""
+    """Binds the caller's identity, maps domain errors to status codes, logs each RPC and
+    counts it in the standard gRPC server metrics."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -54,64 +77,129 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(_QUIET_PREFIXES):
             return handler
-        method = details.method
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(method, handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(method, handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(method, handler.unary_stream))
-        return handler._replace(stream_stream=_wrap_stream(method, handler.stream_stream))
+        # Wrapped once per method (this runs for every RPC); the handler is the same object
+        # for every call of a method.
+        cached = self._wrapped.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _wrap(details.method, handler))
+            self._wrapped[details.method] = cached
+        return cached[1]
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler.unary_unary:
+        rpc = _Rpc(method, "unary")
+        return handler._replace(unary_unary=_wrap_unary(rpc, handler.unary_unary, False))
+    if handler.stream_unary:
+        rpc = _Rpc(method, "client_stream")
+        return handler._replace(stream_unary=_wrap_unary(rpc, handler.stream_unary, True))
+    if handler.unary_stream:
+        rpc = _Rpc(method, "server_stream")
+        return handler._replace(unary_stream=_wrap_stream(rpc, handler.unary_stream, False))
+    rpc = _Rpc(method, "bidi_stream")
+    return handler._replace(stream_stream=_wrap_stream(rpc, handler.stream_stream, True))
+
+
+class _Rpc:
+    """One method's name and metric children, made once per method, used by every call."""
+
+    def __init__(self, method: str, grpc_type: str) -> None:
+        self.method = method
+        service, _, name = method.lstrip("/").rpartition("/")
+        self.labels = (grpc_type, service, name)
+        self.started = STARTED.labels(*self.labels)
+        self.handling = HANDLING.labels(*self.labels)
+        self.received = RECEIVED.labels(*self.labels)
+        self.sent = SENT.labels(*self.labels)
+
+    def finish(self, context: grpc.aio.ServicerContext, code: str, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        HANDLED.labels(*self.labels, code).inc()
+        self.handling.observe(elapsed)
+        log.info(
+            "rpc %s client=%s code=%s ms=%.1f",
+            self.method,
+            _client_from(context),
+            code,
+            elapsed * 1e3,
+        )
+
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> str:
+    """The code a handler aborted with (context.abort)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+async def _counted(requests: AsyncIterator[Any], rpc: _Rpc) -> AsyncIterator[Any]:
+    async for request in requests:
+        rpc.received.inc()
+        yield request
+
+
+def _wrap_unary(
+    rpc: _Rpc, behavior: Callable[..., Awaitable[Any]], streaming_request: bool
+) -> Callable[..., Any]:
+    method = rpc.method
+
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         token = _client.set(_client_from(context))
         start = time.perf_counter()
+        rpc.started.inc()
+        if streaming_request:
+            request = _counted(request, rpc)
+        else:
+            rpc.received.inc()
         code = "OK"
         try:
-            return await behavior(request, context)
+            response = await behavior(request, context)
+            rpc.sent.inc()
+            return response
         except grpc.aio.AbortError:
-            code = "ABORTED_BY_HANDLER"
+            code = _aborted_code(context)
+            raise
+        except asyncio.CancelledError:  # the client went away or the deadline passed
+            code = "CANCELLED"
             raise
         except Exception as exc:
             code = exc.code.name if isinstance(exc, MeshError) else "INTERNAL"
             await _abort(context, method, exc)
         finally:
             _client.reset(token)
-            log.info(
-                "rpc %s client=%s code=%s ms=%.1f",
-                method,
-                _client_from(context),
-                code,
-                (time.perf_counter() - start) * 1e3,
-            )
+            rpc.finish(context, code, start)
 
     return wrapper
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+def _wrap_stream(
+    rpc: _Rpc, behavior: Callable[..., AsyncIterator[Any]], streaming_request: bool
+) -> Callable[..., Any]:
+    method = rpc.method
+
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         token = _client.set(_client_from(context))
         start = time.perf_counter()
+        rpc.started.inc()
+        if streaming_request:
+            request = _counted(request, rpc)
+        else:
+            rpc.received.inc()
         code = "OK"
         try:
             async for response in behavior(request, context):
+                rpc.sent.inc()
                 yield response
         except grpc.aio.AbortError:
-            code = "ABORTED_BY_HANDLER"
+            code = _aborted_code(context)
+            raise
+        except asyncio.CancelledError:  # the client went away or the deadline passed
+            code = "CANCELLED"
             raise
         except Exception as exc:
             code = exc.code.name if isinstance(exc, MeshError) else "INTERNAL"
             await _abort(context, method, exc)
         finally:
             _client.reset(token)
-            log.info(
-                "rpc %s client=%s code=%s ms=%.1f",
-                method,
-                _client_from(context),
-                code,
-                (time.perf_counter() - start) * 1e3,
-            )
+            rpc.finish(context, code, start)
 
     return wrapper
