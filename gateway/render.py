@@ -278,6 +278,12 @@ def _has_custom_verb(template: str) -> bool:
     return ":" in template.rsplit("/", 1)[-1].rsplit("}", 1)[-1]
 
 
+def route_stat_prefix(cluster: str, method: str) -> str:
+    """A route's stat_prefix: ``<cluster>_<Method>``, with only [A-Za-z0-9_] so that Envoy's
+    tag extraction turns it into the ``envoy_route`` label of the Prometheus output."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{cluster}_{method}")
+
+
 def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Path) -> Path:
     """Write Envoy's config for ``settings`` to ``out_path`` (mode 0600: it holds the keys)."""
     rpcs = mesh_rpcs(descriptor_path)
@@ -313,6 +319,10 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
         routes.append(
             {
                 "name": name,
+                # Per-route upstream stats (vhost.mesh.route.<stat_prefix>.*): the router
+                # counts a request on the route it finally takes, this RPC-path one, for
+                # native gRPC and transcoded REST alike; so the REST routes need none.
+                "stat_prefix": route_stat_prefix(cluster, r.method),
                 "path": r.path,
                 "cluster": cluster,
                 "timeout": timeout,
@@ -327,6 +337,7 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
                 "name": f"{name}.rest{i}",
                 "regex": template_regex(b.template),
                 "verb": b.verb,
+                "stat_prefix": None,
                 "cluster": cluster,
                 "timeout": timeout,
                 "public": public,
@@ -347,6 +358,7 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
     )
     text = env.get_template(TEMPLATE.name).render(
         admin_port=settings.gateway_admin_port,
+        metrics_port=settings.gateway_metrics_port,
         listen_host=settings.gateway_host,
         listen_port=settings.gateway_port,
         client_header=CLIENT_HEADER,

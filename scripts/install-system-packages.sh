@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages mlmesh uses beside its Python ones: Fashion-MNIST's IDX files (offline
-# data), docker-compose (to validate docker-compose.yml), and the load generators of
-# `make bench` (wrk for HTTP, h2load from nghttp2-client for gRPC). Installed only when
+# data), docker-compose (to validate docker-compose.yml), the load generators of
+# `make bench` (wrk for HTTP, h2load from nghttp2-client for gRPC), and prometheus (its
+# promtool checks deploy/prometheus and runs the alert unit tests). Installed only when
 # missing and when running as root; otherwise say what is missing and go on.
 set -euo pipefail
 missing=()
@@ -9,6 +10,7 @@ missing=()
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
+command -v promtool >/dev/null || missing+=(prometheus)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "installing Debian packages: ${missing[*]}"
@@ -16,5 +18,5 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 else
   echo "note: not installed (needs root): ${missing[*]}; Fashion-MNIST training, the" \
-       "compose check and make bench need them" >&2
+       "compose check, make bench and the promtool checks need them" >&2
 fi

@@ -45,6 +45,7 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "inference_ops_port": free_port(),
         "gateway_port": free_port(),
         "gateway_admin_port": free_port(),
+        "gateway_metrics_port": free_port(),
         "state_dir": state_dir,
         "api_keys": f"alice={secrets.token_urlsafe(24)},bob={secrets.token_urlsafe(24)}",
         "api_keys_file": None,

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     worker_ops_port: int = Field(
         9103, description="HTTP port of a training worker's /metrics; 0 turns it off."
     )
+    worker_ops_host: str = Field(
+        "127.0.0.1",
+        description="Address a training worker's /metrics binds (0.0.0.0 in containers).",
+    )
     worker_torch_threads: int = Field(
         0, description="torch threads per training process; 0 = CPU cores / jobs running."
     )
@@ -126,6 +130,11 @@ class Settings(BaseSettings):
     gateway_host: str = Field("127.0.0.1", description="Address the Envoy gateway binds.")
     gateway_port: int = Field(8000, description="Envoy listener: REST and gRPC (h2c).")
     gateway_admin_port: int = Field(9901, description="Envoy admin interface (loopback only).")
+    gateway_metrics_port: int = Field(
+        9902,
+        description="Envoy listener that serves only GET /stats/prometheus (the admin stays "
+        "on loopback).",
+    )
     api_keys: str = Field(
         "",
         description="API keys as comma-separated client=key pairs, e.g. `alice=s3cret`.",

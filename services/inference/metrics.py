@@ -68,3 +68,8 @@ ALIAS_SWITCHES = Counter(
     "Times an alias this replica serves (production, staging) moved to another version.",
     ("model_name", "alias"),
 )
+ALIAS_VERSION = Gauge(
+    "model_alias_version",
+    "The version an alias (production, staging) points at, as this replica serves it.",
+    ("model_name", "alias"),
+)

@@ -121,7 +121,7 @@ class ModelRepository:
             # Remembered even when absent (None), so an alias that is not there yet costs
             # no MLflow call per request; events and the periodic check fill it in.
             if version is not None or len(self._aliases) < MAX_UNSET_ALIASES:
-                self._aliases[key] = version
+                self._set_alias(name, reference, version)
         if version is None:
             raise _no_such_alias(name, reference)
         return version
@@ -161,7 +161,7 @@ class ModelRepository:
             if version == current:
                 continue
             if version is None:
-                self._aliases[(model_name, alias)] = None
+                self._set_alias(model_name, alias, None)
                 log.info("alias %s of %s was removed", alias, model_name)
                 continue
             try:
@@ -175,7 +175,7 @@ class ModelRepository:
                     exc,
                 )
                 continue
-            self._aliases[(model_name, alias)] = version
+            self._set_alias(model_name, alias, version)
             metrics.ALIAS_SWITCHES.labels(model_name, alias).inc()
             log.info("%s@%s now serves v%d (was %s)", model_name, alias, version, current)
 
@@ -217,6 +217,15 @@ class ModelRepository:
             await model.batcher.close()
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _set_alias(self, name: str, alias: str, version: int | None) -> None:
+        """Record where ``alias`` points (None: nowhere) and export it."""
+        had = self._aliases.get((name, alias))
+        self._aliases[(name, alias)] = version
+        if version is not None:
+            metrics.ALIAS_VERSION.labels(name, alias).set(version)
+        elif had is not None:
+            metrics.ALIAS_VERSION.remove(name, alias)
 
     async def _lookup_alias(self, name: str, alias: str) -> int | None:
         """The version ``alias`` points at in MLflow, or None when the model has no such

@@ -115,6 +115,9 @@ def mlflow_spec(settings: Settings) -> ChildSpec:
                 str(settings.mlflow_port),
                 "--workers",
                 "1",
+                # Prometheus metrics on /metrics (kept between runs with the artifacts).
+                "--expose-prometheus",
+                str(settings.state_dir / "mlflow-metrics"),
             ]
         ),
         ready=partial(http_ok, f"{uri}/health"),
@@ -144,6 +147,7 @@ def envoy_spec(settings: Settings) -> ChildSpec:
         ports=[
             (settings.gateway_host, settings.gateway_port),
             ("127.0.0.1", settings.gateway_admin_port),
+            (settings.gateway_host, settings.gateway_metrics_port),
         ],
     )
 
@@ -305,7 +309,9 @@ class Mesh:
             (
                 "metrics",
                 f"registry :{s.registry_ops_port}, training :{s.training_ops_port}, "
-                f"worker :{s.worker_ops_port}, inference :{s.inference_ops_port} (GET /metrics)",
+                f"worker :{s.worker_ops_port}, inference :{s.inference_ops_port} (GET /metrics); "
+                f"MLflow {s.mlflow_tracking_uri}/metrics; "
+                f"Envoy http://{s.gateway_host}:{s.gateway_metrics_port}/stats/prometheus",
             ),
             ("API key", f"{key}  (client {client!r}; send it as {API_KEY_HEADER})"),
             ("logs", str(self.log_dir)),

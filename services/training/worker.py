@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 JOBS_ACTIVE = Gauge("training_jobs_active", "Training jobs running on this worker.")
 JOBS_FINISHED = Counter("training_jobs_total", "Training jobs finished, by final state.", ["state"])
+for _state in ("succeeded", "failed", "cancelled"):  # exported at 0 from the start, so
+    JOBS_FINISHED.labels(_state)  # increase() sees a job's first failure
 EPOCH_SECONDS = Histogram(
     "training_epoch_duration_seconds",
     "Wall time of one training epoch.",
@@ -261,7 +263,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["ops"] = None
     if settings.worker_ops_port:
         ctx["ops"] = OpsServer(
-            "127.0.0.1",
+            settings.worker_ops_host,
             settings.worker_ops_port,
             {
                 "mlflow": mlflow_check(settings.mlflow_tracking_uri, ctx["http"]),

@@ -396,6 +396,7 @@ def test_metrics_count_predictions_cache_and_drift(
     assert metric(text, "prediction_cache_hits_total", model_name=models.name) > 0
     assert metric(text, "prediction_cache_misses_total", model_name=models.name) > 0
     assert metric(text, "model_prediction_duration_seconds_count", method="PredictBatch") > 0
+    assert metric(text, "model_alias_version", model_name=models.name, alias="production") == 1
 
 
 # -- a Redis outage --------------------------------------------------------------------------

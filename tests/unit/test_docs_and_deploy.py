@@ -42,7 +42,12 @@ def test_compose_envoy_matches_the_local_envoy() -> None:
 def test_compose_file_validates(tmp_path: Path) -> None:
     keys = tmp_path / "api-keys"
     keys.write_text("ci=" + "k" * 24 + "\n")
-    env = {**os.environ, "POSTGRES_PASSWORD": "ci", "API_KEYS_FILE": str(keys)}
+    env = {
+        **os.environ,
+        "POSTGRES_PASSWORD": "ci",
+        "GRAFANA_ADMIN_PASSWORD": "ci",
+        "API_KEYS_FILE": str(keys),
+    }
     result = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
         capture_output=True,
@@ -51,3 +56,46 @@ def test_compose_file_validates(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_services_have_healthchecks_and_wait_for_health() -> None:
+    services = _compose()["services"]
+    for name, service in services.items():
+        if service.get("restart") != "no":  # one-shot jobs (gateway-config) have none
+            assert "healthcheck" in service, f"{name} has no healthcheck"
+        for dep, how in service.get("depends_on", {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            assert how.get("condition") in {
+                "service_healthy",
+                "service_completed_successfully",
+            }, f"{name} -> {dep}"
+
+
+def test_compose_monitoring() -> None:
+    compose = _compose()
+    services = compose["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    for service in (prometheus, grafana):
+        image = service["image"]
+        assert re.search(r":v?\d+\.\d+\.\d+$", image), f"{image} is not pinned to a version"
+        # published on loopback only
+        assert all(str(p).startswith("127.0.0.1:") for p in service["ports"]), service["ports"]
+        named = [v.split(":")[0] for v in service["volumes"] if not v.startswith(".")]
+        assert named and all(v in compose["volumes"] for v in named)
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    assert (ROOT / "deploy/prometheus/prometheus.yml").exists()
+    assert grafana["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+    # the password comes from .env, never from the compose file
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith(
+        "${GRAFANA_ADMIN_PASSWORD:?"
+    )
+    mlflow = services["mlflow"]["command"]
+    assert mlflow[mlflow.index("--expose-prometheus") + 1].startswith("/var/lib/mlmesh/")
+    assert services["worker"]["environment"]["MLMESH_WORKER_OPS_HOST"] == "0.0.0.0"
+    example = (ROOT / ".env.example").read_text()
+    for variable in ("PROMETHEUS_PORT", "GRAFANA_PORT", "GRAFANA_ADMIN_PASSWORD"):
+        assert re.search(rf"^{variable}=", example, re.M), f".env.example lacks {variable}"
