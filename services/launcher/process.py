@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +16,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _TAIL_LINES = 40
 
 
@@ -61,11 +59,6 @@ class ChildSpec:
     # PostgreSQL wants its shutdown signal on the postmaster only; its backends treat
     # SIGINT as "cancel query". Everything else gets it on the whole group.
     stop_group: bool = True
-
-
-@functools.cache
-def _prctl() -> Callable[..., int]:
-    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -120,22 +113,19 @@ class Child:
             pw = pwd.getpwnam(self.command.user)
             # Drop root's supplementary groups too, not just the uid.
             user_kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-        prctl = _prctl()  # resolved here: the child must not load libraries between fork and exec
-        parent = os.getpid()
-        death_signal = int(self.spec.stop_signal)
-
-        def die_with_launcher() -> None:
-            # Runs in the child after setsid/setuid (a credential change would clear it).
-            prctl(_PR_SET_PDEATHSIG, death_signal)
-            if os.getppid() != parent:  # the launcher died before prctl took effect
-                os._exit(1)
-
+        # The child gets the stop signal if the launcher dies (PR_SET_PDEATHSIG), set by
+        # util-linux's setpriv just before it execs the command: a preexec_fn would make
+        # Python fork() instead of vfork(), and a fork() runs gRPC's fork handlers in the
+        # child, which abort it when the launcher has gRPC channels open (grpc/grpc#43055).
+        argv = self.argv
+        if shutil.which("setpriv"):
+            argv = ["setpriv", f"--pdeathsig={self.spec.stop_signal.name[3:]}", *argv]
         with self.log_path.open("ab") as out:
             self._log_offset = out.tell()
             out.write(f"---- {time.strftime('%F %T')} {' '.join(self.argv)}\n".encode())
             out.flush()
             self._proc = subprocess.Popen(
-                self.argv,
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -144,7 +134,6 @@ class Child:
                 # Own session: a terminal's Ctrl-C reaches only the launcher, which then
                 # stops children in order; and the group lets stop() reach grandchildren.
                 start_new_session=True,
-                preexec_fn=die_with_launcher,
                 **user_kwargs,  # type: ignore[arg-type]
             )
         log.info("started %s (pid %d), log %s", self.spec.name, self._proc.pid, self.log_path)
