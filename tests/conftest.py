@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import db
 from services.common.settings import Settings
@@ -54,6 +55,15 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def metric_sample(text: str, name: str, **labels: str) -> float:
+    """The first sample ``name`` of a /metrics text whose labels include ``labels`` (0 if none)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    return 0.0
 
 
 def drop_databases(settings: Settings) -> None:

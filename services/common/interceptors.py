@@ -112,17 +112,11 @@ class _Rpc:
         self.received = RECEIVED.labels(*self.labels)
         self.sent = SENT.labels(*self.labels)
 
-    def finish(self, context: grpc.aio.ServicerContext, code: str, start: float) -> None:
+    def finish(self, client: str, code: str, start: float) -> None:
         elapsed = time.perf_counter() - start
         HANDLED.labels(*self.labels, code).inc()
         self.handling.observe(elapsed)
-        log.info(
-            "rpc %s client=%s code=%s ms=%.1f",
-            self.method,
-            _client_from(context),
-            code,
-            elapsed * 1e3,
-        )
+        log.info("rpc %s client=%s code=%s ms=%.1f", self.method, client, code, elapsed * 1e3)
 
 
 def _aborted_code(context: grpc.aio.ServicerContext) -> str:
@@ -143,7 +137,8 @@ def _wrap_unary(
     method = rpc.method
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        token = _client.set(_client_from(context))
+        client = _client_from(context)
+        token = _client.set(client)
         start = time.perf_counter()
         rpc.started.inc()
         if streaming_request:
@@ -166,7 +161,7 @@ def _wrap_unary(
             await _abort(context, method, exc)
         finally:
             _client.reset(token)
-            rpc.finish(context, code, start)
+            rpc.finish(client, code, start)
 
     return wrapper
 
@@ -177,7 +172,8 @@ def _wrap_stream(
     method = rpc.method
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        token = _client.set(_client_from(context))
+        client = _client_from(context)
+        token = _client.set(client)
         start = time.perf_counter()
         rpc.started.inc()
         if streaming_request:
@@ -200,6 +196,6 @@ def _wrap_stream(
             await _abort(context, method, exc)
         finally:
             _client.reset(token)
-            rpc.finish(context, code, start)
+            rpc.finish(client, code, start)
 
     return wrapper

@@ -14,6 +14,8 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import numpy as np
 from redis.asyncio import Redis
@@ -54,6 +56,7 @@ class PredictionCache:
         self._paused_until = 0.0
         self._reads: list[tuple[list[str], asyncio.Future[list[bytes | None]]]] = []
         self._writes: list[tuple[list[tuple[str, bytes]], asyncio.Future[None]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -80,7 +83,7 @@ class PredictionCache:
             return [None] * len(keys)
         future: asyncio.Future[list[bytes | None]] = asyncio.get_running_loop().create_future()
         if not self._reads:
-            asyncio.get_running_loop().create_task(self._flush_reads())
+            self._start(self._flush_reads())
         self._reads.append((keys, future))
         return [
             np.frombuffer(v, dtype=np.float32)
@@ -95,9 +98,15 @@ class PredictionCache:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self._writes:
-            asyncio.get_running_loop().create_task(self._flush_writes())
+            self._start(self._flush_writes())
         self._writes.append(([(k, p.astype(np.float32).tobytes()) for k, p in items], future))
         await future
+
+    def _start(self, flush: Coroutine[Any, Any, None]) -> None:
+        # The loop keeps only weak references to tasks: hold each flush until it is done.
+        task = asyncio.get_running_loop().create_task(flush)
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
 
     async def _flush_reads(self) -> None:
         reads, self._reads = self._reads, []

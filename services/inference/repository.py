@@ -12,14 +12,13 @@ loaded once, off the event loop, however many requests ask for it meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import tempfile
 import time
 from collections import OrderedDict
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.artifacts
@@ -56,7 +55,6 @@ class LoadedModel:
     runtime: Runtime
     batcher: Batcher
     drift: DriftMonitor | None
-    loaded_at: float = field(default_factory=time.time)
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -141,10 +139,6 @@ class ModelRepository:
         # shield: a caller that goes away must not cancel a load other callers wait for
         return await asyncio.shield(task)
 
-    def loaded(self) -> list[LoadedModel]:
-        """The versions held, least recently used first."""
-        return list(self._models.values())
-
     # -- keeping aliases current ---------------------------------------------------------------
 
     async def refresh(self, name: str | None = None) -> None:
@@ -209,12 +203,7 @@ class ModelRepository:
         """The periodic check behind the events."""
         while True:
             await asyncio.sleep(interval_s)
-            with contextlib.suppress(MeshError):
-                await self.refresh()
-
-    async def close(self) -> None:
-        for model in self._models.values():
-            await model.batcher.close()
+            await self.refresh()  # logs and skips what it cannot re-read
 
     # -- internals -------------------------------------------------------------------------------
 

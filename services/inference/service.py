@@ -24,10 +24,6 @@ class Predictions:
     probabilities: np.ndarray  # (N, 10) float32
     cached: np.ndarray  # (N,) bool
 
-    @property
-    def classes(self) -> np.ndarray:
-        return self.probabilities.argmax(axis=1)
-
 
 class Inference:
     """Answers predictions for the registered models the repository resolves."""

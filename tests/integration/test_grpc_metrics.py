@@ -11,16 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.launcher.mesh import Mesh
+from tests.conftest import metric_sample as sample
 
 pytestmark = pytest.mark.slow
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """One sample of a Prometheus text exposition, 0 when absent."""
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_rpcs_are_counted_by_method_and_code(mesh: Mesh) -> None:

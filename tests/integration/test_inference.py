@@ -7,6 +7,7 @@ import asyncio
 import re
 import secrets
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from services.training.ml.data import load_dataset
 from services.training.ml.models import Probabilities, build_model
 from services.training.ml.train import TrainResult, train
 from tests.conftest import free_port
+from tests.conftest import metric_sample as metric
 from tests.integration.test_training_ml import a_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -97,16 +99,6 @@ def batch_request(images: np.ndarray, name: str, version: str = "") -> pb.Predic
 
 def random_image() -> np.ndarray:
     return np.random.default_rng(secrets.randbits(32)).random(784, dtype=np.float32)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of a Prometheus text exposition (0 when absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + ("{" if labels else " ")) and line.split(" ")[0] != name:
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def scrape(mesh: Mesh) -> str:
@@ -452,7 +444,7 @@ def replica_on_private_redis(
     )
     log = (mesh.log_dir / "inference-private-redis.log").open("wb")
     process = subprocess.Popen(
-        [*mesh_python(), "-m", "services.inference"],
+        [sys.executable, "-m", "services.inference"],
         env=child_env(settings),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -469,12 +461,6 @@ def replica_on_private_redis(
         process.wait(30)
         log.close()
         redis.stop()
-
-
-def mesh_python() -> list[str]:
-    import sys
-
-    return [sys.executable]
 
 
 def test_a_redis_outage_degrades_to_uncached_serving(
