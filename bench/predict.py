@@ -8,10 +8,12 @@ One run starts a private mesh (free ports, databases of its own, as the tests do
 registers a small CNN with the training code jobs run, promotes it to Production, and puts the
 same load on each server of that one model version:
 
-* mlmesh, gRPC straight to the Inference service (h2load, h2c), and REST ``POST /predict``
-  through the Envoy gateway with ``x-api-key`` (wrk), each uncached and cached;
+* mlmesh, gRPC straight to the Inference service (h2load, h2c): its own ``Predict`` and the
+  Open Inference Protocol's ``ModelInfer`` with raw FP32 contents; and REST ``POST /predict``
+  through the Envoy gateway with ``x-api-key`` (wrk); each uncached and cached;
 * ``mlflow models serve`` (``POST /invocations``, wrk), MLflow's own scoring server;
-* Seldon MLServer with its MLflow runtime (V2 ``/v2/models/<m>/infer``, wrk), installed into a
+* Seldon MLServer with its MLflow runtime (V2 ``/v2/models/<m>/infer``, wrk; and its gRPC
+  ``ModelInfer`` with the same raw request as mlmesh's OIP rows, h2load), installed into a
   venv of its own under ``.bench/`` (skipped, with the reason, when that fails);
 * the forward pass in this process (ONNX Runtime on the model's ONNX export, as the service
   runs it; its PyTorch fallback; ``mlflow.pyfunc``) at batch 1 and 32: no server at all.
@@ -23,7 +25,7 @@ Every load row is closed-loop: ``concurrency`` connections, one request in fligh
 warm-up run and then a fixed-duration measured run, one load generator process on loopback.
 wrk (HTTP/1.1, Lua) sends every row over HTTP; it varies four top-row pixels per request from
 a counter, so every "uncached" REST request is an image never seen before (a true cache miss).
-h2load sends the gRPC rows (unary gRPC over h2c: a framed PredictRequest); it cannot vary the
+h2load sends the gRPC rows (unary gRPC over h2c: one framed request message); it cannot vary the
 body, so its "uncached" rows send ``cache-control: no-cache`` (the service skips the cache
 read, computes, and still stores the answer) and say so.
 
@@ -72,6 +74,7 @@ log = logging.getLogger("bench.predict")
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / ".bench"  # ignored: the MLServer venv, the last run's state and logs
 PREDICT_PATH = "/mlmesh.inference.v1.InferenceService/Predict"
+MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 CONCURRENCY = (1, 8, 32)
 PIXELS = 784
 
@@ -523,6 +526,9 @@ def bench_settings(state_dir: Path) -> Settings:
         "api_keys_file": None,
         "default_model_name": f"bench-mnist-{tag}",
         "shutdown_grace_s": 3.0,
+        # Limits are checked (a Redis call per request, as in production) but never reached:
+        # the load generators are one client each.
+        "rate_limits": "predictions=1000000/s:1000000",
     }
     # Every port and address setting, including those of services added later.
     for name in Settings.model_fields:
@@ -633,6 +639,23 @@ def grpc_predict(address: str, image: np.ndarray, metadata: tuple = (), timeout_
         )
 
 
+def model_infer_raw(model_name: str, image: np.ndarray) -> bytes:
+    """A serialized Open Inference Protocol ModelInferRequest of one image, raw FP32."""
+    from mlmesh.oip.v2 import grpc_predict_v2_pb2 as oip
+
+    request = oip.ModelInferRequest(model_name=model_name)
+    request.inputs.add(name="input-0", datatype="FP32", shape=[1, PIXELS])
+    request.raw_input_contents.append(image.astype("<f4").tobytes())
+    return request.SerializeToString()
+
+
+def grpc_call(host: str, port: int, path: str, message: bytes, headers: dict[str, str]) -> bytes:
+    """One unary call of serialized ``message`` to ``path``; the serialized answer."""
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        call = channel.unary_unary(path)  # no (de)serializers: bytes in, bytes out
+        return call(message, metadata=tuple(headers.items()), timeout=10.0)
+
+
 def wait_for_inference(settings: Settings, model: Model, timeout_s: float) -> str | None:
     """None once the Inference service answers Predict with our model; else why not."""
     host, port = split_address(settings.inference_address)
@@ -667,39 +690,39 @@ def mlmesh_rows(bench: Bench, settings: Settings, model: Model, wrk: Wrk, h2: H2
     _, key = settings.api_keys.split(",")[0].split("=", 1)
 
     # gRPC direct, h2load: one fixed message; uncached rows ask the service not to read the
-    # cache. Pre-flight: the answer's length (to count errors from bytes) and its cached flag.
+    # cache. mlmesh's Predict, then the Open Inference Protocol's ModelInfer with the same
+    # image as raw little-endian FP32 (the form tritonclient sends).
     fixed = with_varied(model.image, bench.next_range())
-    message = inference_pb2.PredictRequest(image=fixed.tolist()).SerializeToString()
-    for cache, headers in (("uncached", {"cache-control": "no-cache"}), ("cached", {})):
-        try:
-            grpc_predict(settings.inference_address, fixed)  # stores the answer
-            reply = grpc_predict(settings.inference_address, fixed, tuple(headers.items()))
-        except grpc.RpcError as exc:
-            bench.skip(f"gRPC direct {cache}", f"pre-flight Predict failed: {exc.code().name}")
-            continue
-        if reply.cached != (cache == "cached"):
-            bench.notes.append(
-                f"gRPC direct {cache}: pre-flight answer had cached={reply.cached} "
-                "(expected the opposite); the rows are labelled as sent"
-            )
-        target = GrpcTarget(
-            f"grpc-{cache}",
-            host,
-            port,
-            PREDICT_PATH,
-            message,
-            5 + len(reply.SerializeToString()),
-            headers,
-        )
-        note = "`cache-control: no-cache` (fixed body)" if cache == "uncached" else ""
-        load_rows(
-            bench,
-            "mlmesh",
+    for path, rpc, message in (
+        (
             "gRPC direct (Inference port)",
-            cache,
-            lambda c, s, t=target: h2.run(t, c, s),
-            note,
-        )
+            PREDICT_PATH,
+            inference_pb2.PredictRequest(image=fixed.tolist()).SerializeToString(),
+        ),
+        (
+            "gRPC direct, OIP ModelInfer raw",
+            MODEL_INFER_PATH,
+            model_infer_raw(model.name, fixed),
+        ),
+    ):
+        for cache, headers in (("uncached", {"cache-control": "no-cache"}), ("cached", {})):
+            target = GrpcTarget(f"grpc-{cache}", host, port, rpc, message, 0, headers)
+            try:
+                grpc_call(target.host, target.port, rpc, message, {})  # stores the answer
+                answer = grpc_call(target.host, target.port, rpc, message, headers)
+            except grpc.RpcError as exc:
+                bench.skip(f"{path} {cache}", f"pre-flight failed: {exc.code().name}")
+                continue
+            target.response_bytes = 5 + len(answer)
+            if rpc == PREDICT_PATH and inference_pb2.PredictResponse.FromString(answer).cached != (
+                cache == "cached"
+            ):
+                bench.notes.append(
+                    f"{path} {cache}: the pre-flight answer said the opposite of {cache}; the "
+                    "rows are labelled as sent"
+                )
+            note = "`cache-control: no-cache` (fixed body)" if cache == "uncached" else ""
+            load_rows(bench, "mlmesh", path, cache, lambda c, s, t=target: h2.run(t, c, s), note)
 
     # REST through Envoy, wrk: every uncached request a new image.
     before, after = json_pixels(model.image)
@@ -804,9 +827,11 @@ def load_http_server(
     server_and_path: tuple[str, str],
     note: str,
     child: tuple,
+    more_rows: Callable[[], None] | None = None,
 ) -> None:
     """Start a comparison server (``child`` are child_server's arguments), check one answer,
-    then load it at every concurrency; a failure skips its rows with the reason."""
+    then load it at every concurrency (and run ``more_rows`` while it runs); a failure skips
+    its rows with the reason."""
     server, path = server_and_path
     try:
         with child_server(*child):
@@ -826,6 +851,8 @@ def load_http_server(
                 lambda c, s: wrk.run(target, c, s, "vary", bench.next_range()),
                 note,
             )
+            if more_rows is not None:
+                more_rows()
     except Exception as exc:
         bench.skip(server, str(exc)[:500])
 
@@ -881,7 +908,9 @@ PARTS = {
 }
 
 
-def mlserver_rows(bench: Bench, model: Model, wrk: Wrk, work_dir: Path, logs: Path) -> None:
+def mlserver_rows(
+    bench: Bench, model: Model, wrk: Wrk, h2: H2load, work_dir: Path, logs: Path
+) -> None:
     python, why = mlserver_venv(bench.args.reinstall_mlserver)
     if python is None:
         bench.skip("Seldon MLServer", why)
@@ -921,10 +950,25 @@ def mlserver_rows(bench: Bench, model: Model, wrk: Wrk, work_dir: Path, logs: Pa
     argv = [str(python.parent / "mlserver"), "start", str(repo)]
     env = {**os.environ, "PATH": f"{python.parent}:{os.environ.get('PATH', '')}"}
     ready = f"{base}/v2/models/{MLSERVER_MODEL}/ready"
+    # Its gRPC face takes the very ModelInferRequest mlmesh's OIP rows send (bar the name).
+    grpc_target = GrpcTarget(
+        "mlserver-grpc", "127.0.0.1", grpc_port, MODEL_INFER_PATH,
+        model_infer_raw(MLSERVER_MODEL, with_varied(model.image, bench.next_range())), 0,
+    )  # fmt: skip
+
+    def grpc_rows() -> None:
+        grpc_target.response_bytes = 5 + len(
+            grpc_call("127.0.0.1", grpc_port, MODEL_INFER_PATH, grpc_target.message, {})
+        )
+        load_rows(
+            bench, "Seldon MLServer 1.7.1", "gRPC OIP ModelInfer raw", "none",
+            lambda c, s: h2.run(grpc_target, c, s), "the same request as mlmesh's OIP rows",
+        )  # fmt: skip
+
     load_http_server(
         bench, wrk, target, ("Seldon MLServer 1.7.1", f"REST V2 /v2/models/{MLSERVER_MODEL}/infer"),
         "default settings (1 inference worker, no adaptive batching)",
-        ("mlserver", argv, env, ready, http_port, logs),
+        ("mlserver", argv, env, ready, http_port, logs), grpc_rows,
     )  # fmt: skip
 
 
@@ -1097,6 +1141,37 @@ def targets(bench: Bench) -> list[tuple[str, str, bool | None]]:
     return out
 
 
+def oip_section(bench: Bench) -> list[str]:
+    """The Open Inference Protocol's ModelInfer (raw) beside Predict, and MLServer's."""
+    rows = []
+    for cache in ("uncached", "cached"):
+        for c in bench.args.concurrency:
+            predict = bench.find("mlmesh", "gRPC direct (Inference port)", cache, c)
+            infer = bench.find("mlmesh", "gRPC direct, OIP ModelInfer raw", cache, c)
+            theirs = bench.find("Seldon MLServer 1.7.1", "gRPC OIP ModelInfer raw", "none", c)
+            if predict and infer:
+                mlserver = f"{theirs.rps:.0f}" if theirs and cache == "uncached" else ""
+                rows.append(
+                    f"| {cache} | {c} | {predict.rps:.0f} | {infer.rps:.0f} "
+                    f"| {infer.rps / predict.rps:.2f} | {ms(infer.p99_ms)} | {mlserver} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "## The Open Inference Protocol beside Predict (gRPC direct, h2load)",
+        "",
+        "One image per request; ModelInfer carries it as raw little-endian FP32 "
+        "(`raw_input_contents`, as tritonclient sends it), Predict as 784 floats. MLServer's "
+        "column is its gRPC ModelInfer with the same request (it has no cache).",
+        "",
+        "| cache | concurrency | Predict req/s | ModelInfer req/s | ratio | ModelInfer p99 ms "
+        "| MLServer ModelInfer req/s |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def report(bench: Bench, command: str, started: float, tools: str) -> str:
     a = bench.args
     lines = [
@@ -1156,6 +1231,7 @@ def report(bench: Bench, command: str, started: float, tools: str) -> str:
             f"| {r.rps:.0f} | {ms(r.p50_ms)} | {ms(r.p99_ms)} | {r.errors} | {hits} "
             f"| {r.loadgen_cpu:.0%} | {r.machine_busy:.0%} | {notes} |"
         )
+    lines += oip_section(bench)
     lines += [
         "",
         "## The forward pass in-process (no server: the ceiling)",
@@ -1285,7 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
             parts = {
                 "mlmesh": lambda: mlmesh_rows(bench, settings, model, wrk, h2),
                 "mlflow": lambda: mlflow_serve_rows(bench, settings, model, wrk, mesh.log_dir),
-                "mlserver": lambda: mlserver_rows(bench, model, wrk, work_dir, mesh.log_dir),
+                "mlserver": lambda: mlserver_rows(bench, model, wrk, h2, work_dir, mesh.log_dir),
                 "forward": lambda: in_process_rows(bench, model, args.threads_forward),
             }
             for part, run in parts.items():

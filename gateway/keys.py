@@ -1,13 +1,31 @@
-"""API keys: parsed from MLMESH_API_KEYS / MLMESH_API_KEYS_FILE, or generated for development."""
+"""API keys: parsed from MLMESH_API_KEYS / MLMESH_API_KEYS_FILE, or generated for development.
+
+Envoy reads the keys from a file of their own (``ENVOY_KEYS_FILE`` beside envoy.yaml), which
+it watches: the api_key_auth filter is configured through ECDS (extension config discovery)
+with a filesystem source. Replacing that file (atomically, by rename) changes the keys for
+every request that starts afterwards; requests already past the filter are not touched, and
+no listener or connection is drained. ``ApiKeysWatcher`` is how the launcher does it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
 import secrets
 from pathlib import Path
 
+from services.common.interceptors import CLIENT_HEADER
 from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+API_KEY_HEADER = "x-api-key"  # where callers send their key, over REST and gRPC alike
+# The api_key_auth filter's name in envoy.yaml.j2; ECDS finds its config by this name.
+FILTER_NAME = "envoy.filters.http.api_key_auth"
+ENVOY_KEYS_FILE = "envoy-api-keys.json"  # written beside envoy.yaml
 
 _CLIENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _KEY = re.compile(r"^[\x21-\x7e]{16,256}$")  # printable, no spaces, long enough to guess badly
@@ -62,3 +80,76 @@ def write_dev_key(path: Path, client: str = "dev") -> tuple[str, str]:
     with os.fdopen(fd, "w") as f:
         f.write(f"{client}={key}\n")
     return client, key
+
+
+def write_envoy_keys(keys: dict[str, str], path: Path) -> Path:
+    """Write the api_key_auth config Envoy watches (mode 0600), replacing it atomically.
+
+    Envoy reloads the file when a new one is renamed into place; a half-written file is
+    never seen, and one Envoy rejects leaves the previous keys in force.
+    """
+    resource = {
+        "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+        "name": FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
+            "credentials": [{"client": c, "key": k} for c, k in sorted(keys.items())],
+            "key_sources": [{"header": API_KEY_HEADER}],
+            "forwarding": {"header": CLIENT_HEADER, "hide_credentials": True},
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"resources": [resource]}, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+class ApiKeysWatcher:
+    """Keeps Envoy's key file in step with MLMESH_API_KEYS_FILE: key rotation without restart.
+
+    ``poll()`` rewrites Envoy's file when the keys file's content changed; ``reload()`` does
+    it unconditionally (the launcher calls it on SIGHUP). New keys are checked first:
+    malformed ones, or none at all, are logged and the old keys stay in force. Replace the
+    keys file atomically (write a new file, rename it over the old one), so that a
+    half-written file is never read.
+    """
+
+    def __init__(self, settings: Settings, envoy_keys: Path) -> None:
+        self._settings = settings
+        self._envoy_keys = envoy_keys
+        self._seen = self._signature()
+
+    def _signature(self) -> bytes | None:
+        # The content, not the mtime: two writes within one clock tick share an mtime.
+        if self._settings.api_keys_file is None:
+            return None
+        try:
+            return hashlib.sha256(Path(self._settings.api_keys_file).read_bytes()).digest()
+        except OSError:
+            return None
+
+    def poll(self) -> bool:
+        """Reload if the keys file changed since last looked at; True when keys were written."""
+        signature = self._signature()
+        if signature == self._seen:
+            return False
+        self._seen = signature
+        return self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the configured keys and hand them to Envoy; False (logged) if they are bad."""
+        try:
+            keys = load_api_keys(self._settings)
+        except ApiKeyError as exc:
+            log.error("API keys not reloaded, the previous ones stay in force: %s", exc)
+            return False
+        if not keys:
+            log.error("API keys not reloaded: none configured; the previous ones stay in force")
+            return False
+        write_envoy_keys(keys, self._envoy_keys)
+        # Client names only: keys never reach a log.
+        log.info("API keys reloaded: clients %s", ", ".join(sorted(keys)))
+        return True

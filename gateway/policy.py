@@ -30,10 +30,23 @@ RPC_ACCESS: dict[str, Access] = {
     "/mlmesh.training.v1.TrainingService/ListTrainingJobs": "protected",
     "/mlmesh.training.v1.TrainingService/CancelTrainingJob": "protected",
     "/mlmesh.training.v1.TrainingService/WatchTrainingJob": "protected",
+    "/mlmesh.training.v1.TrainingService/SubmitSweep": "protected",
+    "/mlmesh.training.v1.TrainingService/GetSweep": "protected",
+    "/mlmesh.training.v1.TrainingService/ListSweeps": "protected",
+    "/mlmesh.training.v1.TrainingService/CancelSweep": "protected",
+    "/mlmesh.training.v1.TrainingService/WatchSweep": "protected",
     # Inference: everything is protected.
     "/mlmesh.inference.v1.InferenceService/Predict": "protected",
     "/mlmesh.inference.v1.InferenceService/PredictBatch": "protected",
     "/mlmesh.inference.v1.InferenceService/PredictStream": "protected",
+    # The Open Inference Protocol (KServe V2): its health RPCs are public like /health and
+    # /ready (probes carry no key); metadata and inference are protected.
+    "/inference.GRPCInferenceService/ServerLive": "public",
+    "/inference.GRPCInferenceService/ServerReady": "public",
+    "/inference.GRPCInferenceService/ModelReady": "public",
+    "/inference.GRPCInferenceService/ServerMetadata": "protected",
+    "/inference.GRPCInferenceService/ModelMetadata": "protected",
+    "/inference.GRPCInferenceService/ModelInfer": "protected",
 }
 
 # Plain HTTP routes the gateway serves besides the RPCs.
@@ -42,9 +55,29 @@ HTTP_ACCESS: dict[str, Access] = {
     "/ready": "public",
 }
 
+# The Open Inference Protocol's REST routes (verb, path template) and the RPC each one is:
+# each has that RPC's access. The gateway forwards them as they are to the Inference
+# process's HTTP face (services/inference/oip_http.py), not through the transcoder.
+OIP_SERVICE = "inference.GRPCInferenceService"
+OIP_REST_ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/v2/health/live", "ServerLive"),
+    ("GET", "/v2/health/ready", "ServerReady"),
+    ("GET", "/v2/models/{name}/ready", "ModelReady"),
+    ("GET", "/v2/models/{name}/versions/{version}/ready", "ModelReady"),
+    ("GET", "/v2", "ServerMetadata"),
+    ("GET", "/v2/models/{name}", "ModelMetadata"),
+    ("GET", "/v2/models/{name}/versions/{version}", "ModelMetadata"),
+    ("POST", "/v2/models/{name}/infer", "ModelInfer"),
+    ("POST", "/v2/models/{name}/versions/{version}/infer", "ModelInfer"),
+)
+
+# Proto packages whose services the gateway serves: mlmesh's own and the protocol's.
+CONTRACT_PACKAGES = ("mlmesh.", "inference.")
+
 # Which upstream cluster serves each gRPC service.
 SERVICE_CLUSTERS: dict[str, str] = {
     "mlmesh.registry.v1.RegistryService": "registry",
     "mlmesh.training.v1.TrainingService": "training",
     "mlmesh.inference.v1.InferenceService": "inference",
+    OIP_SERVICE: "inference",
 }

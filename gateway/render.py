@@ -14,8 +14,14 @@ import jinja2
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
-from gateway.keys import ApiKeyError, load_api_keys
-from gateway.policy import RPC_ACCESS, SERVICE_CLUSTERS
+from gateway.keys import ENVOY_KEYS_FILE, ApiKeyError, load_api_keys, write_envoy_keys
+from gateway.policy import (
+    CONTRACT_PACKAGES,
+    OIP_REST_ROUTES,
+    OIP_SERVICE,
+    RPC_ACCESS,
+    SERVICE_CLUSTERS,
+)
 from services.common.interceptors import CLIENT_HEADER
 from services.common.settings import Settings, split_address
 
@@ -106,11 +112,11 @@ def _bindings(rule: annotations_pb2.http_pb2.HttpRule) -> list[Binding]:
 
 
 def mesh_rpcs(descriptor_path: Path) -> list[Rpc]:
-    """Every RPC of every mlmesh service in a descriptor set."""
+    """Every RPC of every service of the contract (CONTRACT_PACKAGES) in a descriptor set."""
     fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path.read_bytes())
     rpcs = []
     for file in fds.file:
-        if not file.package.startswith("mlmesh."):
+        if not f"{file.package}.".startswith(CONTRACT_PACKAGES):
             continue
         for service in file.service:
             full = f"{file.package}.{service.name}"
@@ -278,6 +284,10 @@ def _has_custom_verb(template: str) -> bool:
     return ":" in template.rsplit("/", 1)[-1].rsplit("}", 1)[-1]
 
 
+# The upstream cluster of the Open Inference Protocol's REST face.
+OIP_HTTP_CLUSTER = "inference_http"
+
+
 def route_stat_prefix(cluster: str, method: str) -> str:
     """A route's stat_prefix: ``<cluster>_<Method>``, with only [A-Za-z0-9_] so that Envoy's
     tag extraction turns it into the ``envoy_route`` label of the Prometheus output."""
@@ -285,7 +295,8 @@ def route_stat_prefix(cluster: str, method: str) -> str:
 
 
 def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Path) -> Path:
-    """Write Envoy's config for ``settings`` to ``out_path`` (mode 0600: it holds the keys)."""
+    """Write Envoy's config for ``settings`` to ``out_path``, and beside it the API keys
+    (``ENVOY_KEYS_FILE``, which Envoy watches); both mode 0600."""
     rpcs = mesh_rpcs(descriptor_path)
     unclassified = [r.path for r in rpcs if r.path not in RPC_ACCESS]
     if unclassified:
@@ -302,6 +313,8 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
     }
     clusters = []
     for service, cluster in SERVICE_CLUSTERS.items():
+        if any(c["name"] == cluster for c in clusters):
+            continue  # health-checked through the first service it serves
         host, port = split_address(addresses[cluster])
         clusters.append({"name": cluster, "service": service, "host": host, "port": port})
     # Native gRPC requests match a route by RPC path. REST requests meet api_key_auth and
@@ -348,6 +361,21 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
             for i, b in enumerate(r.bindings)
         ]
     routes += sorted(rest, key=lambda route: not route["first"])
+    # The Open Inference Protocol's REST face: forwarded as is (see gateway/policy.py).
+    routes += [
+        {
+            "name": f"{OIP_HTTP_CLUSTER}.{method}.rest{i}",
+            "regex": template_regex(template),
+            "verb": verb,
+            "stat_prefix": route_stat_prefix(OIP_HTTP_CLUSTER, method),
+            "cluster": OIP_HTTP_CLUSTER,
+            "timeout": "60s",
+            "public": RPC_ACCESS[f"/{OIP_SERVICE}/{method}"] == "public",
+            "message": None,
+            "response_body": None,
+        }
+        for i, (verb, template, method) in enumerate(OIP_REST_ROUTES)
+    ]
     schemas = message_schemas(descriptor_path, [r["message"] for r in rest if r["message"]])
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE.parent),
@@ -364,15 +392,29 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
         client_header=CLIENT_HEADER,
         public=_PUBLIC,
         routes=routes,
-        services=list(SERVICE_CLUSTERS),
+        # The transcoder needs only the services with REST bindings.
+        services=sorted({r.service for r in rpcs if r.bindings}),
         descriptor=descriptor_path.resolve(),
-        credentials=sorted(keys.items()),
+        api_keys_config=write_envoy_keys(keys, out_path.parent / ENVOY_KEYS_FILE).resolve(),
         grpc_clusters=clusters,
+        oip_http={
+            "name": OIP_HTTP_CLUSTER,
+            "host": split_address(settings.inference_address)[0],
+            "port": settings.inference_http_port,
+        },
         ops_host=split_address(settings.registry_address)[0],
         ops_port=settings.registry_ops_port,
         strict_json=strict_json_lua(schemas),
         # JSON spells a message in up to about 4 times its protobuf bytes (floats as text).
         body_limit=4 * settings.grpc_max_message_bytes,
+        tls=(
+            {
+                "cert": str(settings.gateway_tls_cert_file.resolve()),
+                "key": str(settings.gateway_tls_key_file.resolve()),
+            }
+            if settings.gateway_tls
+            else None
+        ),
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -321,6 +321,17 @@ end
 -- from the transcoder and answers X. render.py allows it only where that field is the
 -- response message's one field, so the unwrapped text is exactly X.
 function envoy_on_response(handle)
+  -- A REST body within the gateway's limit can still transcode to a gRPC message over the
+  -- services' limit: gRPC says RESOURCE_EXHAUSTED, which the transcoder turns into 429, as if
+  -- the caller were rate limited. It is 413, as for a body over the gateway's own limit.
+  if handle:headers():get(":status") == "429" then
+    local buffer = handle:body()
+    if buffer and find(buffer:getBytes(0, buffer:length()), "Received message larger than max",
+      1, true) then
+      handle:headers():replace(":status", "413")
+    end
+    return
+  end
   local carried = handle:streamInfo():dynamicMetadata():get("mlmesh")
   local field = carried and carried["response_body"]
   if not field then return end

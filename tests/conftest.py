@@ -44,11 +44,19 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "worker_ops_port": free_port(),
         "inference_address": f"127.0.0.1:{free_port()}",
         "inference_ops_port": free_port(),
+        "inference_http_port": free_port(),
         "gateway_port": free_port(),
         "gateway_admin_port": free_port(),
         "gateway_metrics_port": free_port(),
         "state_dir": state_dir,
-        "api_keys": f"alice={secrets.token_urlsafe(24)},bob={secrets.token_urlsafe(24)}",
+        "api_keys": ",".join(f"{c}={secrets.token_urlsafe(24)}" for c in ("alice", "bob", "erin")),
+        # Roomy for the tests' own traffic (the fuzzing among it); erin gets small buckets
+        # that tests/integration/test_rate_limits.py drains (and dave, who has no key, one).
+        "rate_limits": (
+            "predictions=10000/s:10000,training_submissions=1000/s:1000,"
+            "registry_writes=1000/s:1000,predictions@erin=1/m:3,"
+            "training_submissions@erin=1/m:2,registry_writes@erin=1/m:2,predictions@dave=1/m:4"
+        ),
         "api_keys_file": None,
         "shutdown_grace_s": 3.0,
         "worker_lease_s": 5.0,

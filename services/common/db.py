@@ -76,6 +76,55 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        3,
+        """
+        -- Hyperparameter sweeps; each trial is a training job. Optuna keeps its studies in a
+        -- schema of their own (services/training/ml/search.py), apart from mlmesh's tables.
+        CREATE SCHEMA IF NOT EXISTS optuna;
+        ALTER TABLE training_jobs
+            ADD COLUMN sweep_id     TEXT NOT NULL DEFAULT '',
+            ADD COLUMN trial_number INTEGER NOT NULL DEFAULT 0,
+            ADD COLUMN model_uri    TEXT NOT NULL DEFAULT '';
+        CREATE TABLE sweeps (
+            sweep_id         TEXT PRIMARY KEY,
+            state            TEXT NOT NULL,
+            spec             JSONB NOT NULL,
+            study_name       TEXT NOT NULL,
+            mlflow_run_id    TEXT NOT NULL DEFAULT '',
+            best_trial       INTEGER,
+            model_version    INTEGER NOT NULL DEFAULT 0,
+            error            TEXT NOT NULL DEFAULT '',
+            submitted_by     TEXT NOT NULL,
+            idempotency_key  TEXT,
+            cancel_requested BOOLEAN NOT NULL DEFAULT false,
+            cancelled_by     TEXT NOT NULL DEFAULT '',
+            event_seq        BIGINT NOT NULL DEFAULT 0,
+            create_time      TIMESTAMPTZ NOT NULL DEFAULT now(),
+            end_time         TIMESTAMPTZ,
+            UNIQUE (submitted_by, idempotency_key)
+        );
+        CREATE INDEX sweeps_list_idx ON sweeps (create_time DESC, sweep_id DESC);
+        CREATE TABLE sweep_trials (
+            sweep_id         TEXT NOT NULL REFERENCES sweeps ON DELETE CASCADE,
+            number           INTEGER NOT NULL,
+            optuna_trial_id  BIGINT NOT NULL,
+            job_id           TEXT NOT NULL REFERENCES training_jobs,
+            state            TEXT NOT NULL,
+            params           JSONB NOT NULL,
+            value            DOUBLE PRECISION,
+            epochs_completed INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (sweep_id, number)
+        );
+        CREATE TABLE sweep_events (
+            sweep_id TEXT NOT NULL REFERENCES sweeps ON DELETE CASCADE,
+            sequence BIGINT NOT NULL,
+            time     TIMESTAMPTZ NOT NULL DEFAULT now(),
+            event    JSONB NOT NULL,
+            PRIMARY KEY (sweep_id, sequence)
+        );
+        """,
+    ),
 ]
 
 # Any fixed number works; it only has to be the same in every process that migrates.

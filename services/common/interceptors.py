@@ -12,7 +12,8 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
-from services.common.errors import MeshError
+from services.common.errors import InvalidArgument, MeshError
+from services.common.ratelimit import RPC_CLASSES, RateLimited, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def _client_from(context: grpc.aio.ServicerContext) -> str:
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+    if isinstance(exc, RateLimited):
+        # REST callers get it as the Retry-After header (see gateway/envoy.yaml.j2).
+        context.set_trailing_metadata((("retry-after", exc.retry_after),))
     if isinstance(exc, MeshError):
         await context.abort(exc.code, str(exc))
     log.exception("unhandled error in %s", method)
@@ -63,10 +67,11 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseExcept
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Binds the caller's identity, maps domain errors to status codes, logs each RPC and
-    counts it in the standard gRPC server metrics."""
+    """Binds the caller's identity, applies its rate limits, maps domain errors to status
+    codes, logs each RPC and counts it in the standard gRPC server metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, limiter: RateLimiter | None = None) -> None:
+        self._limiter = limiter
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
@@ -81,30 +86,58 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         # for every call of a method.
         cached = self._wrapped.get(details.method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, _wrap(details.method, handler))
+            cached = (handler, _wrap(details.method, handler, self._limiter))
             self._wrapped[details.method] = cached
         return cached[1]
 
 
-def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+class _Undecodable:
+    """A request message that did not parse; the wrappers answer it with INVALID_ARGUMENT
+    (gRPC itself would answer UNKNOWN, or leave a streaming call hanging)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = InvalidArgument(f"the request is not a valid protobuf message: {error}")
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError; whatever a custom deserializer raises
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _wrap(
+    method: str, handler: grpc.RpcMethodHandler, limiter: RateLimiter | None
+) -> grpc.RpcMethodHandler:
+    handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
     if handler.unary_unary:
-        rpc = _Rpc(method, "unary")
+        rpc = _Rpc(method, "unary", limiter)
         return handler._replace(unary_unary=_wrap_unary(rpc, handler.unary_unary, False))
     if handler.stream_unary:
-        rpc = _Rpc(method, "client_stream")
+        rpc = _Rpc(method, "client_stream", limiter)
         return handler._replace(stream_unary=_wrap_unary(rpc, handler.stream_unary, True))
     if handler.unary_stream:
-        rpc = _Rpc(method, "server_stream")
+        rpc = _Rpc(method, "server_stream", limiter)
         return handler._replace(unary_stream=_wrap_stream(rpc, handler.unary_stream, False))
-    rpc = _Rpc(method, "bidi_stream")
+    rpc = _Rpc(method, "bidi_stream", limiter)
     return handler._replace(stream_stream=_wrap_stream(rpc, handler.stream_stream, True))
 
 
 class _Rpc:
-    """One method's name and metric children, made once per method, used by every call."""
+    """One method's name, rate-limit class and metric children, made once per method, used
+    by every call."""
 
-    def __init__(self, method: str, grpc_type: str) -> None:
+    def __init__(self, method: str, grpc_type: str, limiter: RateLimiter | None) -> None:
         self.method = method
+        route_class = RPC_CLASSES.get(method)
+        self.limiter = limiter if route_class else None
+        self.route_class = route_class or ""
         service, _, name = method.lstrip("/").rpartition("/")
         self.labels = (grpc_type, service, name)
         self.started = STARTED.labels(*self.labels)
@@ -128,6 +161,8 @@ def _aborted_code(context: grpc.aio.ServicerContext) -> str:
 async def _counted(requests: AsyncIterator[Any], rpc: _Rpc) -> AsyncIterator[Any]:
     async for request in requests:
         rpc.received.inc()
+        if isinstance(request, _Undecodable):
+            raise request.error
         yield request
 
 
@@ -147,6 +182,10 @@ def _wrap_unary(
             rpc.received.inc()
         code = "OK"
         try:
+            if isinstance(request, _Undecodable):
+                raise request.error
+            if rpc.limiter is not None:
+                await rpc.limiter.acquire(rpc.route_class, client)
             response = await behavior(request, context)
             rpc.sent.inc()
             return response
@@ -182,6 +221,10 @@ def _wrap_stream(
             rpc.received.inc()
         code = "OK"
         try:
+            if isinstance(request, _Undecodable):
+                raise request.error
+            if rpc.limiter is not None:  # a stream takes one token, when it opens
+                await rpc.limiter.acquire(rpc.route_class, client)
             async for response in behavior(request, context):
                 rpc.sent.inc()
                 yield response

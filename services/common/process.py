@@ -8,7 +8,7 @@ import gc
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import asyncpg
@@ -16,6 +16,7 @@ from arq.connections import ArqRedis
 
 from services.common import db
 from services.common.ops import OpsServer, mlflow_check, postgres_check, redis_check
+from services.common.ratelimit import RateLimiter, parse_limits
 from services.common.server import GrpcServer, Registration, wait_for_termination
 from services.common.settings import Settings, split_address
 
@@ -24,20 +25,33 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Backends:
-    """The clients a service process shares: PostgreSQL, Redis (ARQ-capable), HTTP."""
+    """The clients a service process shares: PostgreSQL, Redis (ARQ-capable), HTTP, and the
+    rate limiter on that Redis."""
 
     settings: Settings
     pool: asyncpg.Pool
     redis: ArqRedis
     http: aiohttp.ClientSession
+    limiter: RateLimiter
+
+
+class Site(Protocol):
+    """A server a service runs beside its gRPC server (an HTTP face)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Stop taking requests; let those in flight finish within the grace period."""
 
 
 @dataclass(frozen=True)
 class ServiceParts:
-    """What a service adds to the shared shape: its servicers and background loops."""
+    """What a service adds to the shared shape: its servicers, background loops and other
+    servers."""
 
     registrations: Sequence[Registration]
     background: Sequence[Coroutine[Any, Any, None]] = ()
+    sites: Sequence[Site] = ()
 
 
 async def serve_process(
@@ -48,9 +62,10 @@ async def serve_process(
     # Connects lazily: a Redis outage at start-up degrades /ready instead of the process.
     redis = ArqRedis.from_url(settings.redis_url, socket_timeout=settings.readiness_timeout_s)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.readiness_timeout_s))
-    backends = Backends(settings, pool, redis, http)
+    limiter = RateLimiter(redis, parse_limits(settings.rate_limits))
+    backends = Backends(settings, pool, redis, http, limiter)
     parts = build(backends)
-    server = GrpcServer(settings, address, parts.registrations)
+    server = GrpcServer(settings, address, parts.registrations, limiter)
     ops = OpsServer(
         split_address(address)[0],
         ops_port,
@@ -70,13 +85,16 @@ async def serve_process(
     try:
         await ops.start()
         await server.start()
+        for site in parts.sites:
+            await site.start()
         await wait_for_termination()
     finally:
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await server.stop()
+        # Every face drains at once, within the same grace period.
+        await asyncio.gather(server.stop(), *(site.stop() for site in parts.sites))
         await ops.stop()
         await http.close()
         await redis.aclose()

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.interceptors import ServiceInterceptor
+from services.common.ratelimit import RateLimiter
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,11 @@ class GrpcServer:
     """Owns one grpc.aio server: interceptors, health, reflection, start and graceful stop."""
 
     def __init__(
-        self, settings: Settings, address: str, registrations: Sequence[Registration]
+        self,
+        settings: Settings,
+        address: str,
+        registrations: Sequence[Registration],
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._settings = settings
         self._address = address
@@ -41,7 +46,7 @@ class GrpcServer:
         self._health = health.aio.HealthServicer()
         limit = settings.grpc_max_message_bytes
         self._server = grpc.aio.server(
-            interceptors=[ServiceInterceptor()],
+            interceptors=[ServiceInterceptor(limiter)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -101,3 +106,7 @@ def configure_mlflow_client(settings: Settings) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(settings.mlflow_request_timeout_s))
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.mlflow_request_max_retries)
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    # MLflow's telemetry thread sets and unsets an environment variable while requests, on
+    # another thread, iterates os.environ: a trial once failed on that KeyError. (It would
+    # only try to reach the internet anyway.) Training processes inherit this.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     )
     inference_ops_port: int = Field(
         9104, description="HTTP port of the Inference process: /ready, /health, /metrics."
+    )
+    inference_http_port: int = Field(
+        9105,
+        description="HTTP port of the Inference process's Open Inference Protocol REST face "
+        "(/v2), which the gateway forwards to; the same host as MLMESH_INFERENCE_ADDRESS.",
     )
     inference_max_batch_images: int = Field(
         256, description="Most images one PredictBatch request may carry."
@@ -135,12 +140,26 @@ class Settings(BaseSettings):
         description="Envoy listener that serves only GET /stats/prometheus (the admin stays "
         "on loopback).",
     )
+    gateway_tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate (chain) of the gateway's listener; with the key file, the "
+        "listener speaks TLS only (HTTPS and gRPC over TLS).",
+    )
+    gateway_tls_key_file: Path | None = Field(
+        None, description="PEM private key of MLMESH_GATEWAY_TLS_CERT_FILE."
+    )
     api_keys: str = Field(
         "",
         description="API keys as comma-separated client=key pairs, e.g. `alice=s3cret`.",
     )
     api_keys_file: Path | None = Field(
         None, description="File of client=key lines; read in addition to MLMESH_API_KEYS."
+    )
+    rate_limits: str = Field(
+        "predictions=2000/s:4000,training_submissions=2/s:30,registry_writes=5/s:30",
+        description="Per-client rate limits by route class, held in Redis: "
+        "`CLASS[@CLIENT]=RATE/UNIT:BURST` or `CLASS=off`, comma-separated (classes "
+        "`predictions`, `training_submissions`, `registry_writes`; see the README).",
     )
 
     # -- launcher ---------------------------------------------------------------------------
@@ -152,6 +171,27 @@ class Settings(BaseSettings):
         "mnist-classifier", description="Registered model used when a request names none."
     )
     log_level: str = Field("INFO", description="Log level of every process.")
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Settings:
+        cert, key = self.gateway_tls_cert_file, self.gateway_tls_key_file
+        if (cert is None) != (key is None):
+            raise ValueError(
+                "set MLMESH_GATEWAY_TLS_CERT_FILE and MLMESH_GATEWAY_TLS_KEY_FILE together "
+                "(`python -m services.launcher dev-cert` makes a development pair)"
+            )
+        for name, path in (("CERT", cert), ("KEY", key)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"MLMESH_GATEWAY_TLS_{name}_FILE {path} is not a file")
+        return self
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _valid_rate_limits(cls, value: str) -> str:
+        from services.common.ratelimit import parse_limits  # raises ValueError naming the entry
+
+        parse_limits(value)
+        return value
 
     @property
     def mlflow_port(self) -> int:
@@ -171,9 +211,15 @@ class Settings(BaseSettings):
         return self.mlflow_backend_store_uri
 
     @property
+    def gateway_tls(self) -> bool:
+        """Whether the gateway's listener speaks TLS."""
+        return self.gateway_tls_cert_file is not None
+
+    @property
     def gateway_url(self) -> str:
         """Base URL of the gateway."""
-        return f"http://{self.gateway_host}:{self.gateway_port}"
+        scheme = "https" if self.gateway_tls else "http"
+        return f"{scheme}://{self.gateway_host}:{self.gateway_port}"
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -33,13 +33,19 @@ def image_array(pixels: Sequence[float], raw: bytes, field: str, raw_field: str)
             f"{field} has {len(pixels)} values; a 28x28 image needs {IMAGE_PIXELS}"
         )
     image = np.asarray(pixels, dtype=np.float32)
+    check_pixels(image, field)
+    return image
+
+
+def check_pixels(values: np.ndarray, field: str) -> None:
+    """Every value of ``values`` is a pixel intensity in [0, 1]; errors name the first that
+    is not by its flat (row-major) index in ``field``."""
     # NaN fails both comparisons, so one check covers NaN, infinities and the range.
-    if not (image.min() >= 0.0 and image.max() <= 1.0):
-        bad = int(np.flatnonzero(~((image >= 0.0) & (image <= 1.0)))[0])
-        value = float(image[bad])
+    if not (values.min() >= 0.0 and values.max() <= 1.0):
+        bad = int(np.flatnonzero(~((values >= 0.0) & (values <= 1.0)))[0])
+        value = float(values.flat[bad])
         what = "is NaN" if np.isnan(value) else f"is {value:g}"
         raise InvalidArgument(f"{field}[{bad}] {what}; pixel intensities must be in [0, 1]")
-    return image
 
 
 def check_batch_size(count: int, maximum: int, field: str) -> None:

@@ -13,7 +13,8 @@ PREDICTIONS = Counter(
 )
 PREDICTION_DURATION = Histogram(
     "model_prediction_duration_seconds",
-    "Time to answer one prediction RPC (one stream message for PredictStream), by method.",
+    "Time to answer one prediction request, by method (one stream message for PredictStream; "
+    "ModelInfer: the Open Inference Protocol, gRPC and REST).",
     ("method",),
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )

@@ -32,7 +32,7 @@ from services.common.settings import Settings
 from services.inference import metrics
 from services.inference.batching import Batcher
 from services.inference.drift import DriftMonitor
-from services.inference.runtime import Runtime, load_runtime
+from services.inference.runtime import Runtime, TensorInfo, load_runtime, model_tensors
 from services.registry.store import MlflowStore, mlflow_errors
 from services.training.ml.catalog import DATASETS
 from services.training.ml.data import load_dataset
@@ -55,6 +55,8 @@ class LoadedModel:
     runtime: Runtime
     batcher: Batcher
     drift: DriftMonitor | None
+    input: TensorInfo
+    output: TensorInfo
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -111,6 +113,8 @@ class ModelRepository:
         """The version number ``reference`` stands for."""
         if isinstance(reference, int):
             return reference
+        if "\x00" in name or "\x00" in reference:  # MLflow's store cannot hold it: none has it
+            raise _no_such_alias(name, reference)
         key = (name, reference)
         if key in self._aliases:
             version = self._aliases[key]
@@ -138,6 +142,20 @@ class ModelRepository:
             task.add_done_callback(lambda _: self._loading.pop(key, None))
         # shield: a caller that goes away must not cancel a load other callers wait for
         return await asyncio.shield(task)
+
+    async def is_loaded(self, name: str, reference: str) -> bool:
+        """Whether the version ``reference`` stands for is in memory (nothing is loaded);
+        False too for a model, version or alias that does not exist."""
+        try:
+            version = await self.resolve(name, parse_version(reference))
+        except (NotFound, FailedPrecondition):
+            return False
+        return (name, version) in self._models
+
+    async def versions(self, name: str) -> list[int]:
+        """The registered versions of ``name``, newest first; NotFound for an unknown model."""
+        page = await asyncio.to_thread(self._store.list_model_versions, name, 1000, "")
+        return [int(v.version) for v in page.items]
 
     # -- keeping aliases current ---------------------------------------------------------------
 
@@ -230,7 +248,9 @@ class ModelRepository:
         what = f"model {name!r} version {version}"
         started = time.monotonic()
         found = await asyncio.to_thread(self._store.get_model_version, name, version)
-        runtime, reference = await asyncio.to_thread(self._read, name, version, found.run_id, what)
+        runtime, tensors, reference = await asyncio.to_thread(
+            self._read, name, version, found.run_id, what
+        )
         s = self._settings
         model = LoadedModel(
             name=name,
@@ -241,6 +261,8 @@ class ModelRepository:
                 runtime, self._forward_executor, s.batch_max_size, s.batch_max_wait_ms / 1e3
             ),
             drift=DriftMonitor(reference, s.drift_window_images) if reference is not None else None,
+            input=tensors[0],
+            output=tensors[1],
         )
         self._models[(name, version)] = model
         metrics.MODELS_LOADED.labels(*model.labels, runtime.kind).set(1)
@@ -262,8 +284,9 @@ class ModelRepository:
 
     def _read(
         self, name: str, version: int, run_id: str | None, what: str
-    ) -> tuple[Runtime, np.ndarray | None]:
-        """Download ``version``'s model, load it, and read its drift reference (blocking)."""
+    ) -> tuple[Runtime, tuple[TensorInfo, TensorInfo], np.ndarray | None]:
+        """Download ``version``'s model, load it, and read its tensors and drift reference
+        (blocking)."""
         uri = self._settings.mlflow_tracking_uri
         with tempfile.TemporaryDirectory(prefix="mlmesh-model-") as tmp:
             source = self._store.model_version_download_uri(name, version)
@@ -272,8 +295,9 @@ class ModelRepository:
                     artifact_uri=source, dst_path=tmp, tracking_uri=uri
                 )
             runtime = load_runtime(Path(local), self._settings.inference_threads, what)
+            tensors = model_tensors(Path(local), what)
             reference = self._reference(run_id, tmp, what)
-        return runtime, reference
+        return runtime, tensors, reference
 
     def _reference(self, run_id: str | None, tmp: str, what: str) -> np.ndarray | None:
         """The training inputs' pixel histogram: the one logged with the run, or, when the run

@@ -8,9 +8,12 @@ registered by other means, with only MLflow's pytorch flavor, still serves, thro
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import mlflow.models
 import mlflow.pytorch
 import numpy as np
 import onnxruntime
@@ -19,6 +22,8 @@ import torch
 from services.common.errors import FailedPrecondition
 from services.training.ml.catalog import IMAGE_PIXELS, NUM_CLASSES
 from services.training.ml.tracking import ONNX_PATH_IN_MODEL
+
+log = logging.getLogger(__name__)
 
 
 class Runtime(Protocol):
@@ -58,6 +63,46 @@ class TorchRuntime:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return self._module(torch.from_numpy(images)).numpy()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A served model's input or output tensor, as its MLflow signature describes it."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]  # -1: a dimension of any size
+
+
+# What every served model takes and gives (load_runtime checks it), named as MLServer names
+# the tensors of a signature that names none.
+DEFAULT_INPUT = TensorInfo("input-0", np.dtype(np.float32), (-1, IMAGE_PIXELS))
+DEFAULT_OUTPUT = TensorInfo("output-0", np.dtype(np.float32), (-1, NUM_CLASSES))
+
+
+def model_tensors(model_dir: Path, what: str) -> tuple[TensorInfo, TensorInfo]:
+    """The input and output tensors of the MLflow model in ``model_dir``, from its signature.
+
+    A signature of one tensor in and one out gives names, element types and shapes; without
+    one (or with a column-based one), the tensors are DEFAULT_INPUT and DEFAULT_OUTPUT.
+    """
+    signature = mlflow.models.Model.load(str(model_dir)).signature
+    if (
+        signature is None
+        or signature.outputs is None
+        or not signature.inputs.is_tensor_spec()
+        or not signature.outputs.is_tensor_spec()
+        or len(signature.inputs.inputs) != 1
+        or len(signature.outputs.inputs) != 1
+    ):
+        log.info("%s has no one-tensor signature; its tensors are %s and %s",
+                 what, DEFAULT_INPUT.name, DEFAULT_OUTPUT.name)  # fmt: skip
+        return DEFAULT_INPUT, DEFAULT_OUTPUT
+    (given,), (answered,) = signature.inputs.inputs, signature.outputs.inputs
+    return (
+        TensorInfo(given.name or DEFAULT_INPUT.name, given.type, tuple(given.shape)),
+        TensorInfo(answered.name or DEFAULT_OUTPUT.name, answered.type, tuple(answered.shape)),
+    )
 
 
 def load_runtime(model_dir: Path, threads: int, what: str) -> Runtime:

@@ -8,15 +8,20 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from mlmesh.oip.v2 import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from services.common.process import Backends, ServiceParts, serve_process
 from services.common.server import Registration, configure_logging, configure_mlflow_client
-from services.common.settings import Settings
+from services.common.settings import Settings, split_address
 from services.inference.cache import PredictionCache
+from services.inference.oip import OpenInference
+from services.inference.oip_http import OipHttpServer
+from services.inference.oip_servicer import OipServicer
 from services.inference.repository import ModelRepository
 from services.inference.service import Inference
 from services.inference.servicer import InferenceServicer
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+OIP_SERVICE_NAME = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 def build(backends: Backends) -> ServiceParts:
@@ -28,18 +33,40 @@ def build(backends: Backends) -> ServiceParts:
     inference = Inference(
         repository, PredictionCache(backends.redis, s.prediction_cache_ttl_s), s.default_model_name
     )
+    oip = OpenInference(inference, repository, s.inference_max_batch_images)
+
+    async def warm_up() -> None:
+        await repository.warm(s.default_model_name)
+        oip.ready = True
+
     return ServiceParts(
         registrations=[
             Registration(
                 InferenceServicer(inference, s.inference_max_batch_images),
                 inference_pb2_grpc.add_InferenceServiceServicer_to_server,
                 SERVICE_NAME,
-            )
+            ),
+            Registration(
+                OipServicer(oip),
+                grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+                OIP_SERVICE_NAME,
+            ),
         ],
         background=[
-            repository.warm(s.default_model_name),
+            warm_up(),
             repository.follow_events(backends.redis),
             repository.refresh_forever(s.model_refresh_interval_s),
+        ],
+        sites=[
+            OipHttpServer(
+                oip,
+                backends.limiter,
+                split_address(s.inference_address)[0],
+                s.inference_http_port,
+                # JSON spells a tensor in up to about 4 times its bytes (as the gateway allows).
+                4 * s.grpc_max_message_bytes,
+                s.shutdown_grace_s,
+            )
         ],
     )
 

@@ -126,9 +126,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
 
         async def read() -> None:
-            async for request in request_iterator:
-                await pending.put(asyncio.create_task(one(request)))
-            await pending.put(None)
+            try:
+                async for request in request_iterator:
+                    await pending.put(asyncio.create_task(one(request)))
+            finally:
+                # Also when the request stream fails (an undecodable message): the writer
+                # must wake up to surface the failure, or the call would hang.
+                await pending.put(None)
 
         reader = asyncio.create_task(read())
         try:

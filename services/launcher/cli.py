@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
+from gateway.tls import write_dev_certificate
 from services.common.server import configure_logging
 from services.common.settings import Settings
 from services.launcher.mesh import Mesh
@@ -26,7 +28,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="start PostgreSQL, Redis, MLflow, the services and Envoy (each only where needed), "
         "print the URLs and an API key, and stop everything on Ctrl-C or SIGTERM",
     )
-    parser.parse_args(argv)
+    dev_cert = commands.add_parser(
+        "dev-cert",
+        help="write a self-signed development certificate and key for the gateway's TLS "
+        "listener, and print the settings that turn it on",
+    )
+    dev_cert.add_argument(
+        "--dir", type=Path, default=None, help="where to write them (default: STATE_DIR/tls)"
+    )
+    dev_cert.add_argument(
+        "--host", action="append", default=[], help="another DNS name or IP it is valid for"
+    )
+    args = parser.parse_args(argv)
+
+    if args.command == "dev-cert":
+        directory = args.dir or Settings().state_dir / "tls"
+        cert, key = write_dev_certificate(directory, tuple(args.host))
+        print(f"export MLMESH_GATEWAY_TLS_CERT_FILE={cert.resolve()}")
+        print(f"export MLMESH_GATEWAY_TLS_KEY_FILE={key.resolve()}")
+        return 0
 
     settings = Settings()
     configure_logging(settings)

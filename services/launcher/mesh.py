@@ -18,7 +18,14 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.keys import ApiKeyError, load_api_keys, write_dev_key
+from gateway.keys import (
+    API_KEY_HEADER,
+    ENVOY_KEYS_FILE,
+    ApiKeyError,
+    ApiKeysWatcher,
+    load_api_keys,
+    write_dev_key,
+)
 from gateway.render import build_descriptor_set, render_envoy_config, tool
 from services.common.settings import Settings, split_address
 from services.launcher.backing import PrivateRedis, postgres_specs
@@ -34,16 +41,15 @@ from services.launcher.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-API_KEY_HEADER = "x-api-key"  # the header gateway/envoy.yaml.j2 reads keys from
-
 
 # -- readiness probes: each answers True/False and never raises ---------------------------------
 
 
 def http_ok(url: str) -> bool:
-    """True when GET url answers 200."""
+    """True when GET url answers 200 (over https, the certificate is not checked: the
+    launcher asks its own children, on this machine)."""
     try:
-        return httpx.get(url, timeout=2.0).status_code == 200
+        return httpx.get(url, timeout=2.0, verify=False).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -204,6 +210,8 @@ class Mesh:
         self._children: list[Child] = []
         self._watchdog: Watchdog | None = None
         self._stop_requested = False
+        self._keys_watcher: ApiKeysWatcher | None = None
+        self._reload_keys_requested = False
         # Self-pipe: a signal handler may only write a byte; every wait selects on it.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -215,6 +223,9 @@ class Mesh:
             raise RuntimeError("the mesh is already started")
         try:
             self.settings, self.api_key = self._with_api_keys(self.settings)
+            self._keys_watcher = ApiKeysWatcher(
+                self.settings, self.settings.state_dir / ENVOY_KEYS_FILE
+            )
             env = child_env(self.settings)
             self._watchdog = Watchdog(env)
             for spec in mesh_specs(self.settings):
@@ -251,24 +262,39 @@ class Mesh:
         except OSError:
             pass  # the pipe is full (a wake-up is pending already) or closed
 
+    def request_key_reload(self) -> None:
+        """Ask wait() to hand the API keys to Envoy again; safe to call from a signal handler."""
+        self._reload_keys_requested = True
+        self.wake()
+
     def install_signal_handlers(self) -> None:
-        """Route SIGINT/SIGTERM to request_stop() and SIGCHLD to wake(); call from main only."""
+        """Route SIGINT/SIGTERM to request_stop(), SIGHUP to request_key_reload() and SIGCHLD
+        to wake(); call from main only."""
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_key_reload())
         signal.signal(signal.SIGCHLD, lambda *_: self.wake())
 
     def wait(self) -> None:
         """Block until request_stop(); raises LaunchError if a child exits meanwhile.
 
         A child's exit is noticed when something calls wake(), which
-        install_signal_handlers() wires to SIGCHLD.
+        install_signal_handlers() wires to SIGCHLD. Meanwhile the API keys file is looked at
+        every second, and a changed one (or SIGHUP) rotates the gateway's keys in place.
         """
+        watch_keys = self.settings.api_keys_file is not None
         while not self._stop_requested:
             for child in self._children:
                 code = child.exit_code()
                 if code is not None:
                     raise child.failure(f"exited unexpectedly with code {code}")
-            self._sleep(None)
+            if self._keys_watcher is not None:
+                if self._reload_keys_requested:
+                    self._reload_keys_requested = False
+                    self._keys_watcher.reload()
+                else:
+                    self._keys_watcher.poll()
+            self._sleep(1.0 if watch_keys else None)
 
     def pids(self) -> dict[str, int]:
         """Process ids of the running children, by name."""
@@ -306,6 +332,7 @@ class Mesh:
             ("registry gRPC", s.registry_address),
             ("training gRPC", s.training_address),
             ("inference gRPC", s.inference_address),
+            ("Open Inference Protocol", f"{s.gateway_url}/v2 (REST), the gateway (gRPC)"),
             (
                 "metrics",
                 f"registry :{s.registry_ops_port}, training :{s.training_ops_port}, "
@@ -318,7 +345,8 @@ class Mesh:
         ]
         width = max(len(name) for name, _ in rows)
         lines = ["mlmesh is up:", *(f"  {name:<{width}}  {value}" for name, value in rows)]
-        lines.append(f"  try: curl -H '{API_KEY_HEADER}: {key}' {s.gateway_url}/ready")
+        cacert = f"--cacert {s.gateway_tls_cert_file} " if s.gateway_tls else ""
+        lines.append(f"  try: curl {cacert}-H '{API_KEY_HEADER}: {key}' {s.gateway_url}/ready")
         lines.append("Press Ctrl-C to stop.")
         return "\n".join(lines)
 

@@ -40,7 +40,7 @@ class Registry:
     ) -> Page[Experiment]:
         size = check_page_size(page_size)
         return await asyncio.to_thread(
-            self._store.list_experiments, size, page_token, filter_string, order_by
+            self._store.list_experiments, size, _mlflow_token(page_token), filter_string, order_by
         )
 
     async def get_experiment(self, experiment_id: str) -> Experiment:
@@ -59,7 +59,12 @@ class Registry:
             raise InvalidArgument("experiment_ids is required: give at least one experiment id")
         size = check_page_size(page_size)
         return await asyncio.to_thread(
-            self._store.list_runs, experiment_ids, filter_string, order_by, size, page_token
+            self._store.list_runs,
+            experiment_ids,
+            filter_string,
+            order_by,
+            size,
+            _mlflow_token(page_token),
         )
 
     async def get_run(self, run_id: str) -> Run:
@@ -82,7 +87,7 @@ class Registry:
     ) -> Page[RegisteredModel]:
         size = check_page_size(page_size)
         return await asyncio.to_thread(
-            self._store.list_registered_models, size, page_token, filter_string
+            self._store.list_registered_models, size, _mlflow_token(page_token), filter_string
         )
 
     async def get_registered_model(self, name: str) -> RegisteredModel:
@@ -94,7 +99,9 @@ class Registry:
     ) -> Page[ModelVersion]:
         _require(name, "name")
         size = check_page_size(page_size)
-        return await asyncio.to_thread(self._store.list_model_versions, name, size, page_token)
+        return await asyncio.to_thread(
+            self._store.list_model_versions, name, size, _mlflow_token(page_token)
+        )
 
     async def get_model_version(self, name: str, version: int, alias: str) -> ModelVersion:
         _require(name, "name")
@@ -128,6 +135,8 @@ class Registry:
         self, model_name: str, page_size: int, page_token: str
     ) -> Page[audit.AuditEvent]:
         size = check_page_size(page_size)
+        if "\x00" in model_name:  # PostgreSQL text cannot hold it, so no event names it
+            return Page([], "")
         return await audit.list_events(self._pool, model_name, size, page_token)
 
     async def _publish(self, event: audit.AuditEvent) -> None:
@@ -144,3 +153,11 @@ class Registry:
             await self._redis.publish(MODEL_EVENTS_CHANNEL, message)
         except RedisError as exc:
             log.warning("could not publish model event to Redis: %s", exc)
+
+
+def _mlflow_token(page_token: str) -> str:
+    """A page token checked to be one MLflow could have issued (base64, so ASCII): MLflow's
+    server answers 500 to any other."""
+    if not page_token.isascii():
+        raise InvalidArgument("page_token is not one this service issued")
+    return page_token

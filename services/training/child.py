@@ -38,13 +38,23 @@ def run(
     )
     import torch
 
-    from services.training.ml.train import Cancelled, TransientError, train
+    from services.training.ml.train import Cancelled, Pruned, TransientError, train
 
     torch.set_num_threads(threads)
     try:
         result = train(spec, events.put, stop.is_set)
     except Cancelled:
         events.put({"type": "outcome", "outcome": "cancelled", "message": "cancelled"})
+    except Pruned as exc:
+        events.put(
+            {
+                "type": "outcome",
+                "outcome": "pruned",
+                "message": str(exc),
+                "epoch": exc.epoch,
+                "value": exc.value,
+            }
+        )
     except TransientError as exc:
         events.put({"type": "outcome", "outcome": "transient", "message": str(exc)})
     except Exception as exc:  # reported to the worker, which fails the job with this message
@@ -59,5 +69,6 @@ def run(
                 "mlflow_run_id": result.mlflow_run_id,
                 "model_version": result.model_version,
                 "metrics": result.metrics,
+                "model_uri": result.model_uri,
             }
         )

@@ -7,32 +7,44 @@ row, so concurrent writers (the service cancelling, a worker reporting) never co
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from services.common.pagination import Page, decode_token, encode_token
+from services.training import eventlog
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+T = TypeVar("T")
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PRUNED = (
     "queued",
     "running",
     "succeeded",
     "failed",
     "cancelled",
+    "pruned",  # a sweep trial that early stopping ended between epochs
 )
-TERMINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+TERMINAL_STATES = (SUCCEEDED, FAILED, CANCELLED, PRUNED)
 # The event types that end a job's stream, by the state they end it in.
-TERMINAL_EVENTS = {"succeeded": SUCCEEDED, "failed": FAILED, "cancelled": CANCELLED}
+TERMINAL_EVENTS = {
+    "succeeded": SUCCEEDED,
+    "failed": FAILED,
+    "cancelled": CANCELLED,
+    "pruned": PRUNED,
+}
 
 
 def events_channel(job_id: str) -> str:
@@ -78,6 +90,9 @@ class Job:
     create_time: datetime
     start_time: datetime | None
     end_time: datetime | None
+    sweep_id: str = ""  # the sweep this job is a trial of, if any
+    trial_number: int = 0
+    model_uri: str = ""  # a sweep trial's logged (not yet registered) model
 
 
 @dataclass(frozen=True)
@@ -134,28 +149,68 @@ def _job(row: asyncpg.Record) -> Job:
         create_time=row["create_time"],
         start_time=row["start_time"],
         end_time=row["end_time"],
+        sweep_id=row["sweep_id"],
+        trial_number=row["trial_number"],
+        model_uri=row["model_uri"],
     )
 
 
-class JobStore:
-    """Reads and writes jobs and their events; announces events on Redis (best effort)."""
+# PostgreSQL restarting, or out of reach for a moment.
+POSTGRES_DOWN = (
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    OSError,
+)
 
-    def __init__(self, pool: asyncpg.Pool, redis: Redis) -> None:
+
+class JobStore:
+    """Reads and writes jobs and their events; announces events on Redis (best effort).
+
+    ``patience_s``: how long ``record`` and ``requeue`` wait for PostgreSQL to come back
+    (a restart) before they fail. A worker waits, so that a job training across a restart
+    is not lost; the service, answering RPCs, does not (0).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, redis: Redis, patience_s: float = 0.0) -> None:
         self._pool = pool
         self._redis = redis
+        self._patience_s = patience_s
+
+    async def _patiently(self, what: str, write: Callable[[], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + self._patience_s
+        delay = 0.25
+        while True:
+            try:
+                return await write()
+            except POSTGRES_DOWN as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("PostgreSQL unavailable while %s (%s: %s); retrying in %.2g s",
+                            what, type(exc).__name__, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     async def create(
-        self, params: JobParams, submitted_by: str, idempotency_key: str
+        self,
+        params: JobParams,
+        submitted_by: str,
+        idempotency_key: str,
+        *,
+        sweep_id: str = "",
+        trial_number: int = 0,
     ) -> tuple[Job, bool]:
         """Record a queued job; with a known idempotency key return that job (created=False)."""
         job_id = uuid.uuid4().hex
         columns = ", ".join(_PARAM_COLUMNS)
-        values = ", ".join(f"${i}" for i in range(5, 5 + len(_PARAM_COLUMNS)))
+        values = ", ".join(f"${i}" for i in range(7, 7 + len(_PARAM_COLUMNS)))
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"""
-                INSERT INTO training_jobs (job_id, state, submitted_by, idempotency_key, {columns})
-                VALUES ($1, $2, $3, $4, {values})
+                INSERT INTO training_jobs (job_id, state, submitted_by, idempotency_key,
+                                           sweep_id, trial_number, {columns})
+                VALUES ($1, $2, $3, $4, $5, $6, {values})
                 ON CONFLICT (submitted_by, idempotency_key) DO NOTHING
                 RETURNING *
                 """,
@@ -163,6 +218,8 @@ class JobStore:
                 QUEUED,
                 submitted_by,
                 idempotency_key or None,
+                sweep_id,
+                trial_number,
                 *(getattr(params, c) for c in _PARAM_COLUMNS),
             )
             if row is None:
@@ -284,6 +341,9 @@ class JobStore:
 
     async def requeue(self, job_id: str, reason: str) -> None:
         """Put a running job back to queued (it will be retried), saying why."""
+        await self._patiently(f"requeueing job {job_id}", partial(self._requeue, job_id, reason))
+
+    async def _requeue(self, job_id: str, reason: str) -> None:
         await self._pool.execute(
             "UPDATE training_jobs SET state = $2, error = $3, lease_until = NULL"
             " WHERE job_id = $1 AND state = $4",
@@ -298,6 +358,14 @@ class JobStore:
 
         A terminal event also sets the matching state and the end time.
         """
+        return await self._patiently(
+            f"recording {event['type']} of job {job_id}",
+            partial(self._record, job_id, event, changes),
+        )
+
+    async def _record(
+        self, job_id: str, event: dict[str, Any], changes: dict[str, Any]
+    ) -> JobEvent:
         if event["type"] in TERMINAL_EVENTS:
             changes = {**changes, "state": TERMINAL_EVENTS[event["type"]]}
         async with self._pool.acquire() as conn, conn.transaction():
@@ -329,24 +397,10 @@ class JobStore:
 
     @staticmethod
     async def _append(conn: asyncpg.Connection, job_id: str, event: dict[str, Any]) -> JobEvent:
-        row = await conn.fetchrow(
-            """
-            WITH seq AS (
-                UPDATE training_jobs SET event_seq = event_seq + 1 WHERE job_id = $1
-                RETURNING event_seq
-            )
-            INSERT INTO training_job_events (job_id, sequence, event)
-            SELECT $1, event_seq, $2 FROM seq
-            RETURNING sequence, time
-            """,
-            job_id,
-            json.dumps(event),
+        sequence, time = await eventlog.append(
+            conn, "training_jobs", "training_job_events", "job_id", job_id, event
         )
-        return JobEvent(job_id, row["sequence"], row["time"], event)
+        return JobEvent(job_id, sequence, time, event)
 
     async def _announce(self, event: JobEvent) -> None:
-        # Watchers also poll PostgreSQL, so a lost announcement only delays them.
-        try:
-            await self._redis.publish(events_channel(event.job_id), event.to_json())
-        except RedisError as exc:
-            log.warning("could not announce event of job %s: %s", event.job_id, exc)
+        await eventlog.announce(self._redis, events_channel(event.job_id), event.to_json())

@@ -6,11 +6,13 @@ import asyncio
 
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.common.process import Backends, ServiceParts, serve_process
-from services.common.server import Registration, configure_logging
+from services.common.server import Registration, configure_logging, configure_mlflow_client
 from services.common.settings import Settings
 from services.training.jobs import JobStore
+from services.training.ml.search import storage_url
 from services.training.service import Training
 from services.training.servicer import TrainingServicer
+from services.training.sweeps import Sweeps, SweepStore
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
@@ -23,21 +25,31 @@ def build(backends: Backends) -> ServiceParts:
         s.training_queue,
         s.default_model_name,
     )
+    sweeps = Sweeps(
+        SweepStore(backends.pool, backends.redis),
+        training,
+        storage_url(s.database_url),
+        s.mlflow_tracking_uri,
+    )
     return ServiceParts(
         registrations=[
             Registration(
-                TrainingServicer(training),
+                TrainingServicer(training, sweeps),
                 training_pb2_grpc.add_TrainingServiceServicer_to_server,
                 SERVICE_NAME,
             )
         ],
-        background=[training.reconcile_forever(s.training_reconcile_interval_s)],
+        background=[
+            training.reconcile_forever(s.training_reconcile_interval_s),
+            sweeps.reconcile_forever(s.training_reconcile_interval_s),
+        ],
     )
 
 
 def main() -> None:
     settings = Settings()
     configure_logging(settings)
+    configure_mlflow_client(settings)  # sweeps open and close their parent runs here
     asyncio.run(
         serve_process(settings, settings.training_address, settings.training_ops_port, build)
     )

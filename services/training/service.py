@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -12,14 +11,17 @@ from redis.exceptions import RedisError
 
 from services.common.errors import InvalidArgument, NotFound, check_page_size
 from services.common.pagination import Page
+from services.training import eventlog
 from services.training.jobs import (
     CANCELLED,
     FAILED,
+    PRUNED,
     QUEUED,
     RUNNING,
     SUCCEEDED,
     Job,
     JobEvent,
+    JobParams,
     JobStore,
     events_channel,
 )
@@ -28,7 +30,7 @@ from services.training.validation import Submission, validate
 log = logging.getLogger(__name__)
 
 RUN_JOB = "run_training_job"  # the worker's ARQ function
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PRUNED)
 
 
 def arq_job_id(job_id: str) -> str:
@@ -47,9 +49,25 @@ class Training:
         self._queue_name = queue_name
         self._default_model_name = default_model_name
 
+    @property
+    def store(self) -> JobStore:
+        return self._store
+
+    @property
+    def queue(self) -> ArqRedis:
+        return self._queue
+
+    @property
+    def default_model_name(self) -> str:
+        return self._default_model_name
+
+    def validate(self, submission: Submission) -> JobParams:
+        """A submission's job parameters, defaults resolved; InvalidArgument names a bad field."""
+        return validate(submission, self._default_model_name)
+
     async def submit(self, submission: Submission, client: str) -> Job:
         """Validate, record and enqueue a job; a repeated idempotency key returns the first."""
-        params = validate(submission, self._default_model_name)
+        params = self.validate(submission)
         job, created = await self._store.create(params, client, submission.idempotency_key)
         if created:
             await self.enqueue(job.job_id)
@@ -72,6 +90,8 @@ class Training:
     async def get(self, job_id: str) -> Job:
         if not job_id.strip():
             raise InvalidArgument("job_id is required")
+        if "\x00" in job_id:  # PostgreSQL text cannot hold it, so no job has it
+            raise NotFound(f"training job {job_id!r} does not exist")
         job = await self._store.get(job_id)
         if job is None:
             raise NotFound(f"training job {job_id!r} does not exist")
@@ -89,48 +109,16 @@ class Training:
         return job
 
     async def watch(self, job_id: str, poll_s: float = 1.0) -> AsyncIterator[JobEvent]:
-        """The job's events from the first, then live ones, until a terminal event.
-
-        PostgreSQL holds every event; Redis announcements only make live ones arrive sooner,
-        so a watcher that joins late, reconnects, or loses Redis misses nothing.
-        """
+        """The job's events from the first, then live ones, until a terminal event."""
         await self.get(job_id)
-        pubsub = self._queue.pubsub()
-        try:
-            await pubsub.subscribe(events_channel(job_id))
-        except RedisError as exc:
-            log.warning("watching job %s without Redis: %s", job_id, exc)
-            pubsub = None
-        last = 0
-        try:
-            while True:
-                for event in await self._store.events_after(job_id, last):
-                    yield event
-                    last = event.sequence
-                    if event.terminal:
-                        return
-                announced = await self._next_announcement(pubsub, poll_s)
-                if announced is not None and announced.sequence == last + 1:
-                    yield announced
-                    last = announced.sequence
-                    if announced.terminal:
-                        return
-        finally:
-            if pubsub is not None:
-                with contextlib.suppress(RedisError):
-                    await pubsub.aclose()
 
-    @staticmethod
-    async def _next_announcement(pubsub, timeout_s: float) -> JobEvent | None:
-        if pubsub is None:
-            await asyncio.sleep(timeout_s)
-            return None
-        try:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout_s)
-        except RedisError:
-            await asyncio.sleep(timeout_s)
-            return None
-        return JobEvent.from_json(message["data"]) if message else None
+        async def after(sequence: int) -> list[JobEvent]:
+            return await self._store.events_after(job_id, sequence)
+
+        async for event in eventlog.follow(
+            self._queue, events_channel(job_id), after, JobEvent.from_json, poll_s
+        ):
+            yield event
 
     async def reconcile_forever(self, interval_s: float) -> None:
         """Re-queue unfinished jobs, so jobs Redis lost (restart, outage) still run."""

@@ -73,6 +73,8 @@ def validate(sub: Submission, default_model_name: str) -> JobParams:
     _in_range(sub.train_subset, "train_subset", 0, 10_000_000)
     if len(sub.idempotency_key) > 128:
         raise InvalidArgument("idempotency_key must be at most 128 characters")
+    if "\x00" in sub.idempotency_key:  # PostgreSQL text cannot hold it
+        raise InvalidArgument("idempotency_key must not contain NUL characters")
     return JobParams(
         dataset=_choice(sub.dataset, "dataset", DATASETS, DEFAULT_DATASET),
         architecture=_choice(sub.architecture, "architecture", ARCHITECTURES, DEFAULT_ARCHITECTURE),

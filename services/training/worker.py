@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import queue
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -25,24 +26,27 @@ import mlflow
 from arq import Retry, func
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
-from arq.worker import create_worker
+from arq.worker import Worker, get_kwargs
 from mlflow.exceptions import MlflowException
 from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisError
 
 from services.common import db
 from services.common.ops import OpsServer, mlflow_check, postgres_check, redis_check
 from services.common.server import configure_logging, configure_mlflow_client
 from services.common.settings import Settings
 from services.training import child
-from services.training.jobs import JobStore
+from services.training.jobs import TERMINAL_STATES, Job, JobStore
+from services.training.ml.search import storage_url
 from services.training.ml.train import TrainResult, TrainSpec
-from services.training.service import RUN_JOB
+from services.training.service import RUN_JOB, Training
+from services.training.sweeps import Sweeps, SweepStore
 
 log = logging.getLogger(__name__)
 
 JOBS_ACTIVE = Gauge("training_jobs_active", "Training jobs running on this worker.")
 JOBS_FINISHED = Counter("training_jobs_total", "Training jobs finished, by final state.", ["state"])
-for _state in ("succeeded", "failed", "cancelled"):  # exported at 0 from the start, so
+for _state in ("succeeded", "failed", "cancelled", "pruned"):  # exported at 0 from the start, so
     JOBS_FINISHED.labels(_state)  # increase() sees a job's first failure
 EPOCH_SECONDS = Histogram(
     "training_epoch_duration_seconds",
@@ -53,18 +57,30 @@ QUEUE_DEPTH = Gauge("training_queue_depth", "Jobs waiting in the training queue.
 
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+# How long a job's writes wait for PostgreSQL to come back (a restart, a fail-over).
+WAIT_FOR_POSTGRES_S = 120.0
 
 
 class _Outcome(Exception):
     """The training process ended without a result: cancelled, transient failure or error."""
 
-    def __init__(self, outcome: str, message: str) -> None:
+    def __init__(self, outcome: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.outcome = outcome
+        self.details = details or {}
 
 
 async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
-    """ARQ job: one attempt at training job ``job_id``."""
+    """ARQ job: one attempt at training job ``job_id``; a sweep's trial that ended moves its
+    sweep on (its outcome told, the next trials queued, or the sweep finished)."""
+    said = await _attempt(ctx, job_id)
+    job = await ctx["store"].get(job_id)
+    if job is not None and job.sweep_id and job.state in TERMINAL_STATES:
+        await ctx["sweeps"].advance_quietly(job.sweep_id)
+    return said
+
+
+async def _attempt(ctx: dict[str, Any], job_id: str) -> str:
     settings: Settings = ctx["settings"]
     store: JobStore = ctx["store"]
     if ctx["job_try"] > settings.job_max_tries:
@@ -86,6 +102,17 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
             raise _Outcome("cancelled", "cancelled before it started")
         if job.mlflow_run_id:  # a previous attempt died mid-run: close its MLflow run
             await asyncio.to_thread(_close_abandoned_run, settings, job.mlflow_run_id)
+        trial = None
+        relay = None
+        if job.sweep_id:
+            sweeps: Sweeps = ctx["sweeps"]
+            trial = await sweeps.trial_spec(job)
+            if trial is None:
+                raise _Outcome("failed", f"sweep {job.sweep_id} has no trial {job.trial_number}")
+
+            async def relay(event: dict[str, Any], job: Job = job) -> None:
+                await sweeps.on_trial_event(job, event)
+
         spec = TrainSpec(
             job_id=job_id,
             **dataclasses.asdict(job.params),
@@ -93,9 +120,10 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
             data_dir=str(settings.data_dir) if settings.data_dir else None,
             client=job.submitted_by,
             attempt=job.attempts,
+            trial=trial,
         )
         result = await _train_in_process(
-            settings, store, job_id, job.attempts, spec, stop, ctx["running"]
+            settings, store, job_id, job.attempts, spec, stop, ctx["running"], relay
         )
         await store.record(
             job_id,
@@ -110,6 +138,7 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
             model_version=result.model_version,
             metrics=result.metrics,
             progress_fraction=1.0,
+            model_uri=result.model_uri,
         )
         JOBS_FINISHED.labels("succeeded").inc()
         return f"succeeded: version {result.model_version}"
@@ -121,6 +150,13 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
                 "job %s hit a transient failure, retrying in %ds: %s", job_id, delay, outcome
             )
             raise Retry(defer=delay) from outcome
+        if outcome.outcome == "pruned":
+            epoch, value = outcome.details["epoch"], outcome.details["value"]
+            await store.record(
+                job_id, {"type": "pruned", "epoch": epoch, "value": value}, progress_epoch=epoch
+            )
+            JOBS_FINISHED.labels("pruned").inc()
+            return f"pruned after epoch {epoch}"
         if outcome.outcome == "cancelled":
             current = await store.get(job_id)
             cancelled_by = current.cancelled_by if current else ""
@@ -157,12 +193,17 @@ async def _hold_lease(ctx: dict[str, Any], job_id: str, stop: Any) -> None:
     key = in_progress_key_prefix + ctx["job_id"]
     lease_ms = int(settings.worker_lease_s * 1000)
     while True:
+        # Each on its own: a Redis outage must not let the lease in PostgreSQL lapse (the job
+        # would be taken over while it still trains here), nor the reverse.
         try:
-            await ctx["redis"].pexpire(key, lease_ms)
             if await store.renew_lease(job_id, settings.worker_lease_s):
                 stop.set()
         except Exception as exc:  # a blip must not end the job; the next round retries
             log.warning("renewing the lease of job %s failed: %s", job_id, exc)
+        try:
+            await ctx["redis"].pexpire(key, lease_ms)
+        except Exception as exc:
+            log.warning("renewing ARQ's in-progress key of job %s failed: %s", job_id, exc)
         await asyncio.sleep(min(1.0, settings.worker_lease_s / 5))
 
 
@@ -174,8 +215,10 @@ async def _train_in_process(
     spec: TrainSpec,
     stop: Any,
     running: int,
+    relay: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
 ) -> TrainResult:
-    """Run one attempt in a spawned process, relaying its events into the job's record."""
+    """Run one attempt in a spawned process, relaying its events into the job's record (and,
+    for a sweep's trial, its start and epochs to ``relay``)."""
     mp = multiprocessing.get_context("spawn")
     events = mp.Queue()
     # A job alone gets every core; one that starts beside others shares them.
@@ -202,6 +245,8 @@ async def _train_in_process(
                     {"type": "started", "attempt": attempt, **_without_type(event)},
                     mlflow_run_id=event["mlflow_run_id"],
                 )
+                if relay is not None:
+                    await relay({**event, "attempt": attempt})
             elif kind == "batch":
                 done = (event["epoch"] - 1 + event["batch"] / event["total_batches"]) / total
                 await store.record(
@@ -216,12 +261,17 @@ async def _train_in_process(
                     progress_fraction=event["epoch"] / total,
                     metrics=event["metrics"],
                 )
+                if relay is not None:
+                    await relay(event)
             elif kind == "outcome":
                 if event["outcome"] == "succeeded":
                     return TrainResult(
-                        event["mlflow_run_id"], event["model_version"], event["metrics"]
+                        event["mlflow_run_id"],
+                        event["model_version"],
+                        event["metrics"],
+                        event.get("model_uri", ""),
                     )
-                raise _Outcome(event["outcome"], event["message"])
+                raise _Outcome(event["outcome"], event["message"], event)
     finally:
         if proc.is_alive():
             stop.set()
@@ -255,7 +305,17 @@ async def _watch_queue_depth(ctx: dict[str, Any]) -> None:
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["pool"] = await db.connect_pool(settings.database_url)
-    ctx["store"] = JobStore(ctx["pool"], ctx["redis"])
+    # A job training across a PostgreSQL restart waits to record its progress and its end.
+    ctx["store"] = JobStore(ctx["pool"], ctx["redis"], patience_s=WAIT_FOR_POSTGRES_S)
+    training = Training(
+        ctx["store"], ctx["redis"], settings.training_queue, settings.default_model_name
+    )
+    ctx["sweeps"] = Sweeps(
+        SweepStore(ctx["pool"], ctx["redis"]),
+        training,
+        storage_url(settings.database_url),
+        settings.mlflow_tracking_uri,
+    )
     ctx["running"] = 0  # jobs this worker runs now
     ctx["http"] = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=settings.readiness_timeout_s)
@@ -285,6 +345,30 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await ctx["pool"].close()
 
 
+class _Worker(Worker):
+    """ARQ's worker, made to outlive a Redis outage.
+
+    ARQ's poll loop lets a Redis error end the worker (and a worker that dies while Redis is
+    away never comes back to the queue); this one waits for Redis instead, while its running
+    jobs go on training and reporting to PostgreSQL.
+    """
+
+    _redis_down = False
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            if not self._redis_down:
+                log.warning("Redis is unreachable (%s); waiting for it", exc)
+                self._redis_down = True
+            await asyncio.sleep(1.0)
+            return
+        if self._redis_down:
+            log.info("Redis is back; taking jobs again")
+            self._redis_down = False
+
+
 class WorkerSettings:
     """ARQ's configuration of the training worker (main() adds what comes from Settings)."""
 
@@ -302,8 +386,8 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings)
     configure_mlflow_client(settings)
-    worker = create_worker(
-        WorkerSettings,
+    worker = _Worker(
+        **get_kwargs(WorkerSettings),
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         queue_name=settings.training_queue,
         max_jobs=settings.worker_max_jobs,

@@ -6,110 +6,18 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import httpx
-import pytest
 
-from gateway.policy import RPC_ACCESS
-from gateway.render import Rpc, build_descriptor_set, mesh_rpcs, render_envoy_config, tool
-from mlmesh.training.v1 import training_pb2, training_pb2_grpc
+from gateway.render import build_descriptor_set, render_envoy_config, tool
 from services.launcher.mesh import Mesh
 from tests.conftest import isolated_settings
 
 DESCRIPTOR = build_descriptor_set(Path(__file__).parents[2] / "gateway" / "build" / "mlmesh.binpb")
-RPCS = mesh_rpcs(DESCRIPTOR)
-WRONG_KEY = "not-a-key-anyone-has-0000"
 
 
-def _call(channel: grpc.Channel, rpc: Rpc, metadata: list[tuple[str, str]]) -> grpc.StatusCode:
-    """Call an RPC with an empty request and return the status code it ends with."""
-    ident = lambda b: b  # noqa: E731 - raw bytes in and out: an empty message is b""
-    try:
-        if rpc.streaming:
-            call = channel.stream_stream(
-                rpc.path, request_serializer=ident, response_deserializer=ident
-            )
-            for _ in call(iter([b""]), metadata=metadata, timeout=10):
-                pass
-        else:
-            call = channel.unary_unary(
-                rpc.path, request_serializer=ident, response_deserializer=ident
-            )
-            call(b"", metadata=metadata, timeout=10)
-    except grpc.RpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
-
-
-def _rest_requests(rpc: Rpc) -> list[tuple[str, str]]:
-    return [(b.verb, re.sub(r"\{[^}]+\}", "1", b.template)) for b in rpc.bindings]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cancel_jobs_the_matrix_submits(mesh: Mesh, keys: dict[str, str]) -> Iterator[None]:
-    """An empty SubmitTrainingJob is a valid (full-size) job: cancel them all afterwards."""
-    yield
-    address = f"{mesh.settings.gateway_host}:{mesh.settings.gateway_port}"
-    auth = [("x-api-key", keys["alice"])]
-    with grpc.insecure_channel(address) as channel:
-        training = training_pb2_grpc.TrainingServiceStub(channel)
-        deadline = time.monotonic() + 120
-        while True:
-            jobs = training.ListTrainingJobs(
-                training_pb2.ListTrainingJobsRequest(page_size=1000), metadata=auth
-            ).jobs
-            live = [
-                j
-                for j in jobs
-                if j.state in (training_pb2.JOB_STATE_QUEUED, training_pb2.JOB_STATE_RUNNING)
-            ]
-            if not live:
-                return
-            assert time.monotonic() < deadline, f"jobs would not stop: {live}"
-            for job in live:
-                training.CancelTrainingJob(
-                    training_pb2.CancelTrainingJobRequest(job_id=job.job_id), metadata=auth
-                )
-            time.sleep(1)
-
-
-def test_every_rpc_is_classified() -> None:
-    paths = {r.path for r in RPCS}
-    assert paths == set(RPC_ACCESS), "gateway/policy.py RPC_ACCESS must list exactly the RPCs"
-    assert all(r.bindings for r in RPCS), "every RPC needs a google.api.http binding"
-
-
-@pytest.mark.parametrize("rpc", RPCS, ids=lambda r: r.path)
-def test_auth_matrix_grpc(gateway_channel: grpc.Channel, keys: dict[str, str], rpc: Rpc) -> None:
-    no_key = _call(gateway_channel, rpc, [])
-    wrong_key = _call(gateway_channel, rpc, [("x-api-key", WRONG_KEY)])
-    valid_key = _call(gateway_channel, rpc, [("x-api-key", keys["alice"])])
-    if RPC_ACCESS[rpc.path] == "protected":
-        assert no_key == grpc.StatusCode.UNAUTHENTICATED
-        assert wrong_key == grpc.StatusCode.UNAUTHENTICATED
-    else:
-        assert no_key != grpc.StatusCode.UNAUTHENTICATED
-        assert wrong_key != grpc.StatusCode.UNAUTHENTICATED
-    assert valid_key != grpc.StatusCode.UNAUTHENTICATED
-
-
-@pytest.mark.parametrize("rpc", RPCS, ids=lambda r: r.path)
-def test_auth_matrix_rest(rest: httpx.Client, keys: dict[str, str], rpc: Rpc) -> None:
-    for verb, path in _rest_requests(rpc):
-        body = "{}" if verb == "POST" else None
-        no_key = rest.request(verb, path, content=body).status_code
-        wrong = rest.request(verb, path, content=body, headers={"x-api-key": WRONG_KEY})
-        valid = rest.request(verb, path, content=body, headers={"x-api-key": keys["alice"]})
-        if RPC_ACCESS[rpc.path] == "protected":
-            assert (no_key, wrong.status_code) == (401, 401), f"{verb} {path}"
-        else:
-            assert no_key != 401 and wrong.status_code != 401, f"{verb} {path}"
-        assert valid.status_code not in (401, 403), f"{verb} {path}: {valid.text}"
-        assert "no such route" not in valid.text, f"{verb} {path} is not routed"
-        assert valid.status_code < 500 or valid.status_code == 503, f"{verb} {path}"
+# The auth matrix of every RPC over gRPC and REST is tests/integration/test_auth_matrix.py.
 
 
 def test_services_not_running_answer_unavailable(tmp_path: Path) -> None:

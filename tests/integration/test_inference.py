@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,12 +22,13 @@ from mlflow import MlflowClient
 from mlmesh.inference.v1 import inference_pb2 as pb
 from mlmesh.inference.v1 import inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.launcher.mesh import Mesh, child_env, grpc_serving
+from services.launcher.mesh import Mesh
 from services.training.ml.data import load_dataset
 from services.training.ml.models import Probabilities, build_model
 from services.training.ml.train import TrainResult, train
 from tests.conftest import free_port
 from tests.conftest import metric_sample as metric
+from tests.integration.replicas import PrivateRedisServer, inference_replica
 from tests.integration.test_training_ml import a_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -70,11 +69,13 @@ def auth(keys: dict[str, str]) -> list[tuple[str, str]]:
     return [("x-api-key", keys["alice"])]
 
 
-def promote(mesh: Mesh, keys: dict[str, str], name: str, version: int) -> None:
+def promote(
+    mesh: Mesh, keys: dict[str, str], name: str, version: int, stage: str = "production"
+) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{mesh.settings.gateway_port}") as channel:
         registry_pb2_grpc.RegistryServiceStub(channel).TransitionModelVersion(
             registry_pb2.TransitionModelVersionRequest(
-                model_name=name, version=version, stage="production"
+                model_name=name, version=version, stage=stage
             ),
             metadata=[("x-api-key", keys["bob"])],
         )
@@ -394,40 +395,6 @@ def test_metrics_count_predictions_cache_and_drift(
 # -- a Redis outage --------------------------------------------------------------------------
 
 
-class PrivateRedisServer:
-    """A redis-server of this test's own, on a free port; stop() and start() at will."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while (
-            subprocess.run(
-                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True
-            ).stdout.strip()
-            != "PONG"
-        ):
-            assert time.monotonic() < deadline, "private redis-server did not start"
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(10)
-            self._process = None
-
-
 @pytest.fixture
 def replica_on_private_redis(
     mesh: Mesh, models: Models
@@ -440,26 +407,13 @@ def replica_on_private_redis(
             "redis_url": redis.url,
             "inference_address": f"127.0.0.1:{free_port()}",
             "inference_ops_port": free_port(),
+            "inference_http_port": free_port(),
         }
     )
-    log = (mesh.log_dir / "inference-private-redis.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.inference"],
-        env=child_env(settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     try:
-        deadline = time.monotonic() + 60
-        while not grpc_serving(settings.inference_address):
-            assert process.poll() is None, "the replica exited; see its log"
-            assert time.monotonic() < deadline, "the replica did not start"
-            time.sleep(0.25)
-        yield settings.inference_address, redis
+        with inference_replica(settings, mesh.log_dir / "inference-private-redis.log"):
+            yield settings.inference_address, redis
     finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
         redis.stop()
 
 

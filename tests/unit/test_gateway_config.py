@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from gateway.keys import ApiKeyError, load_api_keys, parse_api_keys, write_dev_key
+from gateway.keys import (
+    ApiKeyError,
+    ApiKeysWatcher,
+    load_api_keys,
+    parse_api_keys,
+    write_dev_key,
+)
 from gateway.render import build_descriptor_set, render_envoy_config, template_regex, tool
 from services.common.settings import Settings
 
@@ -84,3 +91,22 @@ def test_rendered_config_is_valid_for_envoy(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OK" in result.stdout
+
+
+def test_keys_watcher_rotates_only_valid_changes(tmp_path: Path) -> None:
+    keys_file, envoy_keys = tmp_path / "api-keys", tmp_path / "envoy-api-keys.json"
+    keys_file.write_text(f"alice={GOOD}\n")
+    watcher = ApiKeysWatcher(Settings(api_keys="", api_keys_file=keys_file), envoy_keys)
+    assert not watcher.poll() and not envoy_keys.exists()  # nothing changed yet
+
+    def credentials() -> list[dict[str, str]]:
+        resource = json.loads(envoy_keys.read_text())["resources"][0]
+        return resource["typed_config"]["credentials"]
+
+    keys_file.write_text(f"bob={'b' * 20}\n")
+    assert watcher.poll()
+    assert credentials() == [{"client": "bob", "key": "b" * 20}]
+    assert envoy_keys.stat().st_mode & 0o777 == 0o600
+    keys_file.write_text("bob=short\n")
+    assert not watcher.poll()  # refused: bob's key stays in force
+    assert credentials() == [{"client": "bob", "key": "b" * 20}]

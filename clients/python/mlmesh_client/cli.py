@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mlmesh.training.v1 import training_pb2
+from mlmesh.training.v1 import sweep_pb2, training_pb2
 from mlmesh_client.client import Client, MeshError
 from mlmesh_client.images import ImageError, read_image_file
 from services.training.ml.catalog import CLASS_NAMES, DATASETS  # torch-free
@@ -175,6 +175,163 @@ def _train(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def parse_space(text: str) -> tuple[str, dict]:
+    """One ``--param`` of `mlmesh sweep`: NAME=SPEC, where SPEC is a choice list (``a,b,c``),
+    ``log:LOW:HIGH`` or ``range:LOW:HIGH`` (continuous), or ``int:LOW:HIGH[:STEP]``."""
+    name, sep, spec = text.partition("=")
+    if not sep or not name.strip() or not spec.strip():
+        raise UsageError(f"--param must be NAME=SPEC, got {text!r}")
+    kind, _, rest = spec.partition(":")
+    parts = rest.split(":")
+    try:
+        if kind in ("log", "range") and len(parts) == 2:
+            scale = "SCALE_LOG" if kind == "log" else "SCALE_LINEAR"
+            low, high = (float(p) for p in parts)
+            return name.strip(), {"range": {"low": low, "high": high, "scale": scale}}
+        if kind == "int" and len(parts) in (2, 3):
+            low, high, *step = (int(p) for p in parts)
+            return name.strip(), {"int_range": {"low": low, "high": high, "step": (step or [1])[0]}}
+    except ValueError:
+        raise UsageError(f"--param {name}: bad number in {spec!r}") from None
+    if kind in ("log", "range", "int"):
+        raise UsageError(
+            f"--param {name}: {kind} takes LOW:HIGH{'[:STEP]' if kind == 'int' else ''}"
+        )
+
+    def value(v: str) -> float | str:
+        try:
+            return float(v)
+        except ValueError:
+            return v.strip()
+
+    return name.strip(), {"choice": {"values": [value(v) for v in spec.split(",")]}}
+
+
+def _value(v) -> str:
+    kind = v.WhichOneof("kind")
+    if kind == "number_value":
+        return f"{v.number_value:g}"
+    return str(getattr(v, kind)) if kind else ""
+
+
+class SweepTable:
+    """The live table of a sweep's trials, redrawn in place on a terminal at every event."""
+
+    def __init__(self, out=sys.stdout, live: bool | None = None) -> None:
+        self._out = out
+        self._live = out.isatty() if live is None else live
+        self._drawn = 0
+        self.trials: dict[int, dict] = {}
+        self.best: int | None = None
+        self.status = ""
+
+    def __call__(self, event) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "queued":
+            self.status = f"sweep {event.sweep_id} queued"
+        elif kind == "trial_started":
+            e = event.trial_started
+            row = self.trials.setdefault(e.trial_number, {})
+            params = ", ".join(f"{k}={_value(v)}" for k, v in sorted(e.params.items()))
+            row.update(state="running", params=params, epoch="", value=None)
+            self.status = f"sweep {event.sweep_id} running"
+        elif kind == "trial_epoch":
+            e = event.trial_epoch
+            row = self.trials.setdefault(e.trial_number, {"state": "running", "params": ""})
+            row.update(epoch=f"{e.epoch}/{e.total_epochs}", value=e.value)
+        elif kind == "trial_ended":
+            e = event.trial_ended
+            row = self.trials.setdefault(e.trial_number, {"params": "", "epoch": ""})
+            state = sweep_pb2.TrialState.Name(e.state).removeprefix("TRIAL_STATE_").lower()
+            row.update(state=state, value=e.value if e.HasField("value") else None)
+            if e.error:
+                row["params"] += f"  ({e.error[:60]})"
+        elif kind == "new_best":
+            self.best = event.new_best.trial_number
+        elif kind == "succeeded":
+            s = event.succeeded
+            accuracy = s.metrics.get("test_accuracy", float("nan"))
+            self.status = (
+                f"done: best trial {s.best_trial} ({s.best_value:.4f}), test_accuracy "
+                f"{accuracy:.4f}; registered {s.model_name} v{s.model_version}"
+            )
+        elif kind == "failed":
+            self.status = f"failed: {event.failed.error}"
+        elif kind == "cancelled":
+            self.status = f"cancelled by {event.cancelled.cancelled_by or 'someone'}"
+        if self._live:
+            self.draw()
+        elif kind == "trial_ended":  # not a terminal: a line per finished trial
+            n = event.trial_ended.trial_number
+            self._out.write(self._row(n, self.trials[n]) + "\n")
+        elif kind in ("succeeded", "failed", "cancelled"):
+            self._out.write("\n".join(self.render()) + "\n")
+
+    def _row(self, number: int, row: dict) -> str:
+        value = row.get("value")
+        shown = f"{value:.4f}" if value is not None else "-"
+        star = "*" if number == self.best else " "
+        return (
+            f"{star}{number:>5}  {row.get('state', ''):<10} {row.get('epoch', ''):>6}  "
+            f"{shown:>9}  {row.get('params', '')}"
+        )
+
+    def render(self) -> list[str]:
+        lines = [f" {'trial':>5}  {'state':<10} {'epoch':>6}  {'objective':>9}  params"]
+        lines += [self._row(n, r) for n, r in sorted(self.trials.items())]
+        lines.append(self.status)
+        return lines
+
+    def draw(self) -> None:
+        lines = self.render()
+        if self._drawn:
+            self._out.write(f"\033[{self._drawn}F\033[J")
+        self._out.write("\n".join(lines) + "\n")
+        self._out.flush()
+        self._drawn = len(lines)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    if not args.param:
+        raise UsageError("give at least one --param NAME=SPEC to search")
+    space = dict(parse_space(p) for p in args.param)
+    fields = {
+        k: v
+        for k, v in {
+            "dataset": args.dataset,
+            "architecture": args.architecture,
+            "epochs": args.epochs,
+            "learning_rate": args.lr,
+            "batch_size": args.batch_size,
+            "optimizer": args.optimizer,
+            "seed": args.seed,
+            "train_subset": args.train_subset,
+            "experiment_name": args.experiment,
+            "model_name": args.model,
+            "idempotency_key": args.idempotency_key,
+            "objective_metric": args.objective,
+            "max_trials": args.trials,
+            "parallelism": args.parallelism,
+            "strategy": f"SEARCH_STRATEGY_{args.strategy.upper()}",
+            "search_space": space,
+        }.items()
+        if v is not None
+    }
+    if args.direction:
+        fields["direction"] = f"OBJECTIVE_DIRECTION_{args.direction.upper()}"
+    if args.prune != "none":
+        fields["early_stopping"] = {
+            "pruner": f"PRUNER_{args.prune.upper()}",
+            "warmup_epochs": args.warmup_epochs,
+            "startup_trials": args.startup_trials,
+        }
+    table = SweepTable()
+    with _client(args) as mesh:
+        sweep = mesh.sweep(on_event=table, **fields)
+    if sweep.state != sweep_pb2.SWEEP_STATE_SUCCEEDED:
+        sys.exit(1)
+
+
 def _up(_: argparse.Namespace) -> None:
     from services.launcher.cli import main as launcher_main  # the server side, only for `up`
 
@@ -214,6 +371,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--model", help="registered model (default mnist-classifier)")
     p.add_argument("--idempotency-key")
     p.set_defaults(run=_train)
+    p = commands.add_parser(
+        "sweep",
+        help="search hyperparameters, trials spread over the workers (needs an API key)",
+        description="Run a hyperparameter sweep with a live table of its trials; the best "
+        "trial's model is registered. Example: --param learning_rate=log:1e-4:1e-2 "
+        "--param optimizer=adam,sgd --param batch_size=int:32:256:32",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="NAME=SPEC",
+        help="a searched hyperparameter (learning_rate, batch_size, epochs, optimizer, "
+        "architecture): a,b,c | log:LOW:HIGH | range:LOW:HIGH | int:LOW:HIGH[:STEP]",
+    )
+    p.add_argument("--trials", type=int, help="trial budget (default 10; grid: its size)")
+    p.add_argument("--parallelism", type=int, help="trials at once (default 2)")
+    p.add_argument("--strategy", choices=("tpe", "random", "grid"), default="tpe")
+    p.add_argument("--objective", help="val_accuracy (default), val_loss or train_loss")
+    p.add_argument("--direction", choices=("maximize", "minimize"))
+    p.add_argument("--prune", choices=("median", "successive_halving", "none"), default="median")
+    p.add_argument("--warmup-epochs", type=int, default=0, help="epochs before pruning")
+    p.add_argument("--startup-trials", type=int, default=1, help="trials before pruning")
+    p.add_argument("--dataset", help="mnist (default) or fashion_mnist")
+    p.add_argument("--architecture", help="cnn (default) or mlp")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default 3)")
+    p.add_argument("--lr", type=float, help="learning rate, when not searched")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--train-subset", type=int, help="train on the first N images only")
+    p.add_argument("--experiment", help="MLflow experiment (default mnist-sweeps)")
+    p.add_argument("--model", help="registered model (default mnist-classifier)")
+    p.add_argument("--idempotency-key")
+    p.set_defaults(run=_sweep)
     p = commands.add_parser("promote", help="move a version to a stage (needs an API key)")
     p.add_argument("name")
     p.add_argument("version", type=int)

@@ -7,11 +7,13 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
 import grpc
+from google.protobuf import json_format
 
 from mlmesh.inference.v1 import inference_pb2 as inference
 from mlmesh.inference.v1 import inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2 as registry
 from mlmesh.registry.v1 import registry_pb2_grpc
+from mlmesh.training.v1 import sweep_pb2 as sweeps
 from mlmesh.training.v1 import training_pb2 as training
 from mlmesh.training.v1 import training_pb2_grpc
 from mlmesh_client.images import ImageLike, to_image
@@ -148,6 +150,49 @@ class Client:
             if on_event is not None:
                 on_event(event)
         return self.get_training_job(job.job_id)
+
+    # -- sweeps (need an API key) ---------------------------------------------------------
+    def submit_sweep(self, **fields: object) -> sweeps.Sweep:
+        """Start a hyperparameter sweep; fields are SubmitSweepRequest's. ``search_space`` may
+        be given as JSON-shaped dicts, e.g. ``{"learning_rate": {"range": {"low": 1e-4,
+        "high": 0.1, "scale": "SCALE_LOG"}}, "optimizer": {"choice": {"values": ["adam"]}}}``."""
+        request = json_format.ParseDict(
+            {k: v for k, v in fields.items() if not hasattr(v, "DESCRIPTOR")},
+            sweeps.SubmitSweepRequest(),
+        )
+        for key, value in fields.items():
+            if hasattr(value, "DESCRIPTOR"):  # a message given as itself
+                getattr(request, key).CopyFrom(value)
+        return self._call(self.training.SubmitSweep, request).sweep
+
+    def get_sweep(self, sweep_id: str) -> sweeps.Sweep:
+        return self._call(self.training.GetSweep, sweeps.GetSweepRequest(sweep_id=sweep_id)).sweep
+
+    def list_sweeps(self) -> list[sweeps.Sweep]:
+        """Every sweep, newest first."""
+        return self._all(self.training.ListSweeps, sweeps.ListSweepsRequest(), "sweeps")
+
+    def cancel_sweep(self, sweep_id: str) -> sweeps.Sweep:
+        request = sweeps.CancelSweepRequest(sweep_id=sweep_id)
+        return self._call(self.training.CancelSweep, request).sweep
+
+    def watch_sweep(self, sweep_id: str) -> Iterator[sweeps.WatchSweepResponse]:
+        """The sweep's events (trials started, epochs, trials ended, new bests), history
+        first, until the terminal one."""
+        request = sweeps.WatchSweepRequest(sweep_id=sweep_id)
+        return self._stream(self.training.WatchSweep, request)
+
+    def sweep(
+        self,
+        on_event: Callable[[sweeps.WatchSweepResponse], None] | None = None,
+        **fields: object,
+    ) -> sweeps.Sweep:
+        """Submit a sweep and follow it to the end; returns the finished sweep."""
+        sweep = self.submit_sweep(**fields)
+        for event in self.watch_sweep(sweep.sweep_id):
+            if on_event is not None:
+                on_event(event)
+        return self.get_sweep(sweep.sweep_id)
 
     # -- inference (needs an API key) -----------------------------------------------------
     # An image is 784 floats in [0, 1] (a sequence or array, any shape of 784 values), or 784

@@ -4,6 +4,8 @@ Params, metrics, tags, artifacts and the dataset go through ``MlflowClient(track
 Only logging and registering the model need MLflow's process-wide tracking URI (the flavor
 and ``register_model`` use the default client); it is set for those two calls alone and put
 back afterwards, and training runs in a process of its own anyway (services/training/child.py).
+torch is imported only where a model is logged, so sweeps can drive their parent runs from
+the Training service without loading it.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import requests
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException, RestException
@@ -29,6 +30,9 @@ from mlflow.models.model import ModelInfo
 from mlflow.types import Schema, TensorSpec
 
 from services.training.ml.catalog import IMAGE_PIXELS, NUM_CLASSES
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ def is_transient(exc: BaseException) -> bool:
 def pip_requirements() -> list[str]:
     """The logged model's requirements, stated: MLflow would infer them by loading the model
     in a subprocess, which takes seconds per job."""
+    import torch
+
     return [
         f"torch=={torch.__version__.split('+')[0]}",
         f"mlflow=={mlflow.__version__}",
@@ -134,6 +140,8 @@ class RunTracker:
         ``mlflow.pyfunc.load_model`` and needs none of mlmesh's code (the graph is traced).
         The example must have more than one row for the batch dimension to stay dynamic.
         """
+        import mlflow.pytorch
+
         with tempfile.TemporaryDirectory(prefix="mlmesh-onnx-") as tmp:
             onnx_path = Path(tmp) / ONNX_FILE
             export_onnx(model, input_example, onnx_path)
@@ -149,11 +157,12 @@ class RunTracker:
                     extra_files=[str(onnx_path)],
                 )
 
-    def register(self, model_info: ModelInfo, model_name: str, tags: dict[str, str]) -> int:
-        """Register the logged model as a new version of ``model_name``; wait until READY."""
+    def register(self, model_uri: str, model_name: str, tags: dict[str, str]) -> int:
+        """Register a logged model (``ModelInfo.model_uri``) as a new version of
+        ``model_name``; wait until READY."""
         with _global_tracking_uri(self.tracking_uri):
             version = mlflow.register_model(
-                model_info.model_uri, model_name, await_registration_for=0, tags=tags
+                model_uri, model_name, await_registration_for=0, tags=tags
             )
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
         while True:
@@ -185,6 +194,8 @@ class RunTracker:
 
 def export_onnx(model: torch.nn.Module, input_example: np.ndarray, path: Path) -> None:
     """Export ``model`` to ONNX at ``path`` with a dynamic batch dimension (input "x")."""
+    import torch
+
     example = torch.from_numpy(np.ascontiguousarray(input_example, dtype=np.float32))
     # The exporter's graph passes log every step at INFO; a job's log needs none of it.
     for chatty in ("onnxscript", "onnx_ir"):

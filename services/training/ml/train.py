@@ -36,9 +36,10 @@ from services.training.ml.loop import (
     train_epoch,
 )
 from services.training.ml.models import Probabilities
+from services.training.ml.search import TrialReporter, TrialSpec
 from services.training.ml.tracking import RunTracker, is_transient
 
-__all__ = ["Cancelled", "TrainResult", "TrainSpec", "TransientError", "train"]
+__all__ = ["Cancelled", "Pruned", "TrainResult", "TrainSpec", "TransientError", "train"]
 
 # At most this many "batch" events per second; never one per batch.
 BATCH_EVENTS_PER_S = 2.0
@@ -55,6 +56,15 @@ Emit = Callable[[dict], None]
 
 class TransientError(Exception):
     """MLflow could not be reached (or answered 5xx); retrying the job later may succeed."""
+
+
+class Pruned(Exception):
+    """A sweep's pruner stopped this trial after ``epoch`` (its run is FINISHED, tagged pruned)."""
+
+    def __init__(self, epoch: int, value: float) -> None:
+        super().__init__(f"pruned after epoch {epoch} (objective {value:.6g})")
+        self.epoch = epoch
+        self.value = value
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,9 @@ class TrainSpec:
     data_dir: str | None  # an IDX directory that overrides the offline sources, or None
     client: str  # API-key client that submitted the job (a tag)
     attempt: int  # 1 on the first try
+    # A sweep's trial: a child run of the sweep's, the objective reported every epoch (and
+    # pruning obeyed), the model logged but not registered (the sweep registers its best).
+    trial: TrialSpec | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,20 +140,22 @@ class TrainResult:
     """What a finished job produced."""
 
     mlflow_run_id: str
-    model_version: int
+    model_version: int  # 0 for a sweep trial
     metrics: dict[str, float]  # final: test_accuracy, test_loss, and the last epoch's metrics
+    model_uri: str = ""  # the logged model (what a sweep registers if this trial is its best)
 
 
 def train(spec: TrainSpec, emit: Emit, should_stop: ShouldStop) -> TrainResult:
     """Train ``spec``, log everything to MLflow, register the model; see the module docstring.
 
-    Raises ValueError (bad spec), Cancelled (should_stop; run KILLED), TransientError (MLflow
-    unreachable; chained), or whatever else failed (run FAILED).
+    Raises ValueError (bad spec), Cancelled (should_stop; run KILLED), Pruned (a sweep trial
+    its pruner stopped; run FINISHED), TransientError (MLflow unreachable; chained), or
+    whatever else failed (run FAILED).
     """
     spec.validate()
     try:
         return _train(spec, emit, should_stop)
-    except (Cancelled, TransientError):
+    except (Cancelled, Pruned, TransientError):
         raise
     except Exception as exc:
         if is_transient(exc):
@@ -180,12 +195,26 @@ def _train(spec: TrainSpec, emit: Emit, should_stop: ShouldStop) -> TrainResult:
         "mlmesh.client": spec.client,
         "mlmesh.attempt": str(spec.attempt),
     }
-    tracker = RunTracker.open(spec.tracking_uri, spec.experiment_name, spec.job_id, tags)
+    run_name = spec.job_id
+    reporter = None
+    if spec.trial is not None:
+        reporter = TrialReporter(spec.trial)
+        run_name = f"trial-{spec.trial.number}"
+        tags |= {
+            "mlflow.parentRunId": spec.trial.parent_run_id,
+            "mlmesh.sweep_id": spec.trial.sweep_id,
+            "mlmesh.trial_number": str(spec.trial.number),
+        }
+    tracker = RunTracker.open(spec.tracking_uri, spec.experiment_name, run_name, tags)
     emit({"type": "started", "mlflow_run_id": tracker.run_id, "device": str(job.device)})
     try:
-        result = _run(spec, job, tracker, emit, should_stop)
+        result = _run(spec, job, tracker, emit, should_stop, reporter)
     except Cancelled:
         tracker.end_quietly("KILLED")
+        raise
+    except Pruned:
+        tracker.client.set_tag(tracker.run_id, "mlmesh.trial_state", "pruned")
+        tracker.end("FINISHED")
         raise
     except BaseException:
         tracker.end_quietly("FAILED")
@@ -195,7 +224,12 @@ def _train(spec: TrainSpec, emit: Emit, should_stop: ShouldStop) -> TrainResult:
 
 
 def _run(
-    spec: TrainSpec, job: _Prepared, tracker: RunTracker, emit: Emit, should_stop: ShouldStop
+    spec: TrainSpec,
+    job: _Prepared,
+    tracker: RunTracker,
+    emit: Emit,
+    should_stop: ShouldStop,
+    reporter: TrialReporter | None,
 ) -> TrainResult:
     dataset, model = job.dataset, job.setup.model
     tracker.log_params(
@@ -260,6 +294,8 @@ def _run(
         history.append(metrics)
         tracker.log_metrics(metrics, step=epoch)
         emit({"type": "epoch", "epoch": epoch, "total_epochs": spec.epochs, "metrics": metrics})
+        if reporter is not None and reporter.report(epoch, metrics):
+            raise Pruned(epoch, metrics[reporter.spec.objective_metric])
 
     check_stop(should_stop)
     test_loss, test_accuracy, predictions = evaluate(model, dataset.test.to(job.device))
@@ -276,9 +312,16 @@ def _run(
     example = job.train.images[:INPUT_EXAMPLE_ROWS].cpu().numpy()
     model_info = tracker.log_model(served, example)
     check_stop(should_stop)
-    version = tracker.register(model_info, spec.model_name, {"mlmesh.job_id": spec.job_id})
+    version = 0
+    if spec.trial is None:
+        version = tracker.register(
+            model_info.model_uri, spec.model_name, {"mlmesh.job_id": spec.job_id}
+        )
     return TrainResult(
-        mlflow_run_id=tracker.run_id, model_version=version, metrics={**final, **history[-1]}
+        mlflow_run_id=tracker.run_id,
+        model_version=version,
+        metrics={**final, **history[-1]},
+        model_uri=model_info.model_uri,
     )
 
 

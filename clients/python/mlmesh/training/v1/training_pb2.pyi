@@ -2,6 +2,7 @@ import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from mlmesh.training.v1 import sweep_pb2 as _sweep_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -19,12 +20,14 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+    JOB_STATE_PRUNED: _ClassVar[JobState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+JOB_STATE_PRUNED: JobState
 
 class Hyperparameters(_message.Message):
     __slots__ = ("epochs", "learning_rate", "batch_size", "optimizer", "seed")
@@ -51,7 +54,7 @@ class Progress(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., total_epochs: _Optional[int] = ..., fraction: _Optional[float] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("job_id", "state", "dataset", "architecture", "hyperparameters", "experiment_name", "model_name", "model_version", "mlflow_run_id", "progress", "metrics", "error", "submitted_by", "idempotency_key", "attempts", "create_time", "start_time", "end_time", "worker")
+    __slots__ = ("job_id", "state", "dataset", "architecture", "hyperparameters", "experiment_name", "model_name", "model_version", "mlflow_run_id", "progress", "metrics", "error", "submitted_by", "idempotency_key", "attempts", "create_time", "start_time", "end_time", "worker", "sweep_id", "trial_number")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +81,8 @@ class TrainingJob(_message.Message):
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    SWEEP_ID_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_NUMBER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     dataset: str
@@ -97,7 +102,9 @@ class TrainingJob(_message.Message):
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     worker: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., dataset: _Optional[str] = ..., architecture: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., experiment_name: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., mlflow_run_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., submitted_by: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., attempts: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker: _Optional[str] = ...) -> None: ...
+    sweep_id: str
+    trial_number: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., dataset: _Optional[str] = ..., architecture: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., experiment_name: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., mlflow_run_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., submitted_by: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., attempts: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker: _Optional[str] = ..., sweep_id: _Optional[str] = ..., trial_number: _Optional[int] = ...) -> None: ...
 
 class SubmitTrainingJobRequest(_message.Message):
     __slots__ = ("dataset", "architecture", "epochs", "learning_rate", "batch_size", "optimizer", "seed", "experiment_name", "model_name", "idempotency_key", "train_subset")
@@ -253,8 +260,16 @@ class JobCancelled(_message.Message):
     cancelled_by: str
     def __init__(self, cancelled_by: _Optional[str] = ...) -> None: ...
 
+class JobPruned(_message.Message):
+    __slots__ = ("epoch", "value")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    value: float
+    def __init__(self, epoch: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+
 class WatchTrainingJobResponse(_message.Message):
-    __slots__ = ("job_id", "sequence", "time", "queued", "started", "epoch_completed", "batch_progress", "succeeded", "failed", "cancelled")
+    __slots__ = ("job_id", "sequence", "time", "queued", "started", "epoch_completed", "batch_progress", "succeeded", "failed", "cancelled", "pruned")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +280,7 @@ class WatchTrainingJobResponse(_message.Message):
     SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     sequence: int
     time: _timestamp_pb2.Timestamp
@@ -275,4 +291,5 @@ class WatchTrainingJobResponse(_message.Message):
     succeeded: JobSucceeded
     failed: JobFailed
     cancelled: JobCancelled
-    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[JobQueued, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., epoch_completed: _Optional[_Union[EpochCompleted, _Mapping]] = ..., batch_progress: _Optional[_Union[BatchProgress, _Mapping]] = ..., succeeded: _Optional[_Union[JobSucceeded, _Mapping]] = ..., failed: _Optional[_Union[JobFailed, _Mapping]] = ..., cancelled: _Optional[_Union[JobCancelled, _Mapping]] = ...) -> None: ...
+    pruned: JobPruned
+    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[JobQueued, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., epoch_completed: _Optional[_Union[EpochCompleted, _Mapping]] = ..., batch_progress: _Optional[_Union[BatchProgress, _Mapping]] = ..., succeeded: _Optional[_Union[JobSucceeded, _Mapping]] = ..., failed: _Optional[_Union[JobFailed, _Mapping]] = ..., cancelled: _Optional[_Union[JobCancelled, _Mapping]] = ..., pruned: _Optional[_Union[JobPruned, _Mapping]] = ...) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from mlmesh.training.v1 import sweep_pb2 as mlmesh_dot_training_dot_v1_dot_sweep__pb2
 from mlmesh.training.v1 import training_pb2 as mlmesh_dot_training_dot_v1_dot_training__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -60,6 +61,31 @@ class TrainingServiceStub:
                 request_serializer=mlmesh_dot_training_dot_v1_dot_training__pb2.WatchTrainingJobRequest.SerializeToString,
                 response_deserializer=mlmesh_dot_training_dot_v1_dot_training__pb2.WatchTrainingJobResponse.FromString,
                 _registered_method=True)
+        self.SubmitSweep = channel.unary_unary(
+                '/mlmesh.training.v1.TrainingService/SubmitSweep',
+                request_serializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.SubmitSweepRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.SubmitSweepResponse.FromString,
+                _registered_method=True)
+        self.GetSweep = channel.unary_unary(
+                '/mlmesh.training.v1.TrainingService/GetSweep',
+                request_serializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.GetSweepRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.GetSweepResponse.FromString,
+                _registered_method=True)
+        self.ListSweeps = channel.unary_unary(
+                '/mlmesh.training.v1.TrainingService/ListSweeps',
+                request_serializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.ListSweepsRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.ListSweepsResponse.FromString,
+                _registered_method=True)
+        self.CancelSweep = channel.unary_unary(
+                '/mlmesh.training.v1.TrainingService/CancelSweep',
+                request_serializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.CancelSweepRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.CancelSweepResponse.FromString,
+                _registered_method=True)
+        self.WatchSweep = channel.unary_stream(
+                '/mlmesh.training.v1.TrainingService/WatchSweep',
+                request_serializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.WatchSweepRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.WatchSweepResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -101,6 +127,42 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSweep(self, request, context):
+        """SubmitSweep validates and records a hyperparameter sweep, queues its first trials and
+        returns it at once. Each trial is a training job; the best one is registered at the end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSweep(self, request, context):
+        """GetSweep returns one sweep with its trials.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSweeps(self, request, context):
+        """ListSweeps lists sweeps, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSweep(self, request, context):
+        """CancelSweep stops a sweep: no new trials, and its running trials are cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSweep(self, request, context):
+        """WatchSweep streams a sweep's events: its history first, then live events until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +190,31 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.WatchTrainingJob,
                     request_deserializer=mlmesh_dot_training_dot_v1_dot_training__pb2.WatchTrainingJobRequest.FromString,
                     response_serializer=mlmesh_dot_training_dot_v1_dot_training__pb2.WatchTrainingJobResponse.SerializeToString,
+            ),
+            'SubmitSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitSweep,
+                    request_deserializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.SubmitSweepRequest.FromString,
+                    response_serializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.SubmitSweepResponse.SerializeToString,
+            ),
+            'GetSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSweep,
+                    request_deserializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.GetSweepRequest.FromString,
+                    response_serializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.GetSweepResponse.SerializeToString,
+            ),
+            'ListSweeps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSweeps,
+                    request_deserializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.ListSweepsRequest.FromString,
+                    response_serializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.ListSweepsResponse.SerializeToString,
+            ),
+            'CancelSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSweep,
+                    request_deserializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.CancelSweepRequest.FromString,
+                    response_serializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.CancelSweepResponse.SerializeToString,
+            ),
+            'WatchSweep': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSweep,
+                    request_deserializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.WatchSweepRequest.FromString,
+                    response_serializer=mlmesh_dot_training_dot_v1_dot_sweep__pb2.WatchSweepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +353,141 @@ class TrainingService:
             '/mlmesh.training.v1.TrainingService/WatchTrainingJob',
             mlmesh_dot_training_dot_v1_dot_training__pb2.WatchTrainingJobRequest.SerializeToString,
             mlmesh_dot_training_dot_v1_dot_training__pb2.WatchTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.training.v1.TrainingService/SubmitSweep',
+            mlmesh_dot_training_dot_v1_dot_sweep__pb2.SubmitSweepRequest.SerializeToString,
+            mlmesh_dot_training_dot_v1_dot_sweep__pb2.SubmitSweepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.training.v1.TrainingService/GetSweep',
+            mlmesh_dot_training_dot_v1_dot_sweep__pb2.GetSweepRequest.SerializeToString,
+            mlmesh_dot_training_dot_v1_dot_sweep__pb2.GetSweepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSweeps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.training.v1.TrainingService/ListSweeps',
+            mlmesh_dot_training_dot_v1_dot_sweep__pb2.ListSweepsRequest.SerializeToString,
+            mlmesh_dot_training_dot_v1_dot_sweep__pb2.ListSweepsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.training.v1.TrainingService/CancelSweep',
+            mlmesh_dot_training_dot_v1_dot_sweep__pb2.CancelSweepRequest.SerializeToString,
+            mlmesh_dot_training_dot_v1_dot_sweep__pb2.CancelSweepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlmesh.training.v1.TrainingService/WatchSweep',
+            mlmesh_dot_training_dot_v1_dot_sweep__pb2.WatchSweepRequest.SerializeToString,
+            mlmesh_dot_training_dot_v1_dot_sweep__pb2.WatchSweepResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,165 @@
+"""inference.GRPCInferenceService: the Open Inference Protocol's gRPC face over OpenInference."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+
+from mlmesh.oip.v2 import grpc_predict_v2_pb2 as pb
+from mlmesh.oip.v2 import grpc_predict_v2_pb2_grpc
+from services.common.errors import InvalidArgument
+from services.inference import metrics
+from services.inference.oip import (
+    EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    InputTensor,
+    OpenInference,
+    check_datatype,
+    check_parameters,
+    check_shape,
+    datatype_name,
+    decode_raw,
+)
+from services.inference.runtime import TensorInfo
+from services.inference.servicer import fresh_requested
+
+# The InferTensorContents field that carries each datatype's elements (FP16 has none: raw only).
+CONTENTS_FIELDS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def _typed(contents: pb.InferTensorContents, datatype: str, field: str) -> np.ndarray:
+    """A tensor's typed contents as a flat array; only its datatype's field may be set."""
+    wanted = CONTENTS_FIELDS.get(datatype)
+    if wanted is None:
+        raise InvalidArgument(f"{field}: {datatype} data can only come in raw_input_contents")
+    for other, _ in contents.ListFields():
+        if other.name != wanted:
+            raise InvalidArgument(
+                f"{field}.contents.{other.name} does not match datatype {datatype}; "
+                f"its elements go in contents.{wanted}"
+            )
+    return np.asarray(getattr(contents, wanted), dtype=check_datatype(datatype, field))
+
+
+def _inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries; give one per input ({len(request.inputs)})"
+        )
+    decoded = []
+    for i, tensor in enumerate(request.inputs):
+        field = f"inputs[{i}]"
+        dtype = check_datatype(tensor.datatype, field)
+        shape = check_shape(tensor.shape, field)
+        check_parameters(tensor.parameters, field)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidArgument(
+                    f"{field} has contents and raw_input_contents is given too; use one form"
+                )
+            data = decode_raw(raw[i], dtype, shape, field)
+        else:
+            data = _typed(tensor.contents, tensor.datatype, field)
+        decoded.append(InputTensor(tensor.name, tensor.datatype, shape, data, field))
+    return decoded
+
+
+def _tensor_metadata(info: TensorInfo) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=info.name, datatype=datatype_name(info.dtype), shape=list(info.shape)
+    )
+
+
+class OipServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
+    """Thin adapter from the protocol's generated service to OpenInference."""
+
+    def __init__(self, oip: OpenInference) -> None:
+        self._oip = oip
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._oip.ready)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(
+            ready=await self._oip.model_ready(request.name, request.version)
+        )
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS)
+        )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        found = await self._oip.model_metadata(request.name, request.version)
+        return pb.ModelMetadataResponse(
+            name=found.name,
+            versions=found.versions,
+            platform=found.platform,
+            inputs=[_tensor_metadata(t) for t in found.inputs],
+            outputs=[_tensor_metadata(t) for t in found.outputs],
+        )
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        """Answers in the form asked: raw_output_contents for a raw request, typed contents
+        otherwise."""
+        started = time.perf_counter()
+        check_parameters(request.parameters, "parameters")
+        for i, wanted in enumerate(request.outputs):
+            check_parameters(wanted.parameters, f"outputs[{i}]")
+        answer = await self._oip.infer(
+            request.model_name,
+            request.model_version,
+            _inputs(request),
+            [o.name for o in request.outputs],
+            read_cache=not fresh_requested(context),
+        )
+        datatype = datatype_name(answer.output.dtype)
+        output = pb.ModelInferResponse.InferOutputTensor(
+            name=answer.output.name, datatype=datatype, shape=list(answer.data.shape)
+        )
+        response = pb.ModelInferResponse(
+            model_name=answer.model_name,
+            model_version=answer.model_version,
+            id=request.id,
+            outputs=[output],
+        )
+        if request.raw_input_contents:
+            little = answer.data.astype(answer.data.dtype.newbyteorder("<"), copy=False)
+            response.raw_output_contents.append(little.tobytes())
+        else:
+            getattr(response.outputs[0].contents, CONTENTS_FIELDS[datatype]).extend(
+                answer.data.ravel().tolist()
+            )
+        metrics.PREDICTION_DURATION.labels("ModelInfer").observe(time.perf_counter() - started)
+        return response
