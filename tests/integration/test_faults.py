@@ -599,13 +599,19 @@ async def _locked_table_drains(
         await lock.start()
         await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
 
-        async def in_flight() -> None:
-            deadline = time.monotonic() + 10
-            while not await conn.fetchval(
+        async def waiting() -> int:
+            # Inside the locking transaction, pg_stat_activity is a snapshot taken at its
+            # first read: drop it before each look.
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            return await conn.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                 " AND position($1 in query) > 0",
                 query_start,
-            ):
+            )
+
+        async def in_flight() -> None:
+            deadline = time.monotonic() + 10
+            while not await waiting():
                 assert time.monotonic() < deadline, f"no request waits on {table}"
                 await asyncio.sleep(0.05)
 
