@@ -505,7 +505,7 @@ def load_rows(
 # -- the mesh and the model ---------------------------------------------------------------------
 
 
-def bench_settings(state_dir: Path) -> Settings:
+def bench_settings(state_dir: Path, rate_limits: str = "predictions=1000000/s:1000000") -> Settings:
     """Settings for a private mesh: free ports, databases and a model name of its own.
 
     PostgreSQL and Redis are the configured servers (MLMESH_* or the defaults; the launcher
@@ -528,7 +528,7 @@ def bench_settings(state_dir: Path) -> Settings:
         "shutdown_grace_s": 3.0,
         # Limits are checked (a Redis call per request, as in production) but never reached:
         # the load generators are one client each.
-        "rate_limits": "predictions=1000000/s:1000000",
+        "rate_limits": rate_limits,
     }
     # Every port and address setting, including those of services added later.
     for name in Settings.model_fields:
@@ -1315,6 +1315,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated parts to leave out: {', '.join(PARTS)}",
     )
     parser.add_argument("--reinstall-mlserver", action="store_true")
+    parser.add_argument(
+        "--rate-limits",
+        default="predictions=1000000/s:1000000",
+        help="MLMESH_RATE_LIMITS of the mesh (default: checked, never reached; "
+        "predictions=off skips the check)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict.md")
     args = parser.parse_args(argv)
     if not 1 <= args.loadgen_threads <= MAX_LOADGEN_THREADS:
@@ -1336,7 +1342,7 @@ def main(argv: list[str] | None = None) -> int:
     state_dir.mkdir(parents=True)
     work_dir = state_dir / "work"
     work_dir.mkdir()
-    settings = bench_settings(state_dir)
+    settings = bench_settings(state_dir, args.rate_limits)
     args.threads_forward = getattr(settings, "inference_threads", 1)
     bench = Bench(args)
     # Different images from run to run, and room for this run's ranges below COUNTER_SPACE.

@@ -49,9 +49,11 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "gateway_admin_port": free_port(),
         "gateway_metrics_port": free_port(),
         "state_dir": state_dir,
-        "api_keys": ",".join(f"{c}={secrets.token_urlsafe(24)}" for c in ("alice", "bob", "erin")),
+        "api_keys": ",".join(
+            f"{c}={secrets.token_urlsafe(24)}" for c in ("alice", "bob", "erin", "dave")
+        ),
         # Roomy for the tests' own traffic (the fuzzing among it); erin gets small buckets
-        # that tests/integration/test_rate_limits.py drains (and dave, who has no key, one).
+        # that tests/integration/test_rate_limits.py drains, and dave one.
         "rate_limits": (
             "predictions=10000/s:10000,training_submissions=1000/s:1000,"
             "registry_writes=1000/s:1000,predictions@erin=1/m:3,"

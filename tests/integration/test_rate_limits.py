@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import httpx
@@ -22,7 +23,6 @@ from mlmesh.inference.v1 import inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.common.errors import Unavailable
-from services.common.interceptors import CLIENT_HEADER
 from services.common.ratelimit import (
     PREDICTIONS,
     REGISTRY_WRITES,
@@ -33,7 +33,8 @@ from services.common.ratelimit import (
 )
 from services.launcher.mesh import Mesh
 from tests.conftest import SHARED_REDIS, free_port, metric_sample
-from tests.integration.replicas import inference_replica
+from tests.integration.replicas import inference_replica, second_gateway
+from tests.integration.rpcs import DESCRIPTOR
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -106,30 +107,40 @@ def test_over_the_limit_is_429_with_retry_after_over_rest_and_resource_exhausted
     assert metric_sample(scrape, "rate_limit_denied_total", route_class="predictions") >= 2
 
 
-def test_the_limit_holds_across_two_replicas(mesh: Mesh) -> None:
-    """20 concurrent predictions of one client, split over the mesh's Inference replica and a
-    second one on the same Redis: exactly the client's burst (dave: 4) goes through."""
-    settings = mesh.settings.model_copy(
+def test_the_limit_holds_across_two_replicas(
+    mesh: Mesh, keys: dict[str, str], tmp_path: Path
+) -> None:
+    """20 concurrent predictions with dave's key, split over two Inference replicas on the
+    same Redis, each behind a gateway (the mesh's, and a second one in front of the second
+    replica): exactly dave's burst (4) goes through."""
+    replica = mesh.settings.model_copy(
         update={
             "inference_address": f"127.0.0.1:{free_port()}",
             "inference_ops_port": free_port(),
             "inference_http_port": free_port(),
         }
     )
-    with inference_replica(settings, mesh.log_dir / "inference-second-replica.log"):
+    with (
+        inference_replica(replica, mesh.log_dir / "inference-second-replica.log"),
+        second_gateway(
+            mesh.settings,
+            DESCRIPTOR,
+            tmp_path,
+            inference_address=replica.inference_address,
+            inference_http_port=replica.inference_http_port,
+        ) as gateway,
+    ):
         channels = [
-            grpc.insecure_channel(a)
-            for a in (mesh.settings.inference_address, settings.inference_address)
+            grpc.insecure_channel(f"127.0.0.1:{s.gateway_port}") for s in (mesh.settings, gateway)
         ]
         try:
             stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in channels]
             request = pb.PredictRequest(image=IMAGE, model_name="no-such-model")
-            metadata = [(CLIENT_HEADER, "dave")]  # as the gateway forwards a key's client
+            metadata = [("x-api-key", keys["dave"])]
 
             def ask(i: int) -> grpc.StatusCode:
-                return _code(lambda: stubs[i % 2].Predict(request, metadata=metadata, timeout=10))[
-                    0
-                ]
+                call = stubs[i % 2].Predict
+                return _code(lambda: call(request, metadata=metadata, timeout=10))[0]
 
             with ThreadPoolExecutor(20) as pool:
                 codes = list(pool.map(ask, range(20)))
@@ -138,6 +149,10 @@ def test_the_limit_holds_across_two_replicas(mesh: Mesh) -> None:
                 channel.close()
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 16, codes
     assert codes.count(grpc.StatusCode.NOT_FOUND) == 4, codes  # let through: no such model
+    # both replicas answered some of them
+    for ops_port in (mesh.settings.inference_ops_port, replica.inference_ops_port):
+        scrape = httpx.get(f"http://127.0.0.1:{ops_port}/metrics").text
+        assert metric_sample(scrape, "rate_limit_denied_total", route_class="predictions") >= 1
 
 
 async def test_a_bucket_is_atomic_refills_and_is_per_client() -> None:
