@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.common import db
 from services.common.settings import Settings
 from services.launcher.mesh import Mesh
@@ -112,3 +114,29 @@ def gateway_channel(mesh: Mesh) -> Iterator[grpc.Channel]:
     address = f"{mesh.settings.gateway_host}:{mesh.settings.gateway_port}"
     with grpc.insecure_channel(address) as channel:
         yield channel
+
+
+def cancel_live_jobs(mesh: Mesh, auth: list[tuple[str, str]]) -> None:
+    """Cancel every queued or running training job of the mesh, and wait until none is live
+    (a test that may have submitted real jobs leaves none running)."""
+    live_states = (training_pb2.JOB_STATE_QUEUED, training_pb2.JOB_STATE_RUNNING)
+    address = f"{mesh.settings.gateway_host}:{mesh.settings.gateway_port}"
+    with grpc.insecure_channel(address) as channel:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        deadline = time.monotonic() + 120
+        while True:
+            jobs = stub.ListTrainingJobs(
+                training_pb2.ListTrainingJobsRequest(page_size=1000), metadata=auth
+            ).jobs
+            live = [j for j in jobs if j.state in live_states]
+            if not live:
+                return
+            assert time.monotonic() < deadline, f"jobs would not stop: {live}"
+            for job in live:
+                try:
+                    stub.CancelTrainingJob(
+                        training_pb2.CancelTrainingJobRequest(job_id=job.job_id), metadata=auth
+                    )
+                except grpc.RpcError as err:  # it finished meanwhile
+                    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+            time.sleep(1)

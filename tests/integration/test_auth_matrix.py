@@ -25,6 +25,7 @@ from gateway.policy import HTTP_ACCESS, OIP_REST_ROUTES, OIP_SERVICE, RPC_ACCESS
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.common.interceptors import CLIENT_HEADER
 from services.launcher.mesh import Mesh
+from tests.conftest import cancel_live_jobs
 from tests.integration.replicas import second_gateway
 from tests.integration.rpcs import DESCRIPTOR, Method, descriptor_methods
 
@@ -82,31 +83,10 @@ def training(gateway_channel: grpc.Channel) -> training_pb2_grpc.TrainingService
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cancel_live_jobs(mesh: Mesh, keys: dict[str, str]) -> Iterator[None]:
+def leave_no_job_running(mesh: Mesh, keys: dict[str, str]) -> Iterator[None]:
     """An empty SubmitTrainingJob is a valid job: leave none of this module's running."""
     yield
-    address = f"{mesh.settings.gateway_host}:{mesh.settings.gateway_port}"
-    auth = [(API_KEY_HEADER, keys["alice"])]
-    live_states = (training_pb2.JOB_STATE_QUEUED, training_pb2.JOB_STATE_RUNNING)
-    with grpc.insecure_channel(address) as channel:
-        stub = training_pb2_grpc.TrainingServiceStub(channel)
-        deadline = time.monotonic() + 120
-        while True:
-            jobs = stub.ListTrainingJobs(
-                training_pb2.ListTrainingJobsRequest(page_size=1000), metadata=auth
-            ).jobs
-            live = [j for j in jobs if j.state in live_states]
-            if not live:
-                return
-            assert time.monotonic() < deadline, f"jobs would not stop: {live}"
-            for job in live:
-                try:
-                    stub.CancelTrainingJob(
-                        training_pb2.CancelTrainingJobRequest(job_id=job.job_id), metadata=auth
-                    )
-                except grpc.RpcError as err:  # it finished meanwhile
-                    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
-            time.sleep(1)
+    cancel_live_jobs(mesh, [(API_KEY_HEADER, keys["alice"])])
 
 
 # -- completeness -------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 
 from gateway.keys import API_KEY_HEADER
 from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
-from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.launcher.mesh import Mesh
+from tests.conftest import cancel_live_jobs
 from tests.integration.rpcs import DESCRIPTOR, Method, descriptor_methods
 
 EXAMPLES = int(os.environ.get("MLMESH_FUZZ_EXAMPLES", "15"))
@@ -359,30 +359,7 @@ def report_and_clean_up(
             reporter.write_line(line)
     if os.environ.get("MLMESH_FUZZ_REPORT"):
         Path(os.environ["MLMESH_FUZZ_REPORT"]).write_text("\n".join(lines) + "\n")
-    _cancel_live_jobs(mesh, auth)
-
-
-def _cancel_live_jobs(mesh: Mesh, auth: list[tuple[str, str]]) -> None:
-    live_states = (training_pb2.JOB_STATE_QUEUED, training_pb2.JOB_STATE_RUNNING)
-    with grpc.insecure_channel(_gateway(mesh)) as channel:
-        stub = training_pb2_grpc.TrainingServiceStub(channel)
-        deadline = time.monotonic() + 120
-        while True:
-            jobs = stub.ListTrainingJobs(
-                training_pb2.ListTrainingJobsRequest(page_size=1000), metadata=auth
-            ).jobs
-            live = [j for j in jobs if j.state in live_states]
-            if not live:
-                return
-            assert time.monotonic() < deadline, f"jobs would not stop: {live}"
-            for job in live:
-                try:
-                    stub.CancelTrainingJob(
-                        training_pb2.CancelTrainingJobRequest(job_id=job.job_id), metadata=auth
-                    )
-                except grpc.RpcError:
-                    pass  # it ended meanwhile
-            time.sleep(1)
+    cancel_live_jobs(mesh, auth)
 
 
 def _gateway(mesh: Mesh) -> str:
