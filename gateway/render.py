@@ -9,12 +9,20 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import grpc
 import jinja2
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
-from gateway.keys import ENVOY_KEYS_FILE, ApiKeyError, load_api_keys, write_envoy_keys
+from gateway.keys import (
+    API_KEY_HEADER,
+    ENVOY_KEYS_FILE,
+    ApiKeyError,
+    load_api_keys,
+    write_envoy_keys,
+)
 from gateway.policy import (
     CONTRACT_PACKAGES,
     OIP_REST_ROUTES,
@@ -175,9 +183,13 @@ def _checked(type_name: str, messages: dict[str, descriptor_pb2.DescriptorProto]
     return type_name.startswith("mlmesh.") and type_name in messages
 
 
-# A field's JSON value: ("-", "") not checked inside, ("message", T) an object (or array of
-# objects) of message T, ("map", T) an object whose values are messages T.
-FieldCheck = tuple[str, str]
+class FieldCheck(NamedTuple):
+    """How a JSON key's value is checked, and the field the key names."""
+
+    kind: str  # "-" not checked inside, "message" an object (or array of objects) of message
+    # type_name, "map" an object whose values are messages type_name
+    type_name: str
+    field: str  # the field's proto name: "lr" and "learning_rate" are one field
 
 
 def message_schemas(descriptor_path: Path, roots: list[str]) -> dict[str, dict[str, FieldCheck]]:
@@ -192,29 +204,30 @@ def message_schemas(descriptor_path: Path, roots: list[str]) -> dict[str, dict[s
             continue
         keys: dict[str, FieldCheck] = {}
         for field in messages[name].field:
-            check: FieldCheck = ("-", "")
+            kind, type_name = "-", ""
             if field.type == _FD.TYPE_MESSAGE:
-                type_name = field.type_name.lstrip(".")
-                entry = messages.get(type_name)
+                field_type = field.type_name.lstrip(".")
+                entry = messages.get(field_type)
                 if entry is not None and entry.options.map_entry:
                     value = next(f for f in entry.field if f.number == 2)
                     value_type = value.type_name.lstrip(".")
                     if value.type == _FD.TYPE_MESSAGE and _checked(value_type, messages):
-                        check = ("map", value_type)
-                elif _checked(type_name, messages):
-                    check = ("message", type_name)
-            if check[0] != "-":
-                todo.append(check[1])
+                        kind, type_name = "map", value_type
+                elif _checked(field_type, messages):
+                    kind, type_name = "message", field_type
+            if kind != "-":
+                todo.append(type_name)
             # The transcoder takes these two keys only: with json_name = "lr", "learningRate"
             # is dropped like any unknown key.
             for key in (field.name, field.json_name or _lower_camel(field.name)):
-                keys[key] = check
+                keys[key] = FieldCheck(kind, type_name, field.name)
         schemas[name] = keys
     return dict(sorted(schemas.items()))
 
 
 def body_message(rpc: Rpc, binding: Binding, descriptor_path: Path) -> str | None:
-    """The message type a REST binding's JSON body maps to, or None when it has no body."""
+    """The message type a REST binding's JSON body maps to; "" for a body that is JSON but no
+    message (it names a scalar or map field: its JSON is checked, no keys); None for no body."""
     if not binding.body:
         return None
     if binding.body == "*":
@@ -225,7 +238,7 @@ def body_message(rpc: Rpc, binding: Binding, descriptor_path: Path) -> str | Non
     field = next(f for f in messages[rpc.input_type].field if f.name == binding.body)
     type_name = field.type_name.lstrip(".")
     if field.type != _FD.TYPE_MESSAGE or messages[type_name].options.map_entry:
-        return None
+        return ""
     return type_name
 
 
@@ -242,14 +255,20 @@ def strict_json_lua(schemas: dict[str, dict[str, FieldCheck]]) -> str:
     """strict_json.lua with its SCHEMA table generated from ``schemas``."""
     index = {name: i for i, name in enumerate(schemas, 1)}
     lines = ["local SCHEMA = (function()", "  local m = {}"]
-    lines += [f"  m[{i}] = {{name = {_lua_string(n)}, keys = false}}" for n, i in index.items()]
+    lines += [
+        f"  m[{i}] = {{name = {_lua_string(n)}, keys = false, fields = false}}"
+        for n, i in index.items()
+    ]
     for name, keys in schemas.items():
         lines.append(f"  m[{index[name]}].keys = {{")
-        for key, (kind, type_name) in keys.items():
-            value = {"-": "true", "message": f"m[{index.get(type_name)}]"}.get(
-                kind, f"{{map = m[{index.get(type_name)}]}}"
+        for key, check in keys.items():
+            value = {"-": "true", "message": f"m[{index.get(check.type_name)}]"}.get(
+                check.kind, f"{{map = m[{index.get(check.type_name)}]}}"
             )
             lines.append(f"    [{_lua_string(key)}] = {value},")
+        lines.append("  }")
+        lines.append(f"  m[{index[name]}].fields = {{")
+        lines += [f"    [{_lua_string(k)}] = {_lua_string(c.field)}," for k, c in keys.items()]
         lines.append("  }")
     lines.append("  return {")
     lines += [f"    [{_lua_string(n)}] = m[{i}]," for n, i in index.items()]
@@ -292,6 +311,100 @@ def route_stat_prefix(cluster: str, method: str) -> str:
     """A route's stat_prefix: ``<cluster>_<Method>``, with only [A-Za-z0-9_] so that Envoy's
     tag extraction turns it into the ``envoy_route`` label of the Prometheus output."""
     return re.sub(r"[^A-Za-z0-9_]", "_", f"{cluster}_{method}")
+
+
+# -- replies Envoy makes itself -------------------------------------------------------------
+# A local reply (api_key_auth's 401, strict_json.lua's and the transcoder's 400, no route, no
+# healthy service, a body over the limit) is text. The connection manager's local_reply_config
+# rewrites it into the error shape the services answer with: over REST {"code": <gRPC code>,
+# "message": ..., "details": []} (google.rpc.Status, as the transcoder prints the services'
+# errors), on the Open Inference Protocol's REST face {"error": ...} (that protocol's shape,
+# which its clients read). Envoy turns a local reply to a gRPC request into grpc-status and
+# grpc-message itself, the message being the reply's text: those replies keep their text.
+
+# The gRPC code of each HTTP status of a local reply, as google.rpc.Code maps codes to HTTP;
+# any other status >= 400 is UNKNOWN.
+LOCAL_REPLY_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    431: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+NOT_RUNNING = (
+    "the service behind this route is not running or not healthy; start it (see the README) "
+    "and retry"
+)
+NO_ROUTE = "no such route; see the README for the API"
+# The paths (query included) of the Open Inference Protocol's REST face: OIP_REST_ROUTES.
+OIP_PATHS = r"^/v2([/?].*)?$"
+
+
+def _status_is(status: int, op: str = "EQ") -> dict:
+    value = {"default_value": status, "runtime_key": f"mlmesh.local_reply.{op.lower()}_{status}"}
+    return {"status_code_filter": {"comparison": {"op": op, "value": value}}}
+
+
+def _header(name: str, **match: object) -> dict:
+    return {"header_filter": {"header": {"name": name, **match}}}
+
+
+def _all(*filters: dict) -> dict:
+    return {"and_filter": {"filters": list(filters)}}
+
+
+def _error_json(code: grpc.StatusCode) -> dict:
+    return {"code": code.value[0], "message": "%LOCAL_REPLY_BODY%", "details": []}
+
+
+def local_reply_mappers(body_limit: int) -> list[dict]:
+    """local_reply_config's mappers, in order (Envoy applies the first whose filter matches):
+    each a filter, and the text (body) and JSON format (json) it rewrites the reply to."""
+    # A REST request transcoded to gRPC has content-type application/grpc by the time the
+    # router answers, but also x-envoy-original-path (set by the transcoder), which a gRPC
+    # request lacks.
+    grpc_request = [
+        _header("content-type", string_match={"prefix": "application/grpc"}),
+        _header("x-envoy-original-path", present_match=True, invert_match=True),
+    ]
+    oip_request = _header(":path", string_match={"safe_regex": {"regex": OIP_PATHS}})
+    not_running = {"response_flag_filter": {"flags": ["UH", "UF"]}}
+    no_key = f"missing or invalid API key: send it in the {API_KEY_HEADER}"
+    # Replies whose text says more than Envoy's: (filter, their status, text).
+    texts = [
+        (not_running, 503, NOT_RUNNING),
+        (_status_is(401), 401, f"{no_key} header"),
+        (_status_is(413), 413, f"request body is larger than the gateway accepts ({body_limit} "
+         "bytes of JSON)"),
+    ]  # fmt: skip
+    oip_error = {"error": "%LOCAL_REPLY_BODY%"}
+    return [
+        {"filter": _all(*grpc_request, not_running), "body": NOT_RUNNING},
+        {"filter": _all(*grpc_request, _status_is(401)), "body": f"{no_key} metadata"},
+        {"filter": _all(*grpc_request)},  # anything else to a gRPC request: as it is
+        *[
+            {"filter": _all(oip_request, f), "body": text, "json": oip_error}
+            for f, _, text in texts
+        ],
+        {"filter": _all(oip_request, _status_is(400, "GE")), "json": oip_error},
+        *[
+            {"filter": f, "body": text, "json": _error_json(LOCAL_REPLY_CODES[status])}
+            for f, status, text in texts
+        ],
+        *[
+            {"filter": _status_is(status), "json": _error_json(code)}
+            for status, code in LOCAL_REPLY_CODES.items()
+        ],
+        {"filter": _status_is(400, "GE"), "json": _error_json(grpc.StatusCode.UNKNOWN)},
+    ]
 
 
 def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Path) -> Path:
@@ -377,6 +490,8 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
         for i, (verb, template, method) in enumerate(OIP_REST_ROUTES)
     ]
     schemas = message_schemas(descriptor_path, [r["message"] for r in rest if r["message"]])
+    # JSON spells a message in up to about 4 times its protobuf bytes (floats as text).
+    body_limit = 4 * settings.grpc_max_message_bytes
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE.parent),
         undefined=jinja2.StrictUndefined,
@@ -405,8 +520,9 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
         ops_host=split_address(settings.registry_address)[0],
         ops_port=settings.registry_ops_port,
         strict_json=strict_json_lua(schemas),
-        # JSON spells a message in up to about 4 times its protobuf bytes (floats as text).
-        body_limit=4 * settings.grpc_max_message_bytes,
+        body_limit=body_limit,
+        local_replies=local_reply_mappers(body_limit),
+        no_route=NO_ROUTE,
         tls=(
             {
                 "cert": str(settings.gateway_tls_cert_file.resolve()),

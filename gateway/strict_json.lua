@@ -1,83 +1,142 @@
 -- Strict JSON request bodies for the gateway (Envoy's Lua HTTP filter).
 --
--- grpc_json_transcoder silently drops JSON body fields the request message does not have
--- (envoyproxy/envoy#46623). This filter runs just before it: on a REST route whose metadata
--- names the message the body maps to (filter_metadata["envoy.filters.http.lua"].message), it
--- reads the JSON body and answers 400, in the transcoder's error shape, naming the first
--- unknown key, nested messages included. A body that is not JSON passes untouched, so the
--- transcoder answers it with its own error. A top-level array (a client-streaming RPC's
--- messages) is checked element by element.
+-- The transcoder's JSON parser (protobuf's JsonStreamParser) takes more than JSON: strings in
+-- single quotes, bare keys, trailing commas, "1.", unknown escapes. And it silently drops JSON
+-- body fields the request message does not have (envoyproxy/envoy#46623). So this filter runs
+-- just before it: on a REST route whose metadata names the message its body maps to
+-- (filter_metadata["envoy.filters.http.lua"].message), it reads the body as RFC 8259 JSON and
+-- answers 400 naming the line and column of the first thing that is not JSON, or the first
+-- key the message lacks (nested messages included). A top-level array (a client-streaming
+-- RPC's messages) is checked element by element.
 --
--- The reader accepts all the transcoder's JSON parser (protobuf's JsonStreamParser) accepts,
--- which is more than JSON: strings in single quotes, unknown escapes ("\x" is "x"), bare
--- keys, trailing commas, and numbers are runs of [0-9.eE+-x]. A body that parser would take
--- must never pass here as "not JSON", or its unknown keys would slip through; the reverse
--- (a body only this reader takes) merely turns the transcoder's 400 into ours.
+-- What counts as JSON, beyond the grammar: the text must be UTF-8 (RFC 8259 8.1), and a
+-- \uD800-\uDFFF escape must be half of a surrogate pair, because protobuf strings are UTF-8
+-- and cannot hold a lone surrogate. A key given twice in one object is refused, as is a field
+-- given under both its names ("lr" and "learning_rate"): RFC 8259 leaves which one wins to
+-- the parser. An empty body (no bytes at all) is no body: the transcoder makes it the empty
+-- message, as gRPC-gateway does; a body of only whitespace is not JSON.
+--
+-- The 400 is a local reply with the message as its text; the connection manager's
+-- local_reply_config (gateway/render.py, local_reply_mappers) wraps it in the JSON error
+-- envelope.
+--
+-- It runs on every REST request with a body, so it is one linear pass: each byte is looked at
+-- a bounded number of times, strings are skipped with one pattern search per run of plain
+-- characters, and numbers are read byte by byte (LuaJIT compiles such loops).
 --
 -- gateway/render.py generates SCHEMA from the descriptor set and puts it in place of the
--- marker line below. SCHEMA maps each message's full name to {name = ..., keys = {...}}:
--- keys maps every JSON key the transcoder takes (a field's proto name and its json_name,
--- lowerCamelCase unless the proto sets it) to true (a value not checked inside: scalars, enums, well-known types), to the schema of
--- a message-typed field (singular or repeated), or to {map = schema} for a map whose values
--- are messages.
+-- marker line below. SCHEMA maps each message's full name to {name = ..., keys = {...},
+-- fields = {...}}: keys maps every JSON key the transcoder takes (a field's proto name and
+-- its json_name, lowerCamelCase unless the proto sets it) to true (a value not checked
+-- inside: scalars, enums, well-known types), to the schema of a message-typed field
+-- (singular or repeated), or to {map = schema} for a map whose values are messages; fields
+-- maps each key to its field's proto name.
 
 local SCHEMA = {} -- @SCHEMA@
 
 local MAX_DEPTH = 32
 
-local byte, char, find, sub = string.byte, string.char, string.find, string.sub
-local concat, format, tonumber = table.concat, string.format, tonumber
+local byte, char, find, format, sub = string.byte, string.char, string.find, string.format,
+  string.sub
+local concat, tonumber = table.concat, tonumber
 
--- Errors thrown (with error(x, 0)) through the reader and caught by check().
-local INVALID = {} -- not JSON: leave the body to the transcoder
-local TOO_DEEP = {} -- nested deeper than MAX_DEPTH
+-- Thrown (with error(x, 0)) through the reader and caught by check(): the body is not
+-- taken. bad_at is the byte position, and either bad_what what JSON has there ("invalid JSON
+-- at line 1, column 2: expected <bad_what>, found <the text there>") or bad_head the message
+-- less its position ("<bad_head> at line 1, column 2"), for JSON this gateway refuses.
+local BAD = {}
+local bad_at, bad_what, bad_head
 
--- What a backslash and these characters stand for; any other character stands for itself.
-local ESCAPES = {[98] = "\b", [102] = "\f", [110] = "\n", [114] = "\r", [116] = "\t", [118] = "\v"}
+local function fail(pos, what)
+  bad_at, bad_what, bad_head = pos, what, nil
+  error(BAD, 0)
+end
+
+local function refuse(pos, head)
+  bad_at, bad_what, bad_head = pos, nil, head
+  error(BAD, 0)
+end
 
 -- The first unknown key found in this body, and the message it was found in.
 local unknown_key, unknown_in
 
--- Where each of these characters next occurs in the body, at or after the position it was
--- last looked for from (HUGE: nowhere). A plain string.find (memchr) is many times faster
--- than a Lua pattern, which tests each character against a class; remembering the answers
--- keeps a whole scan linear.
-local HUGE = math.huge
-local MARKS = {'"', "'", "\\", "[", "]", "{"}
-local next_at = {}
+-- What the character after a backslash stands for; no other character may follow one.
+local ESCAPES = {[34] = '"', [47] = "/", [92] = "\\", [98] = "\b", [102] = "\f", [110] = "\n",
+  [114] = "\r", [116] = "\t"}
 
-local function next_of(s, mark, pos)
-  local at = next_at[mark]
-  if at < pos then
-    at = find(s, mark, pos, true) or HUGE
-    next_at[mark] = at
-  end
-  return at
-end
+-- The characters that end a run of plain string characters: the closing quote, a backslash,
+-- a control character (which must be escaped) and the first byte of a non-ASCII one.
+local STRING_STOP = '[%z\1-\31"\\\128-\255]'
 
 local function skip_ws(s, pos)
-  local _, e = find(s, "^%s*", pos)
-  return e + 1
+  local c = byte(s, pos)
+  while c == 32 or c == 10 or c == 13 or c == 9 do
+    pos = pos + 1
+    c = byte(s, pos)
+  end
+  return pos
 end
 
--- Scans the string whose opening quote (" or ') is at pos. Returns the position after its
--- closing quote and whether it holds a backslash escape.
-local function scan_string(s, pos)
-  local mark = byte(s, pos) == 34 and '"' or "'"
+-- Where the UTF-8 character whose first byte (>= 0x80) is at pos ends, plus one (RFC 3629:
+-- no overlong forms, no surrogates, nothing above U+10FFFF).
+local function utf8_next(s, pos)
+  local c, c2 = byte(s, pos, pos + 1)
+  local len, low, high = 0, 0x80, 0xBF
+  if c >= 0xC2 and c <= 0xDF then
+    len = 2
+  elseif c >= 0xE0 and c <= 0xEF then
+    len = 3
+    if c == 0xE0 then low = 0xA0 elseif c == 0xED then high = 0x9F end
+  elseif c >= 0xF0 and c <= 0xF4 then
+    len = 4
+    if c == 0xF0 then low = 0x90 elseif c == 0xF4 then high = 0x8F end
+  end
+  if len == 0 or not c2 or c2 < low or c2 > high then fail(pos, "UTF-8 text") end
+  for i = pos + 2, pos + len - 1 do
+    local cn = byte(s, i)
+    if not cn or cn < 0x80 or cn > 0xBF then fail(pos, "UTF-8 text") end
+  end
+  return pos + len
+end
+
+local LONE = "(a lone UTF-16 surrogate is no character)"
+
+-- Reads the string whose opening quote is at pos. Returns the position after its closing
+-- quote and whether it holds a backslash escape.
+local function string_at(s, pos)
   local i, escaped = pos + 1, false
   while true do
-    local q = next_of(s, mark, i)
-    if q == HUGE then error(INVALID, 0) end
-    local b = next_of(s, "\\", i)
-    if q < b then return q + 1, escaped end
-    escaped = true
-    if byte(s, b + 1) == 117 then
-      if not find(s, "^%x%x%x%x", b + 2) then error(INVALID, 0) end
-      i = b + 6
-    elseif b < #s then
-      i = b + 2
+    local at = find(s, STRING_STOP, i)
+    if not at then fail(pos, "a closing quote for this string") end
+    local c = byte(s, at)
+    if c == 34 then return at + 1, escaped end
+    if c == 92 then
+      escaped = true
+      local e = byte(s, at + 1)
+      if e == 117 then
+        if not find(s, "^%x%x%x%x", at + 2) then
+          fail(at, "four hexadecimal digits after \\u")
+        end
+        local cp = tonumber(sub(s, at + 2, at + 5), 16)
+        if cp >= 0xD800 and cp <= 0xDBFF then
+          if not find(s, "^\\u[dD][c-fC-F]%x%x", at + 6) then
+            fail(at, "\\uDC00-\\uDFFF after \\uD800-\\uDBFF " .. LONE)
+          end
+          i = at + 12
+        elseif cp >= 0xDC00 and cp <= 0xDFFF then
+          fail(at, "\\uD800-\\uDBFF before \\uDC00-\\uDFFF " .. LONE)
+        else
+          i = at + 6
+        end
+      elseif e and ESCAPES[e] then
+        i = at + 2
+      else
+        fail(at, 'one of the escapes \\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX')
+      end
+    elseif c >= 128 then
+      i = utf8_next(s, at)
     else
-      error(INVALID, 0)
+      fail(at, "an escape for a control character in a string (such as \\n, \\t, \\u0001)")
     end
   end
 end
@@ -93,7 +152,7 @@ local function utf8(cp)
     0x80 + math.floor(cp / 0x40) % 0x40, 0x80 + cp % 0x40)
 end
 
--- Decodes the escapes of a string's contents (already checked by scan_string).
+-- Decodes the escapes of a string's contents (already checked by string_at).
 local function unescape(raw)
   local out, i, n = {}, 1, #raw
   while i <= n do
@@ -107,188 +166,200 @@ local function unescape(raw)
     if c == 117 then
       local cp = tonumber(sub(raw, b + 2, b + 5), 16)
       i = b + 6
-      if cp >= 0xD800 and cp <= 0xDBFF and find(raw, "^\\u[dD][c-fC-F]%x%x", i) then
-        local lo = tonumber(sub(raw, i + 2, i + 5), 16)
-        cp = 0x10000 + (cp - 0xD800) * 0x400 + (lo - 0xDC00)
+      if cp >= 0xD800 and cp <= 0xDBFF then -- a pair, as string_at made sure
+        cp = 0x10000 + (cp - 0xD800) * 0x400 + (tonumber(sub(raw, i + 2, i + 5), 16) - 0xDC00)
         i = i + 6
-      elseif cp >= 0xD800 and cp <= 0xDFFF then
-        cp = 0xFFFD
       end
       out[#out + 1] = utf8(cp)
     else
-      out[#out + 1] = ESCAPES[c] or char(c)
+      out[#out + 1] = ESCAPES[c]
       i = b + 2
     end
   end
   return concat(out)
 end
 
-local value -- function(s, pos, schema, depth): the position after the value at pos
-
--- A number at pos (a "-" or digit): as the transcoder's parser, the run of number characters.
-local function number(s, pos)
-  local _, e = find(s, "^.[%d%.eE%+%-x]*", pos)
-  return e + 1
+local function is_digit(c)
+  return c and c >= 48 and c <= 57
 end
 
--- The object whose "{" is just before pos. schema is a message schema (keys checked), a map
--- marker (values checked) or nil (nothing checked).
-local function object(s, pos, schema, depth)
-  if depth > MAX_DEPTH then error(TOO_DEEP, 0) end
-  local keys, values
-  if schema then
-    keys = schema.keys
-    values = schema.map
+-- The position after the run of digits at p, which must hold one at least (else the number
+-- at pos is reported, as lacking what).
+local function digits(s, p, pos, what)
+  if not is_digit(byte(s, p)) then fail(pos, what) end
+  repeat
+    p = p + 1
+  until not is_digit(byte(s, p))
+  return p
+end
+
+-- Reads the number at pos (a "-" or a digit): -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
+local function number(s, pos)
+  local p = pos
+  if byte(s, p) == 45 then p = p + 1 end
+  if byte(s, p) == 48 then
+    p = p + 1
+    if is_digit(byte(s, p)) then fail(pos, "a number without leading zeros") end
+  else
+    p = digits(s, p, pos, "a digit after the minus sign")
   end
-  pos = skip_ws(s, pos)
+  local c = byte(s, p)
+  if c == 46 then
+    p = digits(s, p + 1, pos, "a digit after the decimal point")
+    c = byte(s, p)
+  end
+  if c == 101 or c == 69 then
+    c = byte(s, p + 1)
+    p = digits(s, (c == 43 or c == 45) and p + 2 or p + 1, pos, "a digit in the exponent")
+    c = byte(s, p)
+  end
+  -- "0x10", "1.2.3", "1e5e5", "12abc": no valid number goes on like this.
+  if c and (c == 46 or is_digit(c) or (c >= 65 and c <= 90) or (c >= 97 and c <= 122)) then
+    fail(pos, "a decimal number (such as -12, 0.5, 1e-3)")
+  end
+  return p
+end
+
+local value -- function(s, pos, schema, depth): the position after the value at pos
+
+-- The object whose "{" is at pos. schema is a message schema (keys checked), a map marker
+-- (values checked) or nil (nothing checked).
+local function object(s, pos, schema, depth)
+  if depth > MAX_DEPTH then refuse(pos, format("JSON nested deeper than %d levels", MAX_DEPTH)) end
+  local keys, fields, values
+  if schema then
+    keys, fields, values = schema.keys, schema.fields, schema.map
+  end
+  local seen = {}
+  pos = skip_ws(s, pos + 1)
   if byte(s, pos) == 125 then return pos + 1 end
   while true do
-    local c, after, escaped, key = byte(s, pos), nil, false, nil
-    if c == 34 or c == 39 then
-      after, escaped = scan_string(s, pos)
-      key = sub(s, pos + 1, after - 2)
-    else
-      -- A bare key, as the transcoder's parser takes it.
-      local _, e = find(s, "^[%a_%$][%w_%$]*", pos)
-      if not e then error(INVALID, 0) end
-      after, key = e + 1, sub(s, pos, e)
+    if byte(s, pos) ~= 34 then
+      fail(pos, byte(s, pos) == 125
+        and "another key after the comma (JSON has no trailing commas)" or "a key in double quotes")
     end
+    local after, escaped = string_at(s, pos)
+    local key = sub(s, pos + 1, after - 2)
+    if escaped then key = unescape(key) end
     local inner = values
+    local id = key
     if keys then
-      if escaped then key = unescape(key) end
       local field = keys[key]
       if field == nil then
         if not unknown_key then unknown_key, unknown_in = key, schema.name end
-      elseif field ~= true then
-        inner = field
+      else
+        id = fields[key]
+        if field ~= true then inner = field end
       end
     end
-    pos = skip_ws(s, after)
-    if byte(s, pos) ~= 58 then error(INVALID, 0) end
-    pos = value(s, skip_ws(s, pos + 1), inner, depth)
-    pos = skip_ws(s, pos)
-    c = byte(s, pos)
-    if c == 44 then
-      pos = skip_ws(s, pos + 1)
-      if byte(s, pos) == 125 then return pos + 1 end -- a trailing comma
-    elseif c == 125 then
-      return pos + 1
-    else
-      error(INVALID, 0)
+    local first = seen[id]
+    if first then
+      if first == key then refuse(pos, format('key "%s" given twice in one object', key)) end
+      refuse(pos, format('field %s given twice in one object (as "%s" and "%s")', id, first, key))
     end
+    seen[id] = key
+    pos = skip_ws(s, after)
+    if byte(s, pos) ~= 58 then fail(pos, "a colon after the key") end
+    pos = skip_ws(s, value(s, skip_ws(s, pos + 1), inner, depth))
+    local c = byte(s, pos)
+    if c == 125 then return pos + 1 end
+    if c ~= 44 then fail(pos, "a comma or } after the value") end
+    pos = skip_ws(s, pos + 1)
   end
 end
 
--- The array whose "[" is just before pos; each element is checked against schema.
+-- The array whose "[" is at pos; each element is checked against schema.
 local function array(s, pos, schema, depth)
-  if depth > MAX_DEPTH then error(TOO_DEEP, 0) end
-  pos = skip_ws(s, pos)
-  local c = byte(s, pos)
-  if c == 93 then return pos + 1 end
-  if c ~= 123 and c ~= 91 and c ~= 34 and c ~= 39 then
-    -- Scalars first, as the numbers of /predict: if no string, object or array opens before
-    -- the next "]", the array holds no key to check, so it is skipped whole. (Whether its
-    -- scalars are well formed is the transcoder's business.)
-    local close = next_of(s, "]", pos)
-    if close < next_of(s, '"', pos) and close < next_of(s, "{", pos)
-      and close < next_of(s, "[", pos) and close < next_of(s, "'", pos) then
-      return close + 1
-    end
-  end
+  if depth > MAX_DEPTH then refuse(pos, format("JSON nested deeper than %d levels", MAX_DEPTH)) end
+  pos = skip_ws(s, pos + 1)
+  if byte(s, pos) == 93 then return pos + 1 end
   while true do
-    pos = skip_ws(s, value(s, pos, schema, depth))
-    c = byte(s, pos)
-    if c == 44 then
-      pos = skip_ws(s, pos + 1)
-      if byte(s, pos) == 93 then return pos + 1 end -- a trailing comma
-    elseif c == 93 then
-      return pos + 1
-    else
-      error(INVALID, 0)
+    if byte(s, pos) == 93 then
+      fail(pos, "another value after the comma (JSON has no trailing commas)")
     end
+    pos = skip_ws(s, value(s, pos, schema, depth))
+    local c = byte(s, pos)
+    if c == 93 then return pos + 1 end
+    if c ~= 44 then fail(pos, "a comma or ] after the value") end
+    pos = skip_ws(s, pos + 1)
   end
 end
 
 value = function(s, pos, schema, depth)
   local c = byte(s, pos)
-  if c == 123 then return object(s, pos + 1, schema, depth + 1) end
-  if c == 91 then return array(s, pos + 1, schema, depth + 1) end
-  if c == 34 or c == 39 then return (scan_string(s, pos)) end
-  if c == 116 then
-    if sub(s, pos, pos + 3) == "true" then return pos + 4 end
-  elseif c == 102 then
-    if sub(s, pos, pos + 4) == "false" then return pos + 5 end
-  elseif c == 110 then
-    if sub(s, pos, pos + 3) == "null" then return pos + 4 end
-  elseif c == 45 or (c and c >= 48 and c <= 57) then
-    return number(s, pos)
+  if c == 34 then return (string_at(s, pos)) end
+  if c == 45 or is_digit(c) then return number(s, pos) end
+  if c == 123 then return object(s, pos, schema, depth + 1) end
+  if c == 91 then return array(s, pos, schema, depth + 1) end
+  local c1, c2, c3, c4 = byte(s, pos + 1, pos + 4)
+  if c == 116 and c1 == 114 and c2 == 117 and c3 == 101 then return pos + 4 end -- true
+  if c == 110 and c1 == 117 and c2 == 108 and c3 == 108 then return pos + 4 end -- null
+  if c == 102 and c1 == 97 and c2 == 108 and c3 == 115 and c4 == 101 then -- false
+    return pos + 5
   end
-  error(INVALID, 0)
+  if c == 78 or c == 73 then
+    fail(pos, 'a value (NaN and Infinity are no JSON numbers: a float field takes the strings '
+      .. '"NaN", "Infinity" and "-Infinity")')
+  end
+  fail(pos, "a value")
 end
 
--- A JSON string literal of text: quotes, backslashes and control bytes escaped, bytes that
--- are not UTF-8 replaced.
-local function quote(text)
-  local out, i, n = {}, 1, #text
-  while i <= n do
-    local b = byte(text, i)
-    local len = b < 0x80 and 1 or b >= 0xC2 and b < 0xE0 and 2 or b >= 0xE0 and b < 0xF0 and 3
-      or b >= 0xF0 and b < 0xF5 and 4 or 0
-    if len == 1 then
-      if b == 34 or b == 92 then
-        out[#out + 1] = "\\" .. char(b)
-      elseif b < 32 or b == 127 then
-        out[#out + 1] = format("\\u%04x", b)
-      else
-        out[#out + 1] = char(b)
-      end
-      i = i + 1
-    elseif len > 1 and i + len - 1 <= n
-      and find(sub(text, i + 1, i + len - 1), "^[\128-\191]+$") then
-      out[#out + 1] = sub(text, i, i + len - 1)
-      i = i + len
+-- What is at pos, for an error message: up to 16 characters of the text (as far as they are
+-- printable UTF-8), or what the first one is, or the end of the body.
+local function found(s, pos)
+  if pos > #s then return "the end of the body" end
+  local c = byte(s, pos)
+  if c < 32 or c == 127 then return format("the control character U+%04X", c) end
+  local stop = pos
+  for _ = 1, 16 do
+    local b = byte(s, stop)
+    if not b or b < 32 or b == 127 then break end
+    if b < 128 then
+      stop = stop + 1
     else
-      out[#out + 1] = "\\ufffd"
-      i = i + 1
+      local ok, after = pcall(utf8_next, s, stop)
+      if not ok then break end
+      stop = after
     end
   end
-  return '"' .. concat(out) .. '"'
+  if stop == pos then return format("the byte 0x%02X", c) end
+  return '"' .. sub(s, pos, stop - 1) .. (stop <= #s and '..."' or '"')
 end
 
-local function invalid_argument(message)
-  return '{"code":3,"message":' .. quote(message) .. ',"details":[]}'
+-- Where pos is, as "line L, column C" (columns count bytes from 1).
+local function line_and_column(s, pos)
+  local line, line_start = 1, 1
+  while true do
+    local nl = find(s, "\n", line_start, true)
+    if not nl or nl >= pos then break end
+    line, line_start = line + 1, nl + 1
+  end
+  return format("line %d, column %d", line, pos - line_start + 1)
 end
 
--- Checks body against the message named message. Returns nil when it may go on (all keys
--- known, or not JSON), else the JSON of the error to answer with.
+-- Checks body against the message named message (any name: a message without a schema, as
+-- a well-known type, only has its JSON checked). Returns nil when it may go on, else the
+-- message of the 400 to answer with.
 local function check(body, message)
   local schema = SCHEMA[message]
-  if not schema then return nil end
   unknown_key, unknown_in = nil, nil
-  for _, mark in ipairs(MARKS) do next_at[mark] = 0 end
   local ok, err = pcall(function()
     local pos = skip_ws(body, 1)
-    local c = byte(body, pos)
-    if c == 91 then
-      pos = array(body, pos + 1, schema, 1)
-    elseif c == 123 then
-      pos = object(body, pos + 1, schema, 1)
-    else
-      error(INVALID, 0)
-    end
-    if skip_ws(body, pos) <= #body then error(INVALID, 0) end
+    if pos > #body then fail(pos, "a value (the body is only whitespace)") end
+    pos = skip_ws(body, value(body, pos, schema, 0))
+    if pos <= #body then fail(pos, "the end of the body after the value") end
   end)
   if not ok then
-    if err == TOO_DEEP then
-      return invalid_argument(format("JSON body nests deeper than %d levels", MAX_DEPTH))
-    end
-    if err ~= INVALID then error(err, 0) end
-    return nil
+    if err ~= BAD then error(err, 0) end
+    local at, what, head = bad_at, bad_what, bad_head -- found() may set them anew
+    local where = line_and_column(body, at)
+    if head then return format("%s at %s", head, where) end
+    return format("invalid JSON at %s: expected %s, found %s", where, what, found(body, at))
   end
   if unknown_key then
     local key = unknown_key
     if #key > 100 then key = sub(key, 1, 100) .. "..." end
-    return invalid_argument(format('unknown field "%s" in %s', key, unknown_in))
+    return format('unknown field "%s" in %s', key, unknown_in)
   end
   return nil
 end
@@ -302,8 +373,7 @@ function envoy_on_request(handle)
   end
   local message = handle:metadata():get("message")
   if not message then return end
-  local headers = handle:headers()
-  local ctype = headers:get("content-type")
+  local ctype = handle:headers():get("content-type")
   if ctype and find(ctype, "^application/grpc") then return end
   local buffer = handle:body()
   if not buffer then return end
@@ -311,7 +381,7 @@ function envoy_on_request(handle)
   if n == 0 then return end
   local answer = check(buffer:getBytes(0, n), message)
   if answer then
-    handle:respond({[":status"] = "400", ["content-type"] = "application/json"}, answer)
+    handle:respond({[":status"] = "400", ["content-type"] = "text/plain"}, answer)
   end
 end
 
@@ -320,11 +390,18 @@ end
 -- (envoyproxy/envoy#11136): a REST route whose metadata names response_body gets {"<field>": X}
 -- from the transcoder and answers X. render.py allows it only where that field is the
 -- response message's one field, so the unwrapped text is exactly X.
+--
+-- handle:body() yields until the whole body is in, and a headers object fetched before that
+-- is dead after it ("object used outside of proper scope"): the headers are read before the
+-- body, and only handle:headers() afresh touches them after it. buffer:setBytes() sets
+-- content-length itself.
 function envoy_on_response(handle)
+  local headers = handle:headers()
+  local status = headers:get(":status")
   -- A REST body within the gateway's limit can still transcode to a gRPC message over the
   -- services' limit: gRPC says RESOURCE_EXHAUSTED, which the transcoder turns into 429, as if
   -- the caller were rate limited. It is 413, as for a body over the gateway's own limit.
-  if handle:headers():get(":status") == "429" then
+  if status == "429" then
     local buffer = handle:body()
     if buffer and find(buffer:getBytes(0, buffer:length()), "Received message larger than max",
       1, true) then
@@ -332,11 +409,10 @@ function envoy_on_response(handle)
     end
     return
   end
+  if status ~= "200" then return end
   local carried = handle:streamInfo():dynamicMetadata():get("mlmesh")
   local field = carried and carried["response_body"]
   if not field then return end
-  local headers = handle:headers()
-  if headers:get(":status") ~= "200" then return end
   local ctype = headers:get("content-type")
   if not ctype or not find(ctype, "^application/json") then return end
   local buffer = handle:body()
@@ -344,8 +420,6 @@ function envoy_on_response(handle)
   local text = buffer:getBytes(0, buffer:length())
   local prefix = '{"' .. field .. '":'
   if sub(text, 1, #prefix) == prefix and sub(text, -1) == "}" then
-    local inner = sub(text, #prefix + 1, -2)
-    buffer:setBytes(inner)
-    headers:replace("content-length", tostring(#inner))
+    buffer:setBytes(sub(text, #prefix + 1, -2))
   end
 end
