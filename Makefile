@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt examples/tritonclient-require
 
 generate: install  ## regenerate clients/python/mlmesh and the gateway's descriptor set
 	$(PY) scripts/generate.py
+	mkdir -p gateway/build  # ignored by git: a fresh clone has no such directory
 	$(BIN)/buf build --as-file-descriptor-set -o gateway/build/mlmesh.binpb
 
 lint: install  ## buf lint + breaking, generated code fresh, ruff

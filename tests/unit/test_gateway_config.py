@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from google.protobuf import descriptor_pb2
 
 from gateway.keys import (
     ApiKeyError,
@@ -16,7 +18,14 @@ from gateway.keys import (
     parse_api_keys,
     write_dev_key,
 )
-from gateway.render import build_descriptor_set, render_envoy_config, template_regex, tool
+from gateway.policy import OIP_REST_ROUTES
+from gateway.render import (
+    OIP_PATHS,
+    build_descriptor_set,
+    render_envoy_config,
+    template_regex,
+    tool,
+)
 from services.common.settings import Settings
 
 GOOD = "k" * 20
@@ -110,3 +119,40 @@ def test_keys_watcher_rotates_only_valid_changes(tmp_path: Path) -> None:
     keys_file.write_text("bob=short\n")
     assert not watcher.poll()  # refused: bob's key stays in force
     assert credentials() == [{"client": "bob", "key": "b" * 20}]
+
+
+def test_make_generate_works_on_a_fresh_clone(tmp_path: Path) -> None:
+    """`make generate` in a copy of the tracked files (no gateway/build: git ignores it) builds
+    the descriptor set, with this checkout's venv (its install step taken as done)."""
+    root = Path(__file__).resolve().parents[2]
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    clone = tmp_path / "clone"
+    for name in filter(None, tracked):
+        if (root / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, clone / name)
+    assert not (clone / "gateway" / "build").exists()
+    venv = root / ".venv"
+    made = subprocess.run(
+        ["make", "-o", f"{venv}/.installed", "generate", f"VENV={venv}"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    built = descriptor_pb2.FileDescriptorSet.FromString(
+        (clone / "gateway" / "build" / "mlmesh.binpb").read_bytes()
+    )
+    assert "mlmesh/registry/v1/registry.proto" in {f.name for f in built.file}
+
+
+def test_oip_paths_cover_the_oip_routes_only() -> None:
+    """Replies Envoy makes itself on these paths take the protocol's {"error": ...} shape."""
+    oip = re.compile(OIP_PATHS)
+    for _, template, _ in OIP_REST_ROUTES:
+        path = re.sub(r"\{[^}]*\}", "m", template)
+        assert oip.match(path) and oip.match(path + "?x=1"), template
+    assert not any(oip.match(p) for p in ("/v1/models", "/v2x", "/train", "/inference.X/Y"))
