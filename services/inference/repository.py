@@ -113,8 +113,6 @@ class ModelRepository:
         """The version number ``reference`` stands for."""
         if isinstance(reference, int):
             return reference
-        if "\x00" in name or "\x00" in reference:  # MLflow's store cannot hold it: none has it
-            raise _no_such_alias(name, reference)
         key = (name, reference)
         if key in self._aliases:
             version = self._aliases[key]

@@ -475,3 +475,21 @@ def test_a_worse_production_candidate_needs_force(
 
     better = _transition(rest, keys, name, 3, "Production").json()
     assert better["forced"] is False and better["comparison"]["worse"] is False
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/models/%00/versions/1", "name"),  # MLflow answered 500 to it: CI saw a 503
+        ("/v1/models/a%00b", "name"),
+        ("/v1/runs/%00", "run_id"),
+        ("/v1/experiments/%00", "experiment_id"),
+        ("/v1/audit-events?model_name=%00", "model_name"),
+    ],
+)
+def test_a_nul_in_any_name_is_400_naming_the_field(
+    rest: httpx.Client, keys: dict[str, str], path: str, field: str
+) -> None:
+    resp = rest.get(path, headers=key_header(keys))
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["message"].startswith(f"{field} contains a NUL character")
