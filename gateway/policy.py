@@ -39,6 +39,7 @@ RPC_ACCESS: dict[str, Access] = {
     "/mlmesh.inference.v1.InferenceService/Predict": "protected",
     "/mlmesh.inference.v1.InferenceService/PredictBatch": "protected",
     "/mlmesh.inference.v1.InferenceService/PredictStream": "protected",
+    "/mlmesh.inference.v1.InferenceService/LoadModelVersion": "protected",
     # The Open Inference Protocol (KServe V2): its health RPCs are public like /health and
     # /ready (probes carry no key); metadata and inference are protected.
     "/inference.GRPCInferenceService/ServerLive": "public",

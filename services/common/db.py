@@ -125,6 +125,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        4,
+        """
+        -- What a transition's caller was told beyond the move itself (force overriding a
+        -- refusal, for one).
+        ALTER TABLE audit_events ADD COLUMN note TEXT NOT NULL DEFAULT '';
+        """,
+    ),
 ]
 
 # Any fixed number works; it only has to be the same in every process that migrates.

@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 
 from services.common.errors import InvalidArgument, MeshError
 from services.common.ratelimit import RPC_CLASSES, RateLimited, RateLimiter
+from services.common.text import check_message
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +93,30 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return cached[1]
 
 
-class _Undecodable:
-    """A request message that did not parse; the wrappers answer it with INVALID_ARGUMENT
-    (gRPC itself would answer UNKNOWN, or leave a streaming call hanging)."""
+class _Refused:
+    """A request message that did not parse, or that holds text no request may
+    (services/common/text.py); the wrappers answer it with INVALID_ARGUMENT (for one that
+    did not parse, gRPC itself would answer UNKNOWN, or leave a streaming call hanging)."""
 
-    def __init__(self, error: Exception) -> None:
-        self.error = InvalidArgument(f"the request is not a valid protobuf message: {error}")
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
 
 
-def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _checked(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserialize is None:
         return None
 
     def parse(data: bytes) -> Any:
         try:
-            return deserialize(data)
+            message = deserialize(data)
         except Exception as exc:  # DecodeError; whatever a custom deserializer raises
-            return _Undecodable(exc)
+            return _Refused(InvalidArgument(f"the request is not a valid protobuf message: {exc}"))
+        if isinstance(message, Message):
+            try:
+                check_message(message)
+            except InvalidArgument as exc:
+                return _Refused(exc)
+        return message
 
     return parse
 
@@ -115,7 +124,7 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
 def _wrap(
     method: str, handler: grpc.RpcMethodHandler, limiter: RateLimiter | None
 ) -> grpc.RpcMethodHandler:
-    handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+    handler = handler._replace(request_deserializer=_checked(handler.request_deserializer))
     if handler.unary_unary:
         rpc = _Rpc(method, "unary", limiter)
         return handler._replace(unary_unary=_wrap_unary(rpc, handler.unary_unary, False))
@@ -161,7 +170,7 @@ def _aborted_code(context: grpc.aio.ServicerContext) -> str:
 async def _counted(requests: AsyncIterator[Any], rpc: _Rpc) -> AsyncIterator[Any]:
     async for request in requests:
         rpc.received.inc()
-        if isinstance(request, _Undecodable):
+        if isinstance(request, _Refused):
             raise request.error
         yield request
 
@@ -182,7 +191,7 @@ def _wrap_unary(
             rpc.received.inc()
         code = "OK"
         try:
-            if isinstance(request, _Undecodable):
+            if isinstance(request, _Refused):
                 raise request.error
             if rpc.limiter is not None:
                 await rpc.limiter.acquire(rpc.route_class, client)
@@ -221,7 +230,7 @@ def _wrap_stream(
             rpc.received.inc()
         code = "OK"
         try:
-            if isinstance(request, _Undecodable):
+            if isinstance(request, _Refused):
                 raise request.error
             if rpc.limiter is not None:  # a stream takes one token, when it opens
                 await rpc.limiter.acquire(rpc.route_class, client)

@@ -7,11 +7,15 @@ and pass it down; nothing else reads the environment.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The PostgreSQL server the launcher uses (or starts) when no database URL is configured.
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 
 class Settings(BaseSettings):
@@ -21,12 +25,15 @@ class Settings(BaseSettings):
 
     # -- backing stores -------------------------------------------------------------------
     database_url: str = Field(
-        "postgresql://postgres@127.0.0.1:5432/mlmesh",
-        description="PostgreSQL database for mlmesh's own tables (jobs, audit log).",
+        "",
+        description="PostgreSQL database for mlmesh's own tables (jobs, audit log). Empty: "
+        f"`{LOCAL_POSTGRES}/mlmesh_<tag>`, where <tag> is derived from the state directory's "
+        "absolute path, so that each state directory (each checkout) has databases of its own.",
     )
     mlflow_backend_store_uri: str = Field(
-        "postgresql://postgres@127.0.0.1:5432/mlflow",
-        description="MLflow server's backend store (the launcher passes it to `mlflow server`).",
+        "",
+        description="MLflow server's backend store (the launcher passes it to `mlflow server`). "
+        f"Empty: `{LOCAL_POSTGRES}/mlflow_<tag>`, beside the artifacts in the state directory.",
     )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
@@ -63,6 +70,23 @@ class Settings(BaseSettings):
         9105,
         description="HTTP port of the Inference process's Open Inference Protocol REST face "
         "(/v2), which the gateway forwards to; the same host as MLMESH_INFERENCE_ADDRESS.",
+    )
+    registry_inference_target: str = Field(
+        "",
+        description="host:port at which the Registry reaches the Inference service to check "
+        "that a version loads before making it production or staging; empty: "
+        "MLMESH_INFERENCE_ADDRESS (right when both run on one machine).",
+    )
+    promotion_load_timeout_s: float = Field(
+        120.0,
+        description="How long the Registry waits for the Inference service to load a version "
+        "it is asked to make production or staging.",
+    )
+    promotion_metric: str = Field(
+        "test_accuracy",
+        description="Run metric compared when a version is promoted to production: a candidate "
+        "worse than the current production version needs force. Higher is better; a leading "
+        "`-` means lower is better (e.g. `-val_loss`). Empty: no comparison.",
     )
     inference_max_batch_images: int = Field(
         256, description="Most images one PredictBatch request may carry."
@@ -173,6 +197,19 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level of every process.")
 
     @model_validator(mode="after")
+    def _databases_of_the_state_dir(self) -> Settings:
+        # MLflow's metadata (in PostgreSQL) and its artifacts (under state_dir) must travel
+        # together: databases named after the state directory keep a second checkout, or a
+        # state directory made afresh, from finding model versions whose artifacts are
+        # elsewhere. The launcher also checks the pairing before it starts MLflow.
+        tag = state_tag(self.state_dir)
+        if not self.database_url:
+            self.database_url = f"{LOCAL_POSTGRES}/mlmesh_{tag}"
+        if not self.mlflow_backend_store_uri:
+            self.mlflow_backend_store_uri = f"{LOCAL_POSTGRES}/mlflow_{tag}"
+        return self
+
+    @model_validator(mode="after")
     def _tls_files_together(self) -> Settings:
         cert, key = self.gateway_tls_cert_file, self.gateway_tls_key_file
         if (cert is None) != (key is None):
@@ -220,6 +257,11 @@ class Settings(BaseSettings):
         """Base URL of the gateway."""
         scheme = "https" if self.gateway_tls else "http"
         return f"{scheme}://{self.gateway_host}:{self.gateway_port}"
+
+
+def state_tag(state_dir: Path) -> str:
+    """A short name for a state directory, the same for the same absolute path."""
+    return hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:8]
 
 
 def split_address(address: str) -> tuple[str, int]:

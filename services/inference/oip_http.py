@@ -26,6 +26,7 @@ from aiohttp import web
 from services.common.errors import InvalidArgument, MeshError
 from services.common.interceptors import ANONYMOUS, CLIENT_HEADER
 from services.common.ratelimit import PREDICTIONS, RateLimited, RateLimiter
+from services.common.text import check_text
 from services.inference import metrics
 from services.inference.oip import (
     DATATYPES,
@@ -308,7 +309,11 @@ class _TooLarge(Exception):
 
 
 def _model(request: web.Request) -> tuple[str, str]:
-    return request.match_info["name"], request.match_info.get("version", "")
+    """The path's model name and version (the text rule every RPC's fields follow)."""
+    return (
+        check_text(request.match_info["name"], "the model name"),
+        check_text(request.match_info.get("version", ""), "the model version"),
+    )
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:

@@ -113,8 +113,6 @@ class ModelRepository:
         """The version number ``reference`` stands for."""
         if isinstance(reference, int):
             return reference
-        if "\x00" in name or "\x00" in reference:  # MLflow's store cannot hold it: none has it
-            raise _no_such_alias(name, reference)
         key = (name, reference)
         if key in self._aliases:
             version = self._aliases[key]
@@ -143,6 +141,10 @@ class ModelRepository:
         # shield: a caller that goes away must not cancel a load other callers wait for
         return await asyncio.shield(task)
 
+    def holds(self, name: str, version: int) -> bool:
+        """Whether version ``version`` of ``name`` is in memory."""
+        return (name, version) in self._models
+
     async def is_loaded(self, name: str, reference: str) -> bool:
         """Whether the version ``reference`` stands for is in memory (nothing is loaded);
         False too for a model, version or alias that does not exist."""
@@ -150,7 +152,7 @@ class ModelRepository:
             version = await self.resolve(name, parse_version(reference))
         except (NotFound, FailedPrecondition):
             return False
-        return (name, version) in self._models
+        return self.holds(name, version)
 
     async def versions(self, name: str) -> list[int]:
         """The registered versions of ``name``, newest first; NotFound for an unknown model."""
@@ -290,10 +292,16 @@ class ModelRepository:
         uri = self._settings.mlflow_tracking_uri
         with tempfile.TemporaryDirectory(prefix="mlmesh-model-") as tmp:
             source = self._store.model_version_download_uri(name, version)
-            with mlflow_errors(f"downloading {what}"):
-                local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=source, dst_path=tmp, tracking_uri=uri
-                )
+            try:
+                with mlflow_errors(f"downloading {what}"):
+                    local = mlflow.artifacts.download_artifacts(
+                        artifact_uri=source, dst_path=tmp, tracking_uri=uri
+                    )
+            except NotFound as exc:  # the version exists; its files do not
+                raise FailedPrecondition(
+                    f"{what} cannot be served: its files are missing from the artifact store "
+                    f"({source}): {exc}"
+                ) from exc
             runtime = load_runtime(Path(local), self._settings.inference_threads, what)
             tensors = model_tensors(Path(local), what)
             reference = self._reference(run_id, tmp, what)

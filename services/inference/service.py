@@ -12,7 +12,7 @@ import numpy as np
 
 from services.inference import metrics
 from services.inference.cache import PredictionCache, cache_key
-from services.inference.repository import ModelRepository
+from services.inference.repository import LoadedModel, ModelRepository, parse_version
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,14 @@ class Predictions:
     cached: np.ndarray  # (N,) bool
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A version made ready to serve, and whether it was in memory already."""
+
+    model: LoadedModel
+    already_loaded: bool
+
+
 class Inference:
     """Answers predictions for the registered models the repository resolves."""
 
@@ -34,6 +42,14 @@ class Inference:
         self._repository = repository
         self._cache = cache
         self._default_model_name = default_model_name
+
+    async def load(self, model_name: str, model_version: str) -> Loaded:
+        """Load ``model_name`` at ``model_version`` (a number or an alias) if it is not held
+        yet; FailedPrecondition says why a version cannot be served."""
+        name = model_name.strip() or self._default_model_name
+        version = await self._repository.resolve(name, parse_version(model_version))
+        already = self._repository.holds(name, version)
+        return Loaded(await self._repository.get(name, version), already)
 
     async def predict(
         self, images: np.ndarray, model_name: str, model_version: str, *, read_cache: bool = True

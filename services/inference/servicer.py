@@ -92,6 +92,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             model_version=p.model_version,
         )
 
+    async def LoadModelVersion(
+        self, request: pb.LoadModelVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelVersionResponse:
+        loaded = await self._inference.load(request.model_name, request.model_version)
+        return pb.LoadModelVersionResponse(
+            model_name=loaded.model.name,
+            model_version=loaded.model.version,
+            runtime=loaded.model.runtime.kind,
+            already_loaded=loaded.already_loaded,
+        )
+
     async def PredictStream(
         self,
         request_iterator: AsyncIterator[pb.PredictStreamRequest],

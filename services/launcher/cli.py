@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import asyncpg
+
 from gateway.tls import write_dev_certificate
+from services.common.db import database_name
 from services.common.server import configure_logging
 from services.common.settings import Settings
 from services.launcher.mesh import Mesh
 from services.launcher.process import LaunchAborted, LaunchError
+from services.launcher.state import artifact_root, reset_state
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev_cert.add_argument(
         "--host", action="append", default=[], help="another DNS name or IP it is valid for"
     )
+    reset = commands.add_parser(
+        "reset",
+        help="drop the state directory's databases (mlmesh's and MLflow's) and its MLflow "
+        "artifacts, for a fresh start; the mesh must be stopped",
+    )
+    reset.add_argument("--yes", action="store_true", help="do it (without: say what it would do)")
     args = parser.parse_args(argv)
 
+    if args.command == "reset":
+        return _reset(Settings(), confirmed=args.yes)
     if args.command == "dev-cert":
         directory = args.dir or Settings().state_dir / "tls"
         cert, key = write_dev_certificate(directory, tuple(args.host))
@@ -66,4 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         mesh.stop()
+    return 0
+
+
+def _reset(settings: Settings, *, confirmed: bool) -> int:
+    what = (
+        f"the databases {database_name(settings.database_url)} and "
+        f"{database_name(settings.mlflow_backend_store_uri)}, and the MLflow artifacts in "
+        f"{artifact_root(settings)}"
+    )
+    if not confirmed:
+        print(f"this would remove {what}; run again with --yes to do it")
+        return 2
+    try:
+        removed = reset_state(settings)
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"reset failed: {exc}", file=sys.stderr)
+        return 1
+    print("removed: " + ", ".join(removed))
     return 0

@@ -27,6 +27,7 @@ from gateway.keys import (
     write_dev_key,
 )
 from gateway.render import build_descriptor_set, render_envoy_config, tool
+from services.common.db import database_name
 from services.common.settings import Settings, split_address
 from services.launcher.backing import PrivateRedis, postgres_specs
 from services.launcher.process import (
@@ -37,6 +38,7 @@ from services.launcher.process import (
     LaunchError,
     port_open,
 )
+from services.launcher.state import artifact_root, check_state
 from services.launcher.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -101,11 +103,11 @@ def mlflow_spec(settings: Settings) -> ChildSpec:
     """`mlflow server` over the PostgreSQL backend store, artifacts under the state dir."""
     uri = settings.mlflow_tracking_uri.rstrip("/")
     host = urlsplit(uri).hostname or "127.0.0.1"
-    artifacts = settings.state_dir / "mlartifacts"
-    return ChildSpec(
-        name="mlflow",
-        what=f"MLflow server at {uri}",
-        command=lambda: Command(
+
+    def command() -> Command:
+        # The database must describe the artifacts this server will serve (state.py).
+        check_state(settings)
+        return Command(
             [
                 sys.executable,
                 "-m",
@@ -114,7 +116,7 @@ def mlflow_spec(settings: Settings) -> ChildSpec:
                 "--backend-store-uri",
                 settings.mlflow_backend_sqlalchemy_uri,
                 "--artifacts-destination",
-                str(artifacts),
+                str(artifact_root(settings)),
                 "--host",
                 host,
                 "--port",
@@ -125,7 +127,12 @@ def mlflow_spec(settings: Settings) -> ChildSpec:
                 "--expose-prometheus",
                 str(settings.state_dir / "mlflow-metrics"),
             ]
-        ),
+        )
+
+    return ChildSpec(
+        name="mlflow",
+        what=f"MLflow server at {uri}",
+        command=command,
         ready=partial(http_ok, f"{uri}/health"),
         # The first start on a new database runs all of MLflow's migrations.
         timeout_s=180.0,
@@ -328,6 +335,11 @@ class Mesh:
         rows = [
             ("gateway (REST + gRPC)", s.gateway_url),
             ("MLflow UI", s.mlflow_tracking_uri),
+            (
+                "state",
+                f"{s.state_dir} (databases {database_name(s.database_url)}, "
+                f"{database_name(s.mlflow_backend_store_uri)}; artifacts {artifact_root(s)})",
+            ),
             ("Envoy admin", f"http://127.0.0.1:{s.gateway_admin_port}"),
             ("registry gRPC", s.registry_address),
             ("training gRPC", s.training_address),

@@ -25,6 +25,7 @@ class AuditEvent:
     to_stage: str
     previous_version: int
     archived_versions: list[int]
+    note: str = ""
 
 
 def _event(row: asyncpg.Record) -> AuditEvent:
@@ -32,14 +33,14 @@ def _event(row: asyncpg.Record) -> AuditEvent:
 
 
 async def record_transition(
-    conn: asyncpg.Connection, client: str, name: str, transition: Transition
+    conn: asyncpg.Connection, client: str, name: str, transition: Transition, note: str = ""
 ) -> AuditEvent:
     """Insert the audit row of a transition on ``conn`` (inside the caller's transaction)."""
     row = await conn.fetchrow(
         """
         INSERT INTO audit_events (client, action, model_name, version, from_stage, to_stage,
-                                  previous_version, archived_versions)
-        VALUES ($1, 'transition', $2, $3, $4, $5, $6, $7)
+                                  previous_version, archived_versions, note)
+        VALUES ($1, 'transition', $2, $3, $4, $5, $6, $7, $8)
         RETURNING *
         """,
         client,
@@ -49,6 +50,7 @@ async def record_transition(
         transition.to_stage,
         transition.previous_version,
         transition.archived_versions,
+        note,
     )
     return _event(row)
 

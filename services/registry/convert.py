@@ -8,6 +8,7 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
 from mlmesh.registry.v1 import registry_pb2 as pb
 from services.registry.audit import AuditEvent
+from services.registry.registry import Comparison
 
 _RUN_STATUS = {
     "RUNNING": pb.RUN_STATUS_RUNNING,
@@ -105,4 +106,16 @@ def audit_event(e: AuditEvent) -> pb.AuditEvent:
         to_stage=e.to_stage,
         previous_version=e.previous_version,
         archived_versions=e.archived_versions,
+        note=e.note,
+    )
+
+
+def comparison(c: Comparison) -> pb.MetricComparison:
+    return pb.MetricComparison(
+        metric_key=c.metric_key,
+        higher_is_better=c.higher_is_better,
+        candidate_value=c.candidate_value,
+        production_version=c.production_version,
+        production_value=c.production_value,
+        worse=c.worse,
     )

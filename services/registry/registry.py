@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 
 import asyncpg
 from mlflow.entities import Experiment, FileInfo, Metric, Run
@@ -12,11 +13,12 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.common.errors import InvalidArgument, check_page_size
+from services.common.errors import FailedPrecondition, InvalidArgument, check_page_size
 from services.common.events import MODEL_EVENTS_CHANNEL
 from services.common.pagination import Page
-from services.registry import audit
-from services.registry.store import MlflowStore, Transition, parse_stage
+from services.registry import audit, metrics
+from services.registry.serving import ServingCheck
+from services.registry.store import STAGE_ALIASES, MlflowStore, Transition, parse_stage
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +29,61 @@ def _require(value: str, field: str) -> str:
     return value
 
 
+PRODUCTION = "Production"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A production candidate's promotion metric beside the production version's."""
+
+    metric_key: str
+    higher_is_better: bool
+    candidate_value: float | None
+    production_version: int
+    production_value: float | None
+
+    @property
+    def worse(self) -> bool:
+        if self.candidate_value is None or self.production_value is None:
+            return False
+        if self.higher_is_better:
+            return self.candidate_value < self.production_value
+        return self.candidate_value > self.production_value
+
+    def describe(self, version: int) -> str:
+        return (
+            f"v{version}'s {self.metric_key} {self.candidate_value:.4g} is worse than "
+            f"production v{self.production_version}'s {self.production_value:.4g}"
+            f" ({'higher' if self.higher_is_better else 'lower'} is better)"
+        )
+
+
+@dataclass(frozen=True)
+class TransitionOutcome:
+    """What a transition changed, its audit record, and what was compared."""
+
+    change: Transition
+    event: audit.AuditEvent
+    comparison: Comparison | None
+    forced: bool
+
+
 class Registry:
     """What the Registry service does, over an MLflow store, PostgreSQL and Redis."""
 
-    def __init__(self, store: MlflowStore, pool: asyncpg.Pool, redis: Redis) -> None:
+    def __init__(
+        self,
+        store: MlflowStore,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        serving: ServingCheck,
+        promotion_metric: str,
+    ) -> None:
         self._store = store
         self._pool = pool
         self._redis = redis
+        self._serving = serving
+        self._promotion_metric = promotion_metric
 
     async def list_experiments(
         self, page_size: int, page_token: str, filter_string: str, order_by: list[str]
@@ -113,30 +163,92 @@ class Registry:
         return await asyncio.to_thread(self._store.get_model_version_by_alias, name, alias)
 
     async def transition(
-        self, client: str, name: str, version: int, stage: str, archive_existing: bool
-    ) -> tuple[Transition, audit.AuditEvent]:
-        """Move a version to a stage and audit it; changes to one model are serialised."""
+        self,
+        client: str,
+        name: str,
+        version: int,
+        stage: str,
+        archive_existing: bool,
+        force: bool = False,
+    ) -> TransitionOutcome:
+        """Move a version to a stage and audit it; changes to one model are serialised.
+
+        Refused (FailedPrecondition, before anything moves or is audited): a version the
+        Inference service cannot load, to Production or Staging; without ``force``, a move
+        of the production version elsewhere (the model would have none), and a production
+        candidate worse than production on the promotion metric.
+        """
         _require(name, "model_name")
         if version <= 0:
             raise InvalidArgument(f"version must be a positive number, got {version}")
         stage = parse_stage(stage)
+        await asyncio.to_thread(self._store.get_model_version, name, version)  # NotFound
+        if STAGE_ALIASES[stage]:
+            try:
+                await self._serving.require_loadable(client, name, version)
+            except FailedPrecondition:
+                metrics.TRANSITIONS_REFUSED.labels("cannot_serve").inc()
+                raise
+        notes: list[str] = []
         async with self._pool.acquire() as conn, conn.transaction():
             # One transition per model at a time, across every replica of this service.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", name)
+            aliases = await asyncio.to_thread(self._store.aliases, name)
+            production = aliases.get(STAGE_ALIASES[PRODUCTION] or "", 0)
+            if stage != PRODUCTION and production == version:
+                why = (
+                    f"v{version} is {name!r}'s production version: moving it to {stage} "
+                    f"would leave {name!r} without a production version"
+                )
+                if not force:
+                    metrics.TRANSITIONS_REFUSED.labels("production_left_empty").inc()
+                    raise FailedPrecondition(
+                        f"{why}. Promote another version to production first, or send "
+                        "force=true (mlmesh promote --force) to do it anyway"
+                    )
+                notes.append(f"forced: {why}")
+            comparison = None
+            if stage == PRODUCTION and production != version:
+                comparison = await self._compare(name, version, production)
+                if comparison is not None and comparison.worse:
+                    if not force:
+                        metrics.TRANSITIONS_REFUSED.labels("worse_metric").inc()
+                        raise FailedPrecondition(
+                            f"{comparison.describe(version)}; send force=true (mlmesh promote "
+                            "--force) to promote it anyway"
+                        )
+                    notes.append(f"forced: {comparison.describe(version)}")
             change = await asyncio.to_thread(
                 self._store.transition, name, version, stage, archive_existing
             )
-            event = await audit.record_transition(conn, client, name, change)
+            event = await audit.record_transition(conn, client, name, change, "; ".join(notes))
+        metrics.TRANSITIONS.labels(name, stage).inc()
+        metrics.AUDIT_EVENTS.labels(event.action).inc()
         await self._publish(event)
-        log.info("client=%s moved %s v%d %s -> %s", client, name, version, change.from_stage, stage)
-        return change, event
+        log.info("client=%s moved %s v%d %s -> %s%s", client, name, version, change.from_stage,
+                 stage, f" ({event.note})" if event.note else "")  # fmt: skip
+        return TransitionOutcome(change, event, comparison, bool(notes))
+
+    async def _compare(self, name: str, version: int, production: int) -> Comparison | None:
+        """The promotion metric of ``version`` and of the ``production`` version (0: none)."""
+        key = self._promotion_metric.strip()
+        if not key:
+            return None
+        higher_is_better = not key.startswith("-")
+        key = key.lstrip("-")
+
+        def value(v: int) -> float | None:
+            run_id = self._store.get_model_version(name, v).run_id or ""
+            return self._store.run_metric(run_id, key)
+
+        candidate = await asyncio.to_thread(value, version)
+        current = await asyncio.to_thread(value, production) if production else None
+        return Comparison(key, higher_is_better, candidate, production, current)
 
     async def list_audit_events(
         self, model_name: str, page_size: int, page_token: str
     ) -> Page[audit.AuditEvent]:
         size = check_page_size(page_size)
-        if "\x00" in model_name:  # PostgreSQL text cannot hold it, so no event names it
-            return Page([], "")
         return await audit.list_events(self._pool, model_name, size, page_token)
 
     async def _publish(self, event: audit.AuditEvent) -> None:

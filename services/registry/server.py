@@ -11,6 +11,7 @@ from services.common.server import Registration, configure_logging, configure_ml
 from services.common.settings import Settings
 from services.registry.registry import Registry
 from services.registry.servicer import RegistryServicer
+from services.registry.serving import ServingCheck
 from services.registry.store import MlflowStore
 
 log = logging.getLogger(__name__)
@@ -19,8 +20,16 @@ SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_
 
 
 def build(backends: Backends) -> ServiceParts:
+    s = backends.settings
+    serving = ServingCheck(
+        s.registry_inference_target or s.inference_address, s.promotion_load_timeout_s
+    )
     registry = Registry(
-        MlflowStore(backends.settings.mlflow_tracking_uri), backends.pool, backends.redis
+        MlflowStore(s.mlflow_tracking_uri),
+        backends.pool,
+        backends.redis,
+        serving,
+        s.promotion_metric,
     )
     return ServiceParts(
         registrations=[

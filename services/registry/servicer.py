@@ -102,18 +102,21 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def TransitionModelVersion(
         self, request: pb.TransitionModelVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.TransitionModelVersionResponse:
-        change, event = await self._registry.transition(
+        done = await self._registry.transition(
             current_client(),
             request.model_name,
             request.version,
             request.stage,
             request.archive_existing_versions,
+            request.force,
         )
         return pb.TransitionModelVersionResponse(
-            model_version=convert.model_version(change.model_version),
-            previous_version=change.previous_version,
-            archived_versions=change.archived_versions,
-            audit_event=convert.audit_event(event),
+            model_version=convert.model_version(done.change.model_version),
+            previous_version=done.change.previous_version,
+            archived_versions=done.change.archived_versions,
+            audit_event=convert.audit_event(done.event),
+            comparison=convert.comparison(done.comparison) if done.comparison else None,
+            forced=done.forced,
         )
 
     async def ListAuditEvents(

@@ -193,41 +193,47 @@ class MlflowStore:
         with mlflow_errors(f"alias {alias!r} of {name!r}"):
             return self._client.get_model_version_by_alias(name, alias)
 
-    def _alias_holder(self, name: str, alias: str) -> int:
-        try:
-            return int(self.get_model_version_by_alias(name, alias).version)
-        except NotFound:
-            return 0
+    def aliases(self, name: str) -> dict[str, int]:
+        """Each alias of ``name`` and the version it points at."""
+        model = self.get_registered_model(name)
+        return {alias: int(version) for alias, version in (model.aliases or {}).items()}
+
+    def run_metric(self, run_id: str, key: str) -> float | None:
+        """The latest value of metric ``key`` of run ``run_id``, or None when it has none."""
+        if not run_id:
+            return None
+        with mlflow_errors(f"run {run_id!r}"):
+            return self._client.get_run(run_id).data.metrics.get(key)
 
     def transition(self, name: str, version: int, stage: str, archive_existing: bool) -> Transition:
-        """Move a version to a stage: aliases first (the current MLflow way), stage in step.
+        """Move a version to a stage: aliases first (the current MLflow way), stages in step.
 
         Moving to Production or Staging points that stage's alias at the version and removes
-        the version's other stage aliases; Archived removes them all. With
-        ``archive_existing`` the versions that held the stage before are archived too.
+        the version's other stage aliases; Archived removes them all. MLflow's stages then
+        follow the aliases: a version is in Production or Staging exactly when it holds that
+        alias, so the versions that were in the stage before leave it, to Archived with
+        ``archive_existing`` and to None without. (The callers' guards, such as not leaving
+        a model without production, are the Registry's.)
         """
         current = self.get_model_version(name, version)
         target_alias = STAGE_ALIASES[stage]
-        previous = self._alias_holder(name, target_alias) if target_alias else 0
-        archived: list[int] = []
+        previous = self.aliases(name).get(target_alias, 0) if target_alias else 0
+        leaving: dict[int, str] = {}  # version -> the stage it goes to
         with mlflow_errors(f"transition {name!r} v{version} to {stage}"):
             if target_alias:
                 self._client.set_registered_model_alias(name, target_alias, str(version))
             for alias in STAGE_ALIASES.values():
                 if alias and alias != target_alias and alias in current.aliases:
                     self._client.delete_registered_model_alias(name, alias)
-            if archive_existing and target_alias:
-                holders = self._client.search_model_versions(f"name = {_quote(name)}")
-                archived = sorted(
-                    int(v.version)
-                    for v in holders
-                    if v.current_stage == stage and int(v.version) != version
-                )
-                if previous and previous != version and previous not in archived:
-                    self._client.transition_model_version_stage(name, str(previous), "Archived")
-                    archived.append(previous)
-            self._client.transition_model_version_stage(
-                name, str(version), stage, archive_existing_versions=archive_existing
-            )
+            if target_alias:
+                others = self._client.search_model_versions(f"name = {_quote(name)}")
+                for v in others:
+                    held = int(v.version)
+                    if held != version and (v.current_stage == stage or held == previous):
+                        leaving[held] = "Archived" if archive_existing else "None"
+            for held, to in sorted(leaving.items()):
+                self._client.transition_model_version_stage(name, str(held), to)
+            self._client.transition_model_version_stage(name, str(version), stage)
             updated = self._client.get_model_version(name, str(version))
-        return Transition(updated, current.current_stage, stage, previous, sorted(archived))
+        archived = sorted(v for v, to in leaving.items() if to == "Archived")
+        return Transition(updated, current.current_stage, stage, previous, archived)

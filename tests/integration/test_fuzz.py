@@ -11,6 +11,10 @@ service still healthy afterwards.
 MLMESH_FUZZ_EXAMPLES sets the examples per target (default 15). The number of cases run per
 target is printed at the end of the module and written to MLMESH_FUZZ_REPORT if set.
 
+Each run draws a seed (or takes MLMESH_FUZZ_SEED) and prints it at the start and the end of
+the module, failures included: MLMESH_FUZZ_SEED=<that seed> makes the same cases again, so a
+failure found by chance can be replayed, fixed and checked.
+
 Submissions that happen to be valid start real work: each accepted Submit* is cancelled at
 once (its Cancel* RPC), and the module cancels any job left live at the end.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +37,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from gateway.keys import API_KEY_HEADER
@@ -42,6 +47,7 @@ from tests.conftest import cancel_live_jobs
 from tests.integration.rpcs import DESCRIPTOR, Method, descriptor_methods
 
 EXAMPLES = int(os.environ.get("MLMESH_FUZZ_EXAMPLES", "15"))
+SEED = int(os.environ.get("MLMESH_FUZZ_SEED") or secrets.randbits(32))
 METHODS = descriptor_methods(DESCRIPTOR)
 REST_CALLS = [(m, verb, template, body) for m in METHODS for verb, template, body in m.rest]
 TIMEOUT_S = 20.0
@@ -342,18 +348,23 @@ def auth(keys: dict[str, str]) -> list[tuple[str, str]]:
 def report_and_clean_up(
     mesh: Mesh, auth: list[tuple[str, str]], request: pytest.FixtureRequest
 ) -> Iterator[None]:
-    """Print (and record) the cases run; cancel whatever jobs fuzzing got accepted."""
+    """Print (and record) the seed and the cases run; cancel whatever jobs fuzzing got
+    accepted."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    replay = f"fuzz: seed {SEED} (MLMESH_FUZZ_SEED={SEED} replays these cases)"
+    if reporter is not None:
+        reporter.write_line(replay)
     started = time.monotonic()
     yield
     lines = [
+        replay,
         f"fuzz: {sum(CASES.values())} cases in {time.monotonic() - started:.0f} s, "
-        f"{sum(ACCEPTED.values())} accepted"
+        f"{sum(ACCEPTED.values())} accepted",
     ]
     lines += [
         f"fuzz:   {n:5d} {target} ({ACCEPTED[target]} accepted)"
         for target, n in sorted(CASES.items())
     ]
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     for line in lines:
         if reporter is not None:
             reporter.write_line(line)
@@ -469,6 +480,7 @@ def test_grpc_requests(
     count = 3 if method.client_streaming else 1
 
     @_SETTINGS
+    @seed(SEED)
     @given(st.lists(request_bytes(method), min_size=1, max_size=count))
     def run(messages: list[bytes]) -> None:
         CASES[target] += 1
@@ -506,6 +518,7 @@ def test_rest_requests(
     headers = {API_KEY_HEADER: auth[0][1], "content-type": "application/json"}
 
     @_SETTINGS
+    @seed(SEED)
     @given(rest_request(method, template, bool(body)))
     def run(case: tuple[str, dict[str, str], str | None]) -> None:
         path, query, content = case

@@ -204,12 +204,27 @@ def test_up_uses_running_postgres_and_redis(state_dir: Path) -> None:
     )
     try:
         running, stdout = run_up_and_stop(env, state_dir)
+        # Another state directory (a second checkout) on the same databases: their model
+        # versions' artifacts are not there, so the launcher refuses to start MLflow.
+        other = {**env, "MLMESH_STATE_DIR": str(state_dir.parent / "other")}
+        refused = subprocess.run(
+            [sys.executable, "-m", "services.launcher", "up"],
+            cwd=ROOT,
+            env=other,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=READY_TIMEOUT_S,
+        )
     finally:
         for url in (database_url, mlflow_url):
             asyncio.run(drop_database(url))
     assert_common(running, stdout, env)
     commands = list(running.values())
     assert not any("postgres -D" in c or "redis-server" in c for c in commands), commands
+    assert refused.returncode == 1, refused.stderr
+    assert f"artifacts are in {state_dir}/mlartifacts" in refused.stderr
+    assert "python -m services.launcher reset --yes" in refused.stderr
 
 
 def test_up_starts_private_postgres_and_redis(state_dir: Path) -> None:

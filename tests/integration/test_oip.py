@@ -23,6 +23,7 @@ from services.launcher.mesh import Mesh
 from services.training.ml.data import load_dataset
 from services.training.ml.train import train
 from tests.conftest import metric_sample as metric
+from tests.integration.models import log_classifier
 from tests.integration.test_inference import promote, scrape
 from tests.integration.test_training_ml import a_spec
 
@@ -141,18 +142,20 @@ def test_the_readme_snippet_runs_as_written(
 
 
 def test_model_ready_only_once_the_version_is_loaded(
-    served: Served, oip_stub, auth, rest: httpx.Client, rest_key: httpx.Client
+    mesh: Mesh, served: Served, oip_stub, auth, rest: httpx.Client, rest_key: httpx.Client
 ) -> None:
-    # First in this module: nothing has asked for v2 yet, and asking for readiness does not
-    # load it.
-    ready = oip.ModelReadyRequest(name=served.name, version="2")
+    # A version nothing has asked for (promotions load theirs first): asking for readiness
+    # does not load it.
+    name = f"{served.name}-ready"
+    version = str(log_classifier(mesh.settings.mlflow_tracking_uri, name))
+    ready = oip.ModelReadyRequest(name=name, version=version)
     assert oip_stub.ModelReady(ready).ready is False  # public: no key needed
-    not_ready = rest.get(f"/v2/models/{served.name}/versions/2/ready")
-    assert (not_ready.status_code, not_ready.json()) == (400, {"name": served.name, "ready": False})
+    not_ready = rest.get(f"/v2/models/{name}/versions/{version}/ready")
+    assert (not_ready.status_code, not_ready.json()) == (400, {"name": name, "ready": False})
     assert oip_stub.ModelReady(ready).ready is False
-    oip_stub.ModelInfer(infer_request(served.name, served.images[:1], "2"), metadata=auth)
+    oip_stub.ModelInfer(infer_request(name, served.images[:1], version), metadata=auth)
     assert oip_stub.ModelReady(ready).ready is True
-    assert rest.get(f"/v2/models/{served.name}/versions/2/ready").status_code == 200
+    assert rest.get(f"/v2/models/{name}/versions/{version}/ready").status_code == 200
     # an unknown model or alias is simply not ready
     assert oip_stub.ModelReady(oip.ModelReadyRequest(name="no-such-model")).ready is False
     assert rest.get(f"/v2/models/{served.name}/versions/canary/ready").status_code == 400

@@ -13,6 +13,8 @@ from mlflow import MlflowClient
 from mlmesh.registry.v1 import registry_pb2 as pb
 from mlmesh.registry.v1 import registry_pb2_grpc
 from services.launcher.mesh import Mesh
+from tests.conftest import metric_sample
+from tests.integration.models import log_classifier, register_without_artifacts
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,10 @@ def seeded(mesh: Mesh) -> Seeded:
         run_ids.append(run.info.run_id)
     model = f"it-model-{secrets.token_hex(3)}"
     client.create_registered_model(model, description="integration test model")
-    for run_id in run_ids:
-        client.create_model_version(model, source=f"runs:/{run_id}/model", run_id=run_id)
+    for i, run_id in enumerate(run_ids):
+        # Servable versions: the Registry refuses to promote one the Inference service
+        # cannot load.
+        log_classifier(mesh.settings.mlflow_tracking_uri, model, run_id=run_id, favourite=i)
     return Seeded(experiment_id, name, run_ids, model)
 
 
@@ -184,7 +188,7 @@ def test_model_and_versions_rest(rest: httpx.Client, seeded: Seeded) -> None:
     assert [v["version"] for v in versions] == [3, 2, 1]
     v2 = rest.get(f"/v1/models/{seeded.model_name}/versions/2").json()["model_version"]
     assert v2["run_id"] == seeded.run_ids[1]
-    assert v2["source"] == f"runs:/{seeded.run_ids[1]}/model"
+    assert v2["source"].startswith("models:/")  # MLflow 3: the run's logged model
     assert rest.get(f"/v1/models/{seeded.model_name}/versions/99").status_code == 404
     assert rest.get("/v1/models/no-such-model/versions").status_code == 404
 
@@ -353,3 +357,139 @@ def test_unknown_body_field_is_400(
     )
     assert resp.status_code == 400
     assert "colour" in resp.text
+
+
+# -- what a promotion refuses ------------------------------------------------------------------
+
+
+def _transition(rest: httpx.Client, keys: dict[str, str], name: str, version: int, stage: str,
+                **more: object) -> httpx.Response:  # fmt: skip
+    return rest.post(
+        f"/v1/models/{name}/versions/{version}:transition",
+        json={"stage": stage, **more},
+        headers=key_header(keys),
+    )
+
+
+def _state(rest: httpx.Client, name: str) -> list[tuple[int, str, list[str]]]:
+    listed = rest.get(f"/v1/models/{name}/versions").json()["model_versions"]
+    return [(v["version"], v["stage"], v["aliases"]) for v in listed]
+
+
+def _events(rest: httpx.Client, keys: dict[str, str], name: str) -> list[dict]:
+    return rest.get(
+        "/v1/audit-events", params={"model_name": name}, headers=key_header(keys)
+    ).json()["audit_events"]
+
+
+def _scrape(mesh: Mesh) -> str:
+    return httpx.get(f"http://127.0.0.1:{mesh.settings.registry_ops_port}/metrics").text
+
+
+def test_a_version_inference_cannot_load_is_never_promoted(
+    rest: httpx.Client, keys: dict[str, str], mesh: Mesh
+) -> None:
+    uri, name = mesh.settings.mlflow_tracking_uri, f"it-unservable-{secrets.token_hex(3)}"
+    assert log_classifier(uri, name) == 1
+    assert _transition(rest, keys, name, 1, "Production").status_code == 200
+    assert register_without_artifacts(uri, name) == 2
+    refused_before = metric_sample(
+        _scrape(mesh), "registry_transitions_refused_total", reason="cannot_serve"
+    )
+    for stage in ("Production", "Staging"):
+        refused = _transition(rest, keys, name, 2, stage)
+        assert refused.status_code == 400, refused.text
+        body = refused.json()
+        assert body["code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert f"version 2 of {name!r} cannot be served" in body["message"]
+        assert "files are missing from the artifact store" in body["message"]
+    # Nothing moved, nothing was audited, and production answers as before.
+    assert _state(rest, name) == [(2, "None", []), (1, "Production", ["production"])]
+    assert [e["version"] for e in _events(rest, keys, name)] == [1]
+    answer = rest.post(
+        "/v1/predict", json={"image": [0.0] * 784, "model_name": name}, headers=key_header(keys)
+    )
+    assert answer.status_code == 200 and answer.json()["model_version"] == 1
+    refused_after = metric_sample(
+        _scrape(mesh), "registry_transitions_refused_total", reason="cannot_serve"
+    )
+    assert refused_after == refused_before + 2
+
+
+def test_moving_production_away_needs_force(
+    rest: httpx.Client, keys: dict[str, str], mesh: Mesh
+) -> None:
+    uri, name = mesh.settings.mlflow_tracking_uri, f"it-aliases-{secrets.token_hex(3)}"
+    for favourite in (1, 2):
+        log_classifier(uri, name, favourite=favourite)
+    assert _transition(rest, keys, name, 1, "Production").status_code == 200
+    for stage in ("Staging", "Archived"):
+        refused = _transition(rest, keys, name, 1, stage)
+        assert refused.status_code == 400, refused.text
+        assert "would leave" in refused.json()["message"]
+        assert "without a production version" in refused.json()["message"]
+    assert _state(rest, name) == [(2, "None", []), (1, "Production", ["production"])]
+
+    # Stages follow the aliases: one version per stage, the one holding its alias.
+    assert _transition(rest, keys, name, 2, "Staging").status_code == 200
+    assert _transition(rest, keys, name, 2, "Production").status_code == 200
+    assert _state(rest, name) == [(2, "Production", ["production"]), (1, "None", [])]
+    assert _transition(rest, keys, name, 1, "Staging").status_code == 200
+    assert _transition(rest, keys, name, 2, "Staging", force=True).status_code == 200
+    assert _state(rest, name) == [(2, "Staging", ["staging"]), (1, "None", [])]
+    forced = _events(rest, keys, name)[0]
+    assert forced["version"] == 2 and forced["to_stage"] == "Staging"
+    assert forced["note"].startswith("forced: v2 is")
+
+
+def test_a_worse_production_candidate_needs_force(
+    rest: httpx.Client, keys: dict[str, str], mesh: Mesh
+) -> None:
+    uri, name = mesh.settings.mlflow_tracking_uri, f"it-worse-{secrets.token_hex(3)}"
+    for accuracy in (0.987, 0.11, 0.99):
+        log_classifier(uri, name, metrics={"test_accuracy": accuracy})
+    first = _transition(rest, keys, name, 1, "Production").json()
+    assert first["comparison"]["production_version"] == 0
+    assert first["comparison"]["candidate_value"] == pytest.approx(0.987)
+
+    refused = _transition(rest, keys, name, 2, "Production")
+    assert refused.status_code == 400
+    message = refused.json()["message"]
+    assert "v2's test_accuracy 0.11 is worse than production v1's 0.987" in message
+    assert "force" in message
+    assert _state(rest, name)[1:] == [(2, "None", []), (1, "Production", ["production"])]
+
+    forced = _transition(rest, keys, name, 2, "Production", force=True)
+    assert forced.status_code == 200, forced.text
+    body = forced.json()
+    assert body["forced"] is True
+    assert body["comparison"] == {
+        "metric_key": "test_accuracy",
+        "higher_is_better": True,
+        "candidate_value": pytest.approx(0.11),
+        "production_version": 1,
+        "production_value": pytest.approx(0.987),
+        "worse": True,
+    }
+    assert "worse than production v1" in body["audit_event"]["note"]
+
+    better = _transition(rest, keys, name, 3, "Production").json()
+    assert better["forced"] is False and better["comparison"]["worse"] is False
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/models/%00/versions/1", "name"),  # MLflow answered 500 to it: CI saw a 503
+        ("/v1/models/a%00b", "name"),
+        ("/v1/runs/%00", "run_id"),
+        ("/v1/experiments/%00", "experiment_id"),
+        ("/v1/audit-events?model_name=%00", "model_name"),
+    ],
+)
+def test_a_nul_in_any_name_is_400_naming_the_field(
+    rest: httpx.Client, keys: dict[str, str], path: str, field: str
+) -> None:
+    resp = rest.get(path, headers=key_header(keys))
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["message"].startswith(f"{field} contains a NUL character")

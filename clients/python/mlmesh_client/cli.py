@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mlmesh.registry.v1 import registry_pb2
 from mlmesh.training.v1 import sweep_pb2, training_pb2
 from mlmesh_client.client import Client, MeshError
 from mlmesh_client.images import ImageError, read_image_file
@@ -45,14 +46,37 @@ def _versions(args: argparse.Namespace) -> None:
 def _promote(args: argparse.Namespace) -> None:
     with _client(args) as mesh:
         done = mesh.promote(
-            args.name, args.version, args.stage, archive_existing=args.archive_existing
+            args.name,
+            args.version,
+            args.stage,
+            archive_existing=args.archive_existing,
+            force=args.force,
         )
         v = done.model_version
         print(f"{v.name} v{v.version} is now {v.stage} (aliases: {', '.join(v.aliases) or '-'})")
+        if done.HasField("comparison"):
+            print(_comparison(done.comparison, v.version))
         if done.previous_version:
             print(f"previous holder: v{done.previous_version}")
         if done.archived_versions:
             print("archived: " + ", ".join(f"v{n}" for n in done.archived_versions))
+        if done.forced:
+            print(f"forced: {done.audit_event.note.removeprefix('forced: ')}")
+
+
+def _comparison(c: registry_pb2.MetricComparison, version: int) -> str:
+    def shown(has: bool, value: float) -> str:
+        return f"{value:.4f}" if has else "(none logged)"
+
+    candidate = shown(c.HasField("candidate_value"), c.candidate_value)
+    if not c.production_version:
+        return f"{c.metric_key}: v{version} {candidate} (no production version before)"
+    production = shown(c.HasField("production_value"), c.production_value)
+    verdict = " (worse)" if c.worse else ""
+    return (
+        f"{c.metric_key}: v{version} {candidate}{verdict}, "
+        f"production v{c.production_version} {production}"
+    )
 
 
 def _audit(args: argparse.Namespace) -> None:
@@ -410,6 +434,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("version", type=int)
     p.add_argument("--stage", default="Production", help="Production, Staging or Archived")
     p.add_argument("--archive-existing", action="store_true", help="archive the previous holders")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even a version worse than production on the promotion metric, or move "
+        "the production version elsewhere (leaving the model without one)",
+    )
     p.set_defaults(run=_promote)
     p = commands.add_parser(
         "predict",

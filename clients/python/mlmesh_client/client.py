@@ -96,10 +96,22 @@ class Client:
         return self._all(self.registry.ListModelVersions, request, "model_versions")
 
     def promote(
-        self, name: str, version: int, stage: str = "production", *, archive_existing: bool = False
+        self,
+        name: str,
+        version: int,
+        stage: str = "production",
+        *,
+        archive_existing: bool = False,
+        force: bool = False,
     ) -> registry.TransitionModelVersionResponse:
         """Move a version to Production (the default), Staging or Archived (needs an API key);
-        inference replicas serving that stage's alias switch to it within a second."""
+        inference replicas serving that stage's alias switch to it within a second.
+
+        Refused (FAILED_PRECONDITION) when the Inference service cannot load the version;
+        and, unless ``force``, when the production version would be moved elsewhere (leaving
+        none) or a production candidate is worse than production on the promotion metric
+        (the answer's ``comparison`` has both values).
+        """
         return self._call(
             self.registry.TransitionModelVersion,
             registry.TransitionModelVersionRequest(
@@ -107,6 +119,7 @@ class Client:
                 version=version,
                 stage=stage,
                 archive_existing_versions=archive_existing,
+                force=force,
             ),
         )
 

@@ -98,3 +98,23 @@ class PredictStreamResponse(_message.Message):
     model_name: str
     model_version: int
     def __init__(self, request_id: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class LoadModelVersionRequest(_message.Message):
+    __slots__ = ("model_name", "model_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class LoadModelVersionResponse(_message.Message):
+    __slots__ = ("model_name", "model_version", "runtime", "already_loaded")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_LOADED_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: int
+    runtime: str
+    already_loaded: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., runtime: _Optional[str] = ..., already_loaded: _Optional[bool] = ...) -> None: ...

@@ -45,6 +45,11 @@ class InferenceServiceStub:
                 request_serializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.PredictBatchRequest.SerializeToString,
                 response_deserializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.PredictBatchResponse.FromString,
                 _registered_method=True)
+        self.LoadModelVersion = channel.unary_unary(
+                '/mlmesh.inference.v1.InferenceService/LoadModelVersion',
+                request_serializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionResponse.FromString,
+                _registered_method=True)
         self.PredictStream = channel.stream_stream(
                 '/mlmesh.inference.v1.InferenceService/PredictStream',
                 request_serializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.PredictStreamRequest.SerializeToString,
@@ -70,6 +75,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModelVersion(self, request, context):
+        """LoadModelVersion loads a version into this replica (if it is not loaded yet) and says how
+        it runs; FAILED_PRECONDITION when it cannot be served. The Registry asks before it makes
+        a version production or staging.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PredictStream(self, request_iterator, context):
         """PredictStream classifies a stream of images and answers each in order.
         """
@@ -89,6 +103,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.PredictBatch,
                     request_deserializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.PredictBatchRequest.FromString,
                     response_serializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.PredictBatchResponse.SerializeToString,
+            ),
+            'LoadModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModelVersion,
+                    request_deserializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionRequest.FromString,
+                    response_serializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionResponse.SerializeToString,
             ),
             'PredictStream': grpc.stream_stream_rpc_method_handler(
                     servicer.PredictStream,
@@ -151,6 +170,33 @@ class InferenceService:
             '/mlmesh.inference.v1.InferenceService/PredictBatch',
             mlmesh_dot_inference_dot_v1_dot_inference__pb2.PredictBatchRequest.SerializeToString,
             mlmesh_dot_inference_dot_v1_dot_inference__pb2.PredictBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.inference.v1.InferenceService/LoadModelVersion',
+            mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionRequest.SerializeToString,
+            mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -179,7 +179,7 @@ class RegisteredModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., aliases: _Optional[_Mapping[str, int]] = ..., latest_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., tags: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
-    __slots__ = ("event_id", "time", "client", "action", "model_name", "version", "from_stage", "to_stage", "previous_version", "archived_versions")
+    __slots__ = ("event_id", "time", "client", "action", "model_name", "version", "from_stage", "to_stage", "previous_version", "archived_versions", "note")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,7 @@ class AuditEvent(_message.Message):
     TO_STAGE_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHIVED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     event_id: int
     time: _timestamp_pb2.Timestamp
     client: str
@@ -200,7 +201,24 @@ class AuditEvent(_message.Message):
     to_stage: str
     previous_version: int
     archived_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, event_id: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., client: _Optional[str] = ..., action: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., from_stage: _Optional[str] = ..., to_stage: _Optional[str] = ..., previous_version: _Optional[int] = ..., archived_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    note: str
+    def __init__(self, event_id: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., client: _Optional[str] = ..., action: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., from_stage: _Optional[str] = ..., to_stage: _Optional[str] = ..., previous_version: _Optional[int] = ..., archived_versions: _Optional[_Iterable[int]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class MetricComparison(_message.Message):
+    __slots__ = ("metric_key", "higher_is_better", "candidate_value", "production_version", "production_value", "worse")
+    METRIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_IS_BETTER_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTION_VALUE_FIELD_NUMBER: _ClassVar[int]
+    WORSE_FIELD_NUMBER: _ClassVar[int]
+    metric_key: str
+    higher_is_better: bool
+    candidate_value: float
+    production_version: int
+    production_value: float
+    worse: bool
+    def __init__(self, metric_key: _Optional[str] = ..., higher_is_better: _Optional[bool] = ..., candidate_value: _Optional[float] = ..., production_version: _Optional[int] = ..., production_value: _Optional[float] = ..., worse: _Optional[bool] = ...) -> None: ...
 
 class ListExperimentsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "filter", "order_by")
@@ -363,28 +381,34 @@ class GetModelVersionResponse(_message.Message):
     def __init__(self, model_version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
 
 class TransitionModelVersionRequest(_message.Message):
-    __slots__ = ("model_name", "version", "stage", "archive_existing_versions")
+    __slots__ = ("model_name", "version", "stage", "archive_existing_versions", "force")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ARCHIVE_EXISTING_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     stage: str
     archive_existing_versions: bool
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., stage: _Optional[str] = ..., archive_existing_versions: _Optional[bool] = ...) -> None: ...
+    force: bool
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., stage: _Optional[str] = ..., archive_existing_versions: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class TransitionModelVersionResponse(_message.Message):
-    __slots__ = ("model_version", "previous_version", "archived_versions", "audit_event")
+    __slots__ = ("model_version", "previous_version", "archived_versions", "audit_event", "comparison", "forced")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHIVED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_EVENT_FIELD_NUMBER: _ClassVar[int]
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
     model_version: ModelVersion
     previous_version: int
     archived_versions: _containers.RepeatedScalarFieldContainer[int]
     audit_event: AuditEvent
-    def __init__(self, model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., previous_version: _Optional[int] = ..., archived_versions: _Optional[_Iterable[int]] = ..., audit_event: _Optional[_Union[AuditEvent, _Mapping]] = ...) -> None: ...
+    comparison: MetricComparison
+    forced: bool
+    def __init__(self, model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., previous_version: _Optional[int] = ..., archived_versions: _Optional[_Iterable[int]] = ..., audit_event: _Optional[_Union[AuditEvent, _Mapping]] = ..., comparison: _Optional[_Union[MetricComparison, _Mapping]] = ..., forced: _Optional[bool] = ...) -> None: ...
 
 class ListAuditEventsRequest(_message.Message):
     __slots__ = ("model_name", "page_size", "page_token")

@@ -172,7 +172,10 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TransitionModelVersion(self, request, context):
-        """TransitionModelVersion moves a version to production, staging or archived. Protected and audited.
+        """TransitionModelVersion moves a version to production, staging or archived. Protected and
+        audited. A version the Inference service cannot load is never made production or staging;
+        a move that would leave the model without a production version, or a production candidate
+        worse than the current production version on the promotion metric, needs force.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,79 @@
+"""Model versions for tests that need real, servable ones fast: logged with plain MLflow.
+
+A trained mlmesh model takes a minute; these take a fraction of a second each. They are tiny
+PyTorch classifiers (784 pixels in, 10 probabilities out, as the Inference service serves
+them), pickled, with their pip requirements given so that MLflow does not infer them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+
+
+@contextlib.contextmanager
+def tracking(uri: str) -> Iterator[MlflowClient]:
+    """The fluent MLflow API pointed at ``uri`` for the block (this process is shared)."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield MlflowClient(tracking_uri=uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def classifier(favourite: int = 0) -> torch.nn.Module:
+    """A 784 -> 10 softmax classifier that leans towards class ``favourite``."""
+    torch.manual_seed(favourite)
+    linear = torch.nn.Linear(784, 10)
+    with torch.no_grad():
+        linear.bias[favourite] += 5.0
+    return torch.nn.Sequential(linear, torch.nn.Softmax(dim=1)).eval()
+
+
+def log_classifier(
+    uri: str,
+    name: str,
+    *,
+    run_id: str | None = None,
+    favourite: int = 0,
+    metrics: dict[str, float] | None = None,
+) -> int:
+    """Register a new version of ``name`` (in run ``run_id``, or a new run of the default
+    experiment) with ``metrics`` logged on its run; returns the version number."""
+    module = classifier(favourite)
+    example = np.zeros((1, 784), np.float32)
+    with torch.no_grad():
+        signature = infer_signature(example, module(torch.from_numpy(example)).numpy())
+    with tracking(uri), mlflow.start_run(run_id=run_id):
+        for key, value in (metrics or {}).items():
+            mlflow.log_metric(key, value)
+        info = mlflow.pytorch.log_model(
+            module,
+            name="model",
+            signature=signature,
+            serialization_format="pickle",
+            pip_requirements=["torch"],
+            registered_model_name=name,
+        )
+    return int(info.registered_model_version)
+
+
+def register_without_artifacts(uri: str, name: str) -> int:
+    """Register a version of ``name`` whose source holds no model (its files are gone)."""
+    with tracking(uri) as client:
+        experiment = client.get_experiment_by_name("Default")
+        run = client.create_run(experiment.experiment_id if experiment else "0")
+        client.set_terminated(run.info.run_id)
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            client.create_registered_model(name)
+        found = client.create_model_version(
+            name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
+        )
+    return int(found.version)
