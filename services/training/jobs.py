@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import asyncpg
 from redis.asyncio import Redis
 
+from services.common.errors import FailedPrecondition
 from services.common.pagination import Page, decode_token, encode_token
 from services.training import eventlog
 
@@ -268,13 +269,19 @@ class JobStore:
         return [r["job_id"] for r in rows]
 
     async def request_cancel(self, job_id: str, client: str) -> Job | None:
-        """Cancel a queued job at once; ask a running one to stop. Terminal jobs are unchanged."""
+        """Cancel a queued job at once; ask a running one to stop. None when there is no such
+        job; FailedPrecondition when it has ended (and it stays as it ended)."""
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT * FROM training_jobs WHERE job_id = $1 FOR UPDATE", job_id
             )
-            if row is None or row["state"] in TERMINAL_STATES:
-                return _job(row) if row else None
+            if row is None:
+                return None
+            if row["state"] in TERMINAL_STATES:
+                raise FailedPrecondition(
+                    f"training job {job_id} has already ended ({row['state']}); only queued or "
+                    "running jobs can be cancelled"
+                )
             if row["state"] == QUEUED:
                 row = await conn.fetchrow(
                     """

@@ -19,12 +19,7 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 
 def build(backends: Backends) -> ServiceParts:
     s = backends.settings
-    training = Training(
-        JobStore(backends.pool, backends.redis),
-        backends.redis,
-        s.training_queue,
-        s.default_model_name,
-    )
+    training = Training(JobStore(backends.pool, backends.redis), backends.redis, s.training_queue)
     sweeps = Sweeps(
         SweepStore(backends.pool, backends.redis),
         training,

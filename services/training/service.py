@@ -25,6 +25,7 @@ from services.training.jobs import (
     JobStore,
     events_channel,
 )
+from services.training.metrics import JOBS_SUBMITTED
 from services.training.validation import Submission, validate
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,10 @@ def arq_job_id(job_id: str) -> str:
 class Training:
     """What the Training service does, over the job store and the ARQ queue."""
 
-    def __init__(
-        self, store: JobStore, queue: ArqRedis, queue_name: str, default_model_name: str
-    ) -> None:
+    def __init__(self, store: JobStore, queue: ArqRedis, queue_name: str) -> None:
         self._store = store
         self._queue = queue
         self._queue_name = queue_name
-        self._default_model_name = default_model_name
 
     @property
     def store(self) -> JobStore:
@@ -57,19 +55,16 @@ class Training:
     def queue(self) -> ArqRedis:
         return self._queue
 
-    @property
-    def default_model_name(self) -> str:
-        return self._default_model_name
-
     def validate(self, submission: Submission) -> JobParams:
         """A submission's job parameters, defaults resolved; InvalidArgument names a bad field."""
-        return validate(submission, self._default_model_name)
+        return validate(submission)
 
     async def submit(self, submission: Submission, client: str) -> Job:
         """Validate, record and enqueue a job; a repeated idempotency key returns the first."""
         params = self.validate(submission)
         job, created = await self._store.create(params, client, submission.idempotency_key)
         if created:
+            JOBS_SUBMITTED.labels(client).inc()
             await self.enqueue(job.job_id)
         return job
 
@@ -103,6 +98,7 @@ class Training:
         return await self._store.list(state, check_page_size(page_size), page_token)
 
     async def cancel(self, job_id: str, client: str) -> Job:
+        """Cancel a queued job, or ask a running one to stop; FailedPrecondition once ended."""
         await self.get(job_id)
         job = await self._store.request_cancel(job_id, client)
         assert job is not None  # it existed a moment ago and jobs are never deleted

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from services.common.errors import InvalidArgument
 from services.training.jobs import JobParams
 from services.training.ml import search
 from services.training.ml.search import Choice, Domain, FloatRange, IntRange, PrunerSpec
-from services.training.validation import Submission, validate
+from services.training.validation import MAX_SEED, Submission, validate
 
 OBJECTIVES = ("val_accuracy", "val_loss", "train_loss")
 DEFAULT_OBJECTIVE = "val_accuracy"
@@ -123,7 +124,7 @@ def _bad(name: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"search_space.{name}: {message}")
 
 
-def _check_value(name: str, value: Any, base: Submission, default_model_name: str) -> Any:
+def _check_value(name: str, value: Any, base: Submission) -> Any:
     """``value`` as the parameter's type, checked by the training validator."""
     kind = SEARCHABLE[name]
     if kind is str:
@@ -140,32 +141,32 @@ def _check_value(name: str, value: Any, base: Submission, default_model_name: st
     else:
         value = float(value)
     try:
-        params = validate(dataclasses.replace(base, **{name: value}), default_model_name)
+        params = validate(dataclasses.replace(base, **{name: value}))
     except InvalidArgument as err:
         raise _bad(name, str(err)) from None
     return getattr(params, name)  # strings come back normalized ("Adam" -> "adam")
 
 
-def _check_domain(name: str, domain: Domain, base: Submission, default_model_name: str) -> Domain:
+def _check_domain(name: str, domain: Domain, base: Submission) -> Domain:
     if isinstance(domain, Choice):
         if not domain.values:
             raise _bad(name, "a choice needs at least one value")
-        values = tuple(_check_value(name, v, base, default_model_name) for v in domain.values)
+        values = tuple(_check_value(name, v, base) for v in domain.values)
         if len(set(values)) != len(values):
             raise _bad(name, f"choice values repeat: {list(values)}")
         return Choice(values)
     if isinstance(domain, FloatRange):
         if SEARCHABLE[name] is not float:
             raise _bad(name, "a continuous range is only for learning_rate; use int_range")
-        low = _check_value(name, domain.low, base, default_model_name)
-        high = _check_value(name, domain.high, base, default_model_name)
+        low = _check_value(name, domain.low, base)
+        high = _check_value(name, domain.high, base)
         if not low < high:
             raise _bad(name, f"range low must be below high, got {low:g} and {high:g}")
         return FloatRange(low, high, domain.log)
     if SEARCHABLE[name] is not int:
         raise _bad(name, "an integer range is only for batch_size and epochs")
-    low = _check_value(name, domain.low, base, default_model_name)
-    high = _check_value(name, domain.high, base, default_model_name)
+    low = _check_value(name, domain.low, base)
+    high = _check_value(name, domain.high, base)
     step = domain.step or 1
     if step < 1:
         raise _bad(name, f"int_range step must be at least 1, got {step}")
@@ -178,8 +179,13 @@ def _check_domain(name: str, domain: Domain, base: Submission, default_model_nam
     return IntRange(low, high, step, domain.log)
 
 
-def validate_sweep(sub: SweepSubmission, default_model_name: str) -> SweepSpec:
-    """Resolve defaults and check every field; InvalidArgument names the first bad one."""
+def validate_sweep(sub: SweepSubmission) -> SweepSpec:
+    """Resolve defaults and check every field; InvalidArgument names the first bad one.
+
+    A sweep given no seed draws one (recorded in its spec, so passing it again repeats the
+    sweep): with a fixed default, every such sweep would replay the same trials. A job keeps
+    its fixed default seed, since repeatable training is what a job's seed is for.
+    """
     base = Submission(
         dataset=sub.dataset,
         architecture=sub.architecture,
@@ -187,13 +193,13 @@ def validate_sweep(sub: SweepSubmission, default_model_name: str) -> SweepSpec:
         learning_rate=sub.learning_rate,
         batch_size=sub.batch_size,
         optimizer=sub.optimizer,
-        seed=sub.seed,
+        seed=secrets.randbelow(MAX_SEED + 1) if sub.seed is None else sub.seed,
         train_subset=sub.train_subset,
         experiment_name=sub.experiment_name or DEFAULT_SWEEP_EXPERIMENT,
         model_name=sub.model_name,
         idempotency_key=sub.idempotency_key,
     )
-    params = validate(base, default_model_name)
+    params = validate(base)
     if not sub.space:
         raise InvalidArgument("search_space must name at least one of " + ", ".join(SEARCHABLE))
     space: dict[str, Domain] = {}
@@ -202,7 +208,7 @@ def validate_sweep(sub: SweepSubmission, default_model_name: str) -> SweepSpec:
             raise _bad(name, "not a searchable hyperparameter; one of " + ", ".join(SEARCHABLE))
         if getattr(base, name) not in (None, ""):
             raise _bad(name, f"also given as the fixed {name}; give one or the other")
-        space[name] = _check_domain(name, domain, base, default_model_name)
+        space[name] = _check_domain(name, domain, base)
 
     objective = sub.objective_metric.strip() or DEFAULT_OBJECTIVE
     if objective not in OBJECTIVES:

@@ -36,7 +36,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from services.common.errors import InvalidArgument, NotFound, check_page_size
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, check_page_size
 from services.common.pagination import Page, decode_token, encode_token
 from services.training import eventlog
 from services.training.jobs import (
@@ -49,6 +49,7 @@ from services.training.jobs import (
     TERMINAL_STATES,
     Job,
 )
+from services.training.metrics import SWEEPS_SUBMITTED
 from services.training.ml import search
 from services.training.service import Training
 from services.training.sweep_spec import SweepSpec, SweepSubmission, validate_sweep
@@ -404,9 +405,10 @@ class Sweeps:
     # -- the service's calls ------------------------------------------------------------
     async def submit(self, submission: SweepSubmission, client: str) -> Sweep:
         """Validate and record a sweep, then start it in the background; answers at once."""
-        spec = validate_sweep(submission, self._training.default_model_name)
+        spec = validate_sweep(submission)
         sweep, created = await self._store.create(spec, client, submission.idempotency_key)
         if created:
+            SWEEPS_SUBMITTED.labels(client).inc()
             self.kick(sweep.sweep_id)
         return sweep
 
@@ -433,8 +435,13 @@ class Sweeps:
 
     async def cancel(self, sweep_id: str, client: str) -> Sweep:
         """Stop asking for trials and cancel the running ones; the sweep ends cancelled once
-        none runs (at once when none was training)."""
-        await self.get(sweep_id)
+        none runs (at once when none was training). FailedPrecondition once it has ended."""
+        sweep = await self.get(sweep_id)
+        if sweep.state in SWEEP_TERMINAL:
+            raise FailedPrecondition(
+                f"sweep {sweep_id} has already ended ({sweep.state}); only queued or running "
+                "sweeps can be cancelled"
+            )
         await self._store.request_cancel(sweep_id, client)
         await self.advance(sweep_id)
         return await self.get(sweep_id)
@@ -537,7 +544,9 @@ class Sweeps:
             sweep = await self._reload(sweep_id)
             if sweep.cancel_requested:
                 for trial in sweep.running:
-                    await self._training.cancel(trial.job_id, sweep.cancelled_by)
+                    # A trial whose job ended meanwhile is collected just below.
+                    with contextlib.suppress(FailedPrecondition):
+                        await self._training.cancel(trial.job_id, sweep.cancelled_by)
                 await self._collect(await self._reload(sweep_id))
                 sweep = await self._reload(sweep_id)
                 if not sweep.running:
@@ -721,23 +730,25 @@ class Sweeps:
         return RunTracker(MlflowClient(tracking_uri=self._tracking_uri), self._tracking_uri, run_id)
 
     def _open_parent_run(self, sweep: Sweep) -> str:
-        from services.training.ml.tracking import RunTracker
+        from services.training.ml.tracking import RunTracker, sweep_run_name
 
         spec = sweep.spec
         tracker = RunTracker.open(
             self._tracking_uri,
             spec.base.experiment_name,
-            f"sweep-{sweep.sweep_id[:8]}",
+            sweep_run_name(spec.base.dataset, spec.strategy, spec.max_trials),
             {"mlmesh.sweep_id": sweep.sweep_id, "mlmesh.client": sweep.submitted_by},
         )
         space = spec.to_json()["space"]
         fixed = {
             f"fixed.{k}": v
             for k, v in spec.to_json()["base"].items()
-            if k not in spec.space and k not in ("experiment_name", "model_name")
+            if k not in spec.space and k not in ("experiment_name", "model_name", "seed")
         }
         tracker.log_params(
             {
+                # The sampler's and every trial's seed; submitting it again repeats the sweep.
+                "seed": spec.base.seed,
                 "strategy": spec.strategy,
                 "objective_metric": spec.objective_metric,
                 "direction": spec.direction,

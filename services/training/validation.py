@@ -16,7 +16,9 @@ DEFAULT_LEARNING_RATE = 1e-3
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_OPTIMIZER = "adam"
 DEFAULT_SEED = 42
+MAX_SEED = 2**32 - 1
 DEFAULT_EXPERIMENT = "mnist"
+MODEL_NAME_SUFFIX = "-classifier"
 
 _NAME = re.compile(r"^[\w][\w .:/@+-]{0,254}$")
 
@@ -60,7 +62,14 @@ def _name(value: str, field: str, default: str) -> str:
     return value
 
 
-def validate(sub: Submission, default_model_name: str) -> JobParams:
+def default_model_name(dataset: str) -> str:
+    """The registered model a job or sweep on ``dataset`` adds its version to when it names
+    none: one model per dataset (``fashion_mnist`` -> ``fashion-mnist-classifier``), so that
+    no model name holds versions trained on different data."""
+    return dataset.replace("_", "-") + MODEL_NAME_SUFFIX
+
+
+def validate(sub: Submission) -> JobParams:
     """Resolve defaults and check every field; InvalidArgument names the first bad one."""
     epochs = DEFAULT_EPOCHS if sub.epochs is None else sub.epochs
     _in_range(epochs, "epochs", 1, 100)
@@ -69,14 +78,15 @@ def validate(sub: Submission, default_model_name: str) -> JobParams:
     batch_size = DEFAULT_BATCH_SIZE if sub.batch_size is None else sub.batch_size
     _in_range(batch_size, "batch_size", 1, 4096)
     seed = DEFAULT_SEED if sub.seed is None else sub.seed
-    _in_range(seed, "seed", 0, 2**32 - 1)
+    _in_range(seed, "seed", 0, MAX_SEED)
     _in_range(sub.train_subset, "train_subset", 0, 10_000_000)
     if len(sub.idempotency_key) > 128:
         raise InvalidArgument("idempotency_key must be at most 128 characters")
     if "\x00" in sub.idempotency_key:  # PostgreSQL text cannot hold it
         raise InvalidArgument("idempotency_key must not contain NUL characters")
+    dataset = _choice(sub.dataset, "dataset", DATASETS, DEFAULT_DATASET)
     return JobParams(
-        dataset=_choice(sub.dataset, "dataset", DATASETS, DEFAULT_DATASET),
+        dataset=dataset,
         architecture=_choice(sub.architecture, "architecture", ARCHITECTURES, DEFAULT_ARCHITECTURE),
         epochs=epochs,
         learning_rate=learning_rate,
@@ -85,5 +95,5 @@ def validate(sub: Submission, default_model_name: str) -> JobParams:
         seed=seed,
         train_subset=sub.train_subset,
         experiment_name=_name(sub.experiment_name, "experiment_name", DEFAULT_EXPERIMENT),
-        model_name=_name(sub.model_name, "model_name", default_model_name),
+        model_name=_name(sub.model_name, "model_name", default_model_name(dataset)),
     )

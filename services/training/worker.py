@@ -307,9 +307,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["pool"] = await db.connect_pool(settings.database_url)
     # A job training across a PostgreSQL restart waits to record its progress and its end.
     ctx["store"] = JobStore(ctx["pool"], ctx["redis"], patience_s=WAIT_FOR_POSTGRES_S)
-    training = Training(
-        ctx["store"], ctx["redis"], settings.training_queue, settings.default_model_name
-    )
+    training = Training(ctx["store"], ctx["redis"], settings.training_queue)
     ctx["sweeps"] = Sweeps(
         SweepStore(ctx["pool"], ctx["redis"]),
         training,

@@ -65,8 +65,10 @@ async def _submit(settings: Settings) -> str:
     pool = await db.connect_pool(settings.database_url)
     redis = ArqRedis.from_url(settings.redis_url)
     try:
-        training = Training(JobStore(pool, redis), redis, settings.training_queue, "it-outage")
-        sub = Submission(train_subset=1000, epochs=1, experiment_name="it-outage")
+        training = Training(JobStore(pool, redis), redis, settings.training_queue)
+        sub = Submission(
+            train_subset=1000, epochs=1, experiment_name="it-outage", model_name="it-outage"
+        )
         return (await training.submit(sub, "tester")).job_id
     finally:
         await redis.aclose()

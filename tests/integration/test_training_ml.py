@@ -20,6 +20,7 @@ from PIL import Image
 
 from services.launcher.mesh import Mesh
 from services.training.ml import report
+from services.training.ml.tracking import RunTracker
 from services.training.ml.train import Cancelled, TrainResult, TrainSpec, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -220,3 +221,20 @@ def test_a_failed_job_ends_its_run_failed(mesh: Mesh, monkeypatch: pytest.Monkey
         train(spec, events.append, lambda: False)
     client = MlflowClient(tracking_uri=spec.tracking_uri)
     assert client.get_run(events[0]["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_an_experiment_without_a_kind_is_marked_as_model_training(mesh: Mesh) -> None:
+    uri = mesh.settings.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri)
+    name = f"it-untagged-{secrets.token_hex(3)}"
+    experiment_id = client.create_experiment(name)  # as made before mlmesh marked them
+    assert "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags
+    RunTracker.open(uri, name, "first", {}).end("FINISHED")
+    tags = client.get_experiment(experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    # A kind someone chose by hand stays.
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "genai_development")
+    RunTracker.open(uri, name, "second", {}).end("FINISHED")
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == (
+        "genai_development"
+    )

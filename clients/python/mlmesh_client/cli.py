@@ -389,10 +389,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer", help="adam (default), adamw or sgd")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="default 42")
     p.add_argument("--train-subset", type=int, help="train on the first N images only")
     p.add_argument("--experiment", help="MLflow experiment (default mnist)")
-    p.add_argument("--model", help="registered model (default mnist-classifier)")
+    p.add_argument(
+        "--model", help="registered model (default: the dataset's, e.g. mnist-classifier)"
+    )
     p.add_argument("--idempotency-key")
     p.set_defaults(run=_train)
     p = commands.add_parser(
@@ -423,10 +425,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lr", type=float, help="learning rate, when not searched")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="default: a random one, recorded as the sweep's seed")
     p.add_argument("--train-subset", type=int, help="train on the first N images only")
     p.add_argument("--experiment", help="MLflow experiment (default mnist-sweeps)")
-    p.add_argument("--model", help="registered model (default mnist-classifier)")
+    p.add_argument(
+        "--model", help="registered model (default: the dataset's, e.g. mnist-classifier)"
+    )
     p.add_argument("--idempotency-key")
     p.set_defaults(run=_sweep)
     p = commands.add_parser("promote", help="move a version to a stage (needs an API key)")

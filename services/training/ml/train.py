@@ -37,7 +37,7 @@ from services.training.ml.loop import (
 )
 from services.training.ml.models import Probabilities
 from services.training.ml.search import TrialReporter, TrialSpec
-from services.training.ml.tracking import RunTracker, is_transient
+from services.training.ml.tracking import RunTracker, is_transient, run_name
 
 __all__ = ["Cancelled", "Pruned", "TrainResult", "TrainSpec", "TransientError", "train"]
 
@@ -195,17 +195,24 @@ def _train(spec: TrainSpec, emit: Emit, should_stop: ShouldStop) -> TrainResult:
         "mlmesh.client": spec.client,
         "mlmesh.attempt": str(spec.attempt),
     }
-    run_name = spec.job_id
+    name = run_name(
+        spec.architecture,
+        spec.dataset,
+        spec.optimizer,
+        spec.learning_rate,
+        spec.batch_size,
+        spec.epochs,
+        trial=spec.trial.number if spec.trial is not None else None,
+    )
     reporter = None
     if spec.trial is not None:
         reporter = TrialReporter(spec.trial)
-        run_name = f"trial-{spec.trial.number}"
         tags |= {
             "mlflow.parentRunId": spec.trial.parent_run_id,
             "mlmesh.sweep_id": spec.trial.sweep_id,
             "mlmesh.trial_number": str(spec.trial.number),
         }
-    tracker = RunTracker.open(spec.tracking_uri, spec.experiment_name, run_name, tags)
+    tracker = RunTracker.open(spec.tracking_uri, spec.experiment_name, name, tags)
     emit({"type": "started", "mlflow_run_id": tracker.run_id, "device": str(job.device)})
     try:
         result = _run(spec, job, tracker, emit, should_stop, reporter)
@@ -294,7 +301,7 @@ def _run(
         history.append(metrics)
         tracker.log_metrics(metrics, step=epoch)
         emit({"type": "epoch", "epoch": epoch, "total_epochs": spec.epochs, "metrics": metrics})
-        if reporter is not None and reporter.report(epoch, metrics):
+        if reporter is not None and reporter.report(epoch, metrics, last=epoch == spec.epochs):
             raise Pruned(epoch, metrics[reporter.spec.objective_metric])
 
     check_stop(should_stop)
