@@ -1,8 +1,10 @@
 """Dynamic batching: concurrent requests for one model version share one forward pass.
 
-Requests queue up; the batcher takes what is queued, waits up to ``max_wait_s`` for more
-while the batch has room, and runs the batch in the forward-pass executor. While a batch
-runs, new requests queue, so under load batches fill without any waiting at all.
+Requests queue up; the batcher takes what is queued and, while the batch has room and other
+requests are on their way (asked for but not yet queued: reading the cache, say), waits up to
+``max_wait_s`` for them; then it runs the batch in the forward-pass executor. A lone request
+never waits for company. While a batch runs, new requests queue, so under load batches fill
+without any waiting at all.
 
 A request is a dict of input arrays with the same number of rows (the contract's batch
 dimension); a batch stacks every input of its requests along that dimension and splits the
@@ -67,6 +69,8 @@ class Batcher:
         self._carry: _Item | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # predict() calls not answered yet: those queued, running, and being queued.
+        self._pending = 0
 
     async def predict(self, inputs: Mapping[str, np.ndarray], rows: int) -> Arrays:
         """The model's outputs for ``inputs`` (``rows`` rows each), computed in some batch."""
@@ -77,7 +81,19 @@ class Batcher:
             self._task = asyncio.create_task(self._run(), name="batcher")
         future: asyncio.Future[Arrays] = loop.create_future()
         self._queue.put_nowait(_Item(inputs, rows, future))
-        return await future
+        self._pending += 1
+        try:
+            return await future
+        finally:
+            self._pending -= 1
+
+    def expect(self) -> None:
+        """Say that a predict() call is on its way (its caller is still preparing it), so a
+        batch forming now waits for it; ``arrived()`` ends that."""
+        self._pending += 1
+
+    def arrived(self) -> None:
+        self._pending -= 1
 
     async def close(self) -> None:
         """Answer everything queued, then stop."""
@@ -106,7 +122,9 @@ class Batcher:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                # Wait only for requests that are on their way: none is, when every call
+                # not yet answered is in this batch already.
+                if remaining <= 0 or self._pending <= len(batch):
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)

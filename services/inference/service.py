@@ -91,7 +91,12 @@ class Inference:
         rows = len(next(iter(inputs.values()))) if model.contract.batched else None
         model.observe(inputs)
         keys = cache_keys(model.cache_scope, inputs, wanted, rows)
-        found = await self._cache.get_many(keys) if read_cache else [None] * len(keys)
+        # While the cache is read, a batch forming for this version may wait for this request.
+        model.batcher.expect()
+        try:
+            found = await self._cache.get_many(keys) if read_cache else [None] * len(keys)
+        finally:
+            model.batcher.arrived()
         answers = [decode_outputs(v) if v is not None else None for v in found]
         missing = [i for i, a in enumerate(answers) if a is None]
         if missing:

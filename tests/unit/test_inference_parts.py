@@ -150,16 +150,29 @@ async def test_concurrent_requests_are_coalesced_up_to_the_maximum() -> None:
         np.testing.assert_allclose(result["y"], i / 10)  # each caller got its own rows back
 
 
-async def test_the_batcher_waits_up_to_max_wait_for_company() -> None:
+async def test_the_batcher_waits_up_to_max_wait_for_company_on_its_way() -> None:
     model = RecordingModel()
     with ThreadPoolExecutor(1) as executor:
         batcher = Batcher(model, executor, max_size=8, max_wait_s=0.2)
+        batcher.expect()  # a second request is being prepared (its cache read, say)
         one = asyncio.ensure_future(batcher.predict(rows(1, 0.0), 1))
         await asyncio.sleep(0.02)
+        batcher.arrived()
         two = asyncio.ensure_future(batcher.predict(rows(2, 0.0), 2))
         await asyncio.gather(one, two)
         await batcher.close()
     assert model.batches == [3]
+
+
+async def test_a_lone_request_does_not_wait_for_company() -> None:
+    model = RecordingModel()
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher(model, executor, max_size=8, max_wait_s=5.0)
+        started = asyncio.get_running_loop().time()
+        await batcher.predict(rows(1, 0.0), 1)
+        assert asyncio.get_running_loop().time() - started < 1.0  # not the 5 s max wait
+        await batcher.close()
+    assert model.batches == [1]
 
 
 async def test_inputs_of_other_shapes_do_not_share_a_pass() -> None:

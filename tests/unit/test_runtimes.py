@@ -78,7 +78,7 @@ def test_what_a_model_answers_is_checked_against_its_contract(tmp_path: Path) ->
     runtime, contract = load(path)
     forward = forward_of(runtime, contract)
     # Its own code failing (a column it cannot take) is ModelRaised, naming the exception.
-    with pytest.raises(ModelRaised, match="(?s)MlflowException: .*column a"):
+    with pytest.raises(ModelRaised, match=r"(?s)MlflowException: .*column a"):
         forward({"a": np.array(["x"], dtype=object), "b": np.array([1.0])})
 
 
