@@ -35,6 +35,13 @@ class FailedPrecondition(MeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Internal(MeshError):
+    """Something failed that the caller should hear of in words (a served model's own code
+    raised): the message says what, the status is INTERNAL."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 class Unavailable(MeshError):
     """A dependency (MLflow, PostgreSQL, Redis) cannot be reached; retrying may help."""
 

@@ -105,6 +105,18 @@ class Settings(BaseSettings):
     model_cache_versions: int = Field(
         3, description="Model versions an inference replica keeps loaded (least recently used go)."
     )
+    model_cache_bytes: int = Field(
+        2 * 1024**3,
+        description="Memory budget of the loaded model versions, by the size of their model "
+        "files: least recently used versions are unloaded to stay within it (the last one "
+        "loaded always stays).",
+    )
+    inference_flavors: str = Field(
+        "onnx,pytorch,python_function",
+        description="MLflow flavors the Inference service loads, comma-separated. Loading a "
+        "pytorch or python_function model unpickles it, which runs code from the artifact "
+        "store; ONNX (a graph, not code) is always allowed.",
+    )
     model_refresh_interval_s: float = Field(
         10.0,
         description="How often inference re-reads aliases from MLflow, in case a Redis "
@@ -232,6 +244,21 @@ class Settings(BaseSettings):
 
         parse_limits(value)
         return value
+
+    @field_validator("inference_flavors")
+    @classmethod
+    def _known_flavors(cls, value: str) -> str:
+        known = ("onnx", "pytorch", "python_function")
+        for flavor in (f.strip() for f in value.split(",") if f.strip()):
+            if flavor not in known:
+                raise ValueError(f"flavor {flavor!r} is not one of {', '.join(known)}")
+        return value
+
+    @property
+    def inference_flavor_list(self) -> tuple[str, ...]:
+        """inference_flavors as a tuple; onnx is always among them."""
+        listed = (f.strip() for f in self.inference_flavors.split(","))
+        return tuple(dict.fromkeys(["onnx", *(f for f in listed if f)]))
 
     @property
     def mlflow_port(self) -> int:

@@ -1,8 +1,20 @@
 """Dynamic batching: concurrent requests for one model version share one forward pass.
 
-Requests queue up; the batcher takes what is queued, waits up to ``max_wait_s`` for more
-while the batch has room, and runs the batch in the forward-pass executor. While a batch
-runs, new requests queue, so under load batches fill without any waiting at all.
+Requests queue up; the batcher takes what is queued and, while the batch has room and other
+requests are on their way (asked for but not yet queued: reading the cache, say), waits up to
+``max_wait_s`` for them; then it runs the batch in the forward-pass executor. A lone request
+never waits for company. While a batch runs, new requests queue, so under load batches fill
+without any waiting at all.
+
+A request is a dict of input arrays with the same number of rows (the contract's batch
+dimension); a batch stacks every input of its requests along that dimension and splits the
+answers back by rows. Only requests whose inputs agree beyond the batch dimension share a
+pass (variable-size inputs run apart), requests are never split, and a batcher serves one
+model version, so requests of different models never mix. A model without a batch dimension
+gets a batcher of ``max_size`` 1: one request per pass.
+
+If a pass of several requests fails, each request is run again on its own, so that only the
+request whose data the model cannot take gets the error.
 """
 
 from __future__ import annotations
@@ -10,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -20,42 +32,68 @@ from services.inference import metrics
 
 log = logging.getLogger(__name__)
 
+Arrays = dict[str, np.ndarray]
+
 
 @dataclass(frozen=True)
 class _Item:
-    images: np.ndarray
-    future: asyncio.Future[np.ndarray]
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[Arrays]
+
+    def fits(self, other: _Item) -> bool:
+        """Whether the two can be stacked: same inputs, same shapes beyond the first axis."""
+        return all(
+            a.shape[1:] == other.inputs[name].shape[1:] and a.dtype == other.inputs[name].dtype
+            for name, a in self.inputs.items()
+        )
 
 
 class Batcher:
-    """Coalesces ``predict`` calls into forward passes of at most ``max_size`` images."""
+    """Coalesces ``predict`` calls into forward passes of at most ``max_size`` rows."""
 
     def __init__(
         self,
-        forward: Callable[[np.ndarray], np.ndarray],
+        forward: Callable[[Mapping[str, np.ndarray]], Arrays],
         executor: Executor,
         max_size: int,
         max_wait_s: float,
+        runtime: str = "",
     ) -> None:
         self._forward = forward
         self._executor = executor
         self._max_size = max(1, max_size)
         self._max_wait_s = max(0.0, max_wait_s)
+        self._forward_duration = metrics.FORWARD_DURATION.labels(runtime)
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()  # None: close() was called
         self._carry: _Item | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # predict() calls not answered yet: those queued, running, and being queued.
+        self._pending = 0
 
-    async def predict(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities (N, 10) for ``images`` (N, 784), computed in some batch."""
+    async def predict(self, inputs: Mapping[str, np.ndarray], rows: int) -> Arrays:
+        """The model's outputs for ``inputs`` (``rows`` rows each), computed in some batch."""
         loop = asyncio.get_running_loop()
         if self._closed:  # a request that got this version just before it was unloaded
-            return await loop.run_in_executor(self._executor, self._timed, images)
+            return await loop.run_in_executor(self._executor, self._timed, inputs, rows)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="batcher")
-        future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._queue.put_nowait(_Item(images, future))
-        return await future
+        future: asyncio.Future[Arrays] = loop.create_future()
+        self._queue.put_nowait(_Item(inputs, rows, future))
+        self._pending += 1
+        try:
+            return await future
+        finally:
+            self._pending -= 1
+
+    def expect(self) -> None:
+        """Say that a predict() call is on its way (its caller is still preparing it), so a
+        batch forming now waits for it; ``arrived()`` ends that."""
+        self._pending += 1
+
+    def arrived(self) -> None:
+        self._pending -= 1
 
     async def close(self) -> None:
         """Answer everything queued, then stop."""
@@ -77,14 +115,16 @@ class Batcher:
         self._carry = None
         if first is None:
             return [], True
-        batch, rows = [first], len(first.images)
+        batch, rows = [first], first.rows
         deadline = time.monotonic() + self._max_wait_s
         while rows < self._max_size and not stopping:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                # Wait only for requests that are on their way: none is, when every call
+                # not yet answered is in this batch already.
+                if remaining <= 0 or self._pending <= len(batch):
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
@@ -92,38 +132,49 @@ class Batcher:
                     break
             if item is None:
                 stopping = True
-            elif rows + len(item.images) > self._max_size:
+            elif rows + item.rows > self._max_size or not first.fits(item):
                 self._carry = item  # starts the next batch; requests are never split
                 break
             else:
                 batch.append(item)
-                rows += len(item.images)
+                rows += item.rows
         return batch, stopping
 
     async def _execute(self, batch: list[_Item]) -> None:
         live = [item for item in batch if not item.future.done()]  # callers may have gone
         if not live:
             return
-        images = live[0].images if len(live) == 1 else np.concatenate([i.images for i in live])
         loop = asyncio.get_running_loop()
+        if len(live) == 1:
+            inputs, rows = live[0].inputs, live[0].rows
+        else:
+            inputs = {name: np.concatenate([i.inputs[name] for i in live]) for name in
+                      live[0].inputs}  # fmt: skip
+            rows = sum(i.rows for i in live)
         try:
-            probabilities = await loop.run_in_executor(self._executor, self._timed, images)
+            outputs = await loop.run_in_executor(self._executor, self._timed, inputs, rows)
         except Exception as exc:
-            log.exception("forward pass of %d images failed", len(images))
-            for item in live:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            if len(live) > 1:  # find the request the model cannot take; answer the others
+                for item in live:
+                    await self._execute([item])
+                return
+            if not live[0].future.done():
+                live[0].future.set_exception(exc)
             return
         start = 0
         for item in live:
-            end = start + len(item.images)
+            end = start + item.rows
             if not item.future.done():
-                item.future.set_result(probabilities[start:end])
+                item.future.set_result(
+                    outputs
+                    if len(live) == 1
+                    else {name: value[start:end] for name, value in outputs.items()}
+                )
             start = end
 
-    def _timed(self, images: np.ndarray) -> np.ndarray:
+    def _timed(self, inputs: Mapping[str, np.ndarray], rows: int) -> Arrays:
         started = time.perf_counter()
-        out = self._forward(images)
-        metrics.FORWARD_DURATION.observe(time.perf_counter() - started)
-        metrics.BATCH_SIZE.observe(len(images))
+        out = self._forward(inputs)
+        self._forward_duration.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(rows)
         return out

@@ -1,8 +1,9 @@
-"""Input drift: how far recent inputs' pixel-intensity histogram is from the training inputs'.
+"""Input drift: how far recent inputs' histogram is from the training inputs', per input.
 
-The score is the population stability index (PSI) over the reference's bins, computed on a
-rolling window of the most recent images. Under 0.1 is usually read as stable, above 0.25 as
-a significant shift.
+A version's drift reference (services/common/model_contract.py) holds, per input feature,
+bin edges and the training values' share in each bin. The score is the population stability
+index (PSI) over those bins, computed on a rolling window of the most recent rows. Under 0.1
+is usually read as stable, above 0.25 as a significant shift.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import threading
 from collections import deque
 
 import numpy as np
+
+from services.common.model_contract import FeatureReference
 
 _EPSILON = 1e-4  # floor of a bin's share, so an empty bin does not make the score infinite
 
@@ -23,40 +26,49 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 class DriftMonitor:
-    """Keeps the histogram of the last ``window_images`` images and their PSI to a reference."""
+    """Keeps the histogram of one input over the last ``window_rows`` request rows and its PSI
+    to the reference."""
 
-    def __init__(self, reference: np.ndarray, window_images: int) -> None:
-        reference = np.asarray(reference, dtype=np.float64)
-        if reference.ndim != 1 or len(reference) < 2 or reference.sum() <= 0:
-            raise ValueError("a drift reference is a histogram of at least two bins")
-        self.reference = reference / reference.sum()
-        self.bins = len(reference)
-        self.window_images = window_images
+    def __init__(self, reference: FeatureReference, window_rows: int) -> None:
+        self.reference = reference.shares / reference.shares.sum()
+        self.edges = reference.edges
+        self.bins = len(self.reference)
+        self.window_rows = window_rows
+        width = np.diff(self.edges)
+        # Equal bins (mlmesh's own: pixels in [0, 1]) need no search: one multiply per value.
+        self._uniform = bool(np.allclose(width, width[0]))
         self._batches: deque[tuple[int, np.ndarray]] = deque()
         self._counts = np.zeros(self.bins, dtype=np.int64)
-        self._images = 0
+        self._rows = 0
         self._lock = threading.Lock()
 
-    def observe(self, images: np.ndarray) -> None:
-        """Add a batch of images (N, 784) in [0, 1] to the window."""
-        index = np.minimum((images * self.bins).astype(np.int64), self.bins - 1)
-        counts = np.bincount(index.ravel(), minlength=self.bins)
+    def _bin(self, values: np.ndarray) -> np.ndarray:
+        if self._uniform:
+            low, high = self.edges[0], self.edges[-1]
+            index = ((values - low) * (self.bins / (high - low))).astype(np.int64)
+            return np.clip(index, 0, self.bins - 1)
+        return np.searchsorted(self.edges[1:-1], values, side="right")
+
+    def observe(self, values: np.ndarray) -> None:
+        """Add a batch of rows (the first axis) of this input to the window."""
+        rows = len(values) if values.ndim else 1
+        counts = np.bincount(self._bin(values.ravel()), minlength=self.bins)
         with self._lock:
-            self._batches.append((len(images), counts))
+            self._batches.append((rows, counts))
             self._counts += counts
-            self._images += len(images)
-            while self._images - self._batches[0][0] >= self.window_images:
+            self._rows += rows
+            while self._rows - self._batches[0][0] >= self.window_rows:
                 n, old = self._batches.popleft()
                 self._counts -= old
-                self._images -= n
+                self._rows -= n
 
     @property
-    def images(self) -> int:
-        """Images in the window."""
-        return self._images
+    def rows(self) -> int:
+        """Rows in the window."""
+        return self._rows
 
     def score(self) -> float:
-        """PSI of the window against the reference; NaN before any image was seen."""
+        """PSI of the window against the reference; NaN before any row was seen."""
         with self._lock:
             total = self._counts.sum()
             if total == 0:

@@ -1,4 +1,5 @@
-"""Turning request images into the model's input: (N, 784) float32 in [0, 1], or a clear error."""
+"""Turning Predict's images into an image classifier's input: (N, 784) float32 in [0, 1], or a
+clear error."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from services.common.errors import InvalidArgument
-from services.training.ml.catalog import IMAGE_PIXELS
+
+# What mlmesh's Predict RPCs take: one 28x28 grey image, 784 intensities.
+IMAGE_PIXELS = 784
 
 
 def image_array(pixels: Sequence[float], raw: bytes, field: str, raw_field: str) -> np.ndarray:
@@ -48,12 +51,12 @@ def check_pixels(values: np.ndarray, field: str) -> None:
         raise InvalidArgument(f"{field}[{bad}] {what}; pixel intensities must be in [0, 1]")
 
 
-def check_batch_size(count: int, maximum: int, field: str) -> None:
-    """A batch holds 1..maximum images."""
+def check_batch_size(count: int, maximum: int, field: str, unit: str = "images") -> None:
+    """A request holds 1..maximum images (or rows of another model's inputs)."""
     if count == 0:
-        raise InvalidArgument(f"{field} is empty: give at least one image")
+        raise InvalidArgument(f"{field} is empty: give at least one {unit.rstrip('s')}")
     if count > maximum:
         raise InvalidArgument(
-            f"{field} has {count} images; at most {maximum} are allowed per request "
+            f"{field} has {count} {unit}; at most {maximum} are allowed per request "
             "(MLMESH_INFERENCE_MAX_BATCH_IMAGES)"
         )

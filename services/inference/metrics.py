@@ -8,7 +8,8 @@ MODEL_LABELS = ("model_name", "model_version")
 
 PREDICTIONS = Counter(
     "model_predictions_total",
-    "Images classified, by the registered model and version that answered (cached included).",
+    "Rows answered (images, table rows; one per request for a model without a batch "
+    "dimension), by the registered model and version that answered (cached included).",
     MODEL_LABELS,
 )
 PREDICTION_DURATION = Histogram(
@@ -18,14 +19,19 @@ PREDICTION_DURATION = Histogram(
     ("method",),
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+MODEL_ERRORS = Counter(
+    "model_errors_total",
+    "Requests the model's own code failed on (answered INTERNAL), by model and version.",
+    MODEL_LABELS,
+)
 CACHE_HITS = Counter(
     "prediction_cache_hits_total",
-    "Images answered from the Redis prediction cache.",
+    "Rows answered from the Redis prediction cache.",
     ("model_name",),
 )
 CACHE_MISSES = Counter(
     "prediction_cache_misses_total",
-    "Images the prediction cache did not hold (or was not asked for), computed by the model.",
+    "Rows the prediction cache did not hold (or was not asked for), computed by the model.",
     ("model_name",),
 )
 CACHE_ERRORS = Counter(
@@ -35,29 +41,36 @@ CACHE_ERRORS = Counter(
 )
 BATCH_SIZE = Histogram(
     "inference_batch_size",
-    "Images per forward pass of the dynamic batcher.",
+    "Rows per forward pass of the dynamic batcher.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 FORWARD_DURATION = Histogram(
     "inference_forward_duration_seconds",
-    "Time of one forward pass (one batch).",
-    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+    "Time of one forward pass (one batch), by the runtime that ran it.",
+    ("runtime",),
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 INPUT_DRIFT = Gauge(
     "model_input_drift_psi",
-    "Population stability index of recent inputs' pixel-intensity histogram against the "
-    "training inputs' (below 0.1 stable, 0.1-0.25 moderate, above 0.25 significant).",
-    MODEL_LABELS,
+    "Population stability index of an input's recent values against the training values' "
+    "histogram in the version's drift reference (below 0.1 stable, 0.1-0.25 moderate, above "
+    "0.25 significant); absent for a version without a reference.",
+    (*MODEL_LABELS, "input"),
 )
 DRIFT_WINDOW = Gauge(
     "model_input_drift_window_images",
-    "Recent images the drift score is computed over.",
-    MODEL_LABELS,
+    "Recent rows (images, table rows) the drift score is computed over.",
+    (*MODEL_LABELS, "input"),
 )
 MODELS_LOADED = Gauge(
     "inference_models_loaded",
-    "Model versions held in memory, with the runtime each runs on (onnxruntime or torch).",
+    "Model versions held in memory, with the runtime each runs on (onnxruntime, torch or pyfunc).",
     (*MODEL_LABELS, "runtime"),
+)
+MODELS_LOADED_BYTES = Gauge(
+    "inference_models_loaded_bytes",
+    "Size of the model versions held in memory (their model files), against "
+    "MLMESH_MODEL_CACHE_BYTES.",
 )
 MODEL_LOAD_DURATION = Histogram(
     "inference_model_load_duration_seconds",

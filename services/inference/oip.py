@@ -2,9 +2,10 @@
 
 Both of the protocol's faces, the gRPC service ``inference.GRPCInferenceService``
 (oip_servicer.py) and the REST routes under ``/v2`` (oip_http.py), decode their tensors into
-numpy and call OpenInference. It checks them against the model version's MLflow signature and
-asks ``Inference.predict``, so the batching, the prediction cache, model loading and the
-metrics are those of mlmesh's own Predict.
+numpy and call OpenInference. It checks them against the version's model contract (read from
+its MLflow signature: services/common/model_contract.py) and asks ``Inference.infer``, so the
+batching, the prediction cache, model loading and the metrics are those of mlmesh's own
+Predict, for every model mlmesh serves.
 
 Registry-aware: a model is a registered model; a version is a number or an alias
 (``production``, ``staging``), and none means production.
@@ -13,6 +14,7 @@ Registry-aware: a model is a registered model; a version is a number or an alias
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,9 +22,9 @@ from importlib import metadata
 import numpy as np
 
 from services.common.errors import InvalidArgument
-from services.inference.inputs import check_batch_size, check_pixels
+from services.common.model_contract import DATATYPES, RequestTensor, TensorSpec, datatype_of
+from services.inference.inputs import check_batch_size
 from services.inference.repository import ModelRepository
-from services.inference.runtime import TensorInfo
 from services.inference.service import Inference
 
 SERVER_NAME = "mlmesh"
@@ -30,29 +32,8 @@ SERVER_VERSION = metadata.version("mlmesh")
 # The REST face takes and gives tensors as binary data after the JSON (Triton's extension).
 EXTENSIONS = ("binary_tensor_data",)
 
-# The protocol's tensor datatypes and their numpy element types (BYTES is not served: every
-# model mlmesh serves takes numbers).
-DATATYPES: dict[str, np.dtype] = {
-    name: np.dtype(t)
-    for name, t in {
-        "BOOL": np.bool_,
-        "UINT8": np.uint8,
-        "UINT16": np.uint16,
-        "UINT32": np.uint32,
-        "UINT64": np.uint64,
-        "INT8": np.int8,
-        "INT16": np.int16,
-        "INT32": np.int32,
-        "INT64": np.int64,
-        "FP16": np.float16,
-        "FP32": np.float32,
-        "FP64": np.float64,
-    }.items()
-}
-_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
-
-# What runs a loaded version, in the protocol's (Triton's) platform names.
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch"}
+# What runs a loaded version, in the protocol's (Triton's) platform names where it has them.
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch", "pyfunc": "mlflow_pyfunc"}
 
 # Parameters of extensions mlmesh does not implement: refused by name rather than ignored.
 UNSUPPORTED_PARAMETERS = {
@@ -64,7 +45,7 @@ UNSUPPORTED_PARAMETERS = {
 
 def datatype_name(dtype: np.dtype) -> str:
     """The protocol's name of a numpy element type."""
-    return _NAMES.get(np.dtype(dtype), str(dtype))
+    return datatype_of(dtype)
 
 
 def check_datatype(datatype: str, field: str) -> np.dtype:
@@ -86,14 +67,48 @@ def check_shape(shape: Sequence[int], field: str) -> tuple[int, ...]:
 
 
 def decode_raw(raw: bytes, dtype: np.dtype, shape: tuple[int, ...], field: str) -> np.ndarray:
-    """A tensor's little-endian bytes as a flat array, checked against its shape."""
-    expected = math.prod(shape) * dtype.itemsize
+    """A tensor's raw bytes as a flat array, checked against its shape: little-endian numbers,
+    or for BYTES each element as a 4-byte little-endian length and its bytes."""
+    count = math.prod(shape)
+    if dtype.kind == "O":
+        items, at = [], 0
+        while at < len(raw):
+            if at + 4 > len(raw):
+                raise InvalidArgument(f"{field}: a BYTES element's 4-byte length is cut short")
+            (size,) = struct.unpack_from("<I", raw, at)
+            if at + 4 + size > len(raw):
+                raise InvalidArgument(
+                    f"{field}: a BYTES element claims {size} bytes; {len(raw) - at - 4} are left"
+                )
+            items.append(raw[at + 4 : at + 4 + size])
+            at += 4 + size
+        if len(items) != count:
+            raise InvalidArgument(
+                f"{field} has {len(items)} BYTES elements; shape {list(shape)} needs {count}"
+            )
+        return bytes_array(items)
+    expected = count * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgument(
             f"{field} has {len(raw)} bytes of data; shape {list(shape)} of "
             f"{datatype_name(dtype)} needs {expected}"
         )
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+
+
+def encode_raw(array: np.ndarray) -> bytes:
+    """An output's raw bytes (decode_raw's format)."""
+    if array.dtype.kind == "O":
+        return b"".join(struct.pack("<I", len(v)) + v for v in array.ravel().tolist())
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def bytes_array(items: Iterable[bytes]) -> np.ndarray:
+    """A flat BYTES array (numpy objects, one bytes object each)."""
+    listed = list(items)
+    array = np.empty(len(listed), dtype=object)
+    array[:] = listed
+    return array
 
 
 def check_parameters(parameters: Iterable[str], field: str) -> None:
@@ -104,35 +119,24 @@ def check_parameters(parameters: Iterable[str], field: str) -> None:
 
 
 @dataclass(frozen=True)
-class InputTensor:
-    """One decoded input tensor of a request."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: np.ndarray  # flat, of the datatype's element type
-    field: str  # how errors name it, e.g. "inputs[0]"
-
-
-@dataclass(frozen=True)
 class ModelMetadata:
     """What ModelMetadata answers."""
 
     name: str
     versions: list[str]
     platform: str
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
+    inputs: Sequence[TensorSpec]
+    outputs: Sequence[TensorSpec]
 
 
 @dataclass(frozen=True)
 class InferAnswer:
-    """What ModelInfer answers: the version that answered and its one output tensor."""
+    """What ModelInfer answers: the version that answered and its outputs, in the order
+    asked for (all of them, in the contract's order, when none were named)."""
 
     model_name: str
     model_version: str
-    output: TensorInfo
-    data: np.ndarray  # (N, classes), of the output's element type
+    outputs: list[tuple[TensorSpec, np.ndarray]]
 
 
 class OpenInference:
@@ -161,67 +165,37 @@ class OpenInference:
             name=name,
             versions=[str(v) for v in versions],
             platform=PLATFORMS.get(model.runtime.kind, model.runtime.kind),
-            inputs=[model.input],
-            outputs=[model.output],
+            inputs=model.contract.inputs,
+            outputs=model.contract.outputs,
         )
 
     async def infer(
         self,
         name: str,
         version: str,
-        inputs: Sequence[InputTensor],
+        inputs: Sequence[RequestTensor],
         outputs: Sequence[str],
         *,
         read_cache: bool = True,
     ) -> InferAnswer:
         """Run ``inputs`` through the version; ``outputs`` names the outputs wanted (none:
         all)."""
-        name = _model_name(name)
-        model = await self._repository.model(name, version)
-        expected = model.input
-        if len(inputs) != 1:
-            raise InvalidArgument(
-                f"inputs has {len(inputs)} tensors; the model takes one, {expected.name!r}"
-            )
-        (tensor,) = inputs
-        field = tensor.field
-        if tensor.name != expected.name:
-            raise InvalidArgument(
-                f"{field} is named {tensor.name!r}; the model's input is {expected.name!r}"
-            )
-        if tensor.datatype != datatype_name(expected.dtype):
-            raise InvalidArgument(
-                f"{field} ({tensor.name}) has datatype {tensor.datatype}; the model takes "
-                f"{datatype_name(expected.dtype)}"
-            )
-        if len(tensor.shape) != len(expected.shape) or any(
-            want not in (-1, got) for want, got in zip(expected.shape, tensor.shape, strict=False)
-        ):
-            raise InvalidArgument(
-                f"{field} ({tensor.name}) has shape {list(tensor.shape)}; the model takes "
-                f"{list(expected.shape)} (-1: any size)"
-            )
-        if tensor.data.size != math.prod(tensor.shape):
-            raise InvalidArgument(
-                f"{field} ({tensor.name}) has {tensor.data.size} elements; shape "
-                f"{list(tensor.shape)} needs {math.prod(tensor.shape)}"
-            )
-        check_batch_size(tensor.shape[0], self._max_batch_images, field)
+        model = await self._repository.model(_model_name(name), version)
+        arrays = model.contract.check_inputs(inputs)
+        if model.contract.batched:
+            rows = len(next(iter(arrays.values())))
+            check_batch_size(rows, self._max_batch_images, "inputs", "rows")
         for i, wanted in enumerate(outputs):
-            if wanted != model.output.name:
+            if wanted not in {o.name for o in model.contract.outputs}:
                 raise InvalidArgument(
-                    f"outputs[{i}] asks for {wanted!r}; the model's output is {model.output.name!r}"
+                    f"outputs[{i}] asks for {wanted!r}; the model's outputs are "
+                    + ", ".join(repr(o.name) for o in model.contract.outputs)
                 )
-        images = tensor.data.reshape(tensor.shape[0], -1).astype(np.float32, copy=False)
-        check_pixels(images, f"{field} ({tensor.name})")
-        # By number: the version checked above is the one that answers, even if an alias
-        # moves meanwhile.
-        p = await self._inference.predict(images, name, str(model.version), read_cache=read_cache)
+        answer = await self._inference.infer(model, arrays, outputs, read_cache=read_cache)
         return InferAnswer(
-            model_name=p.model_name,
-            model_version=str(p.model_version),
-            output=model.output,
-            data=p.probabilities.astype(model.output.dtype, copy=False),
+            model_name=answer.model_name,
+            model_version=str(answer.model_version),
+            outputs=[(model.contract.output(n), a) for n, a in answer.outputs.items()],
         )
 
 

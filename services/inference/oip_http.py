@@ -25,23 +25,22 @@ from aiohttp import web
 
 from services.common.errors import InvalidArgument, MeshError
 from services.common.interceptors import ANONYMOUS, CLIENT_HEADER
+from services.common.model_contract import DATATYPES, RequestTensor, TensorSpec
 from services.common.ratelimit import PREDICTIONS, RateLimited, RateLimiter
 from services.common.text import check_text
 from services.inference import metrics
 from services.inference.oip import (
-    DATATYPES,
     EXTENSIONS,
     SERVER_NAME,
     SERVER_VERSION,
-    InputTensor,
     OpenInference,
+    bytes_array,
     check_datatype,
     check_parameters,
     check_shape,
-    datatype_name,
     decode_raw,
+    encode_raw,
 )
-from services.inference.runtime import TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,13 @@ def _shape(value: Any, field: str) -> tuple[int, ...]:
 
 
 def _json_data(value: Any, datatype: str, field: str) -> np.ndarray:
-    """A tensor's ``data`` (flat or nested lists, row-major) as a flat array."""
+    """A tensor's ``data`` (flat or nested lists, row-major) as a flat array; BYTES elements
+    are JSON strings (UTF-8)."""
+    if datatype == "BYTES":
+        flat = _flatten(value, field)
+        if not all(isinstance(v, str) for v in flat):
+            raise InvalidArgument(f"{field}.data must hold BYTES values (JSON strings)")
+        return bytes_array(v.encode() for v in flat)
     dtype = DATATYPES[datatype]
     try:
         found = np.asarray(value)
@@ -122,6 +127,29 @@ def _json_data(value: Any, datatype: str, field: str) -> np.ndarray:
         if found.min() < info.min or found.max() > info.max:
             raise InvalidArgument(f"{field}.data holds a value out of {datatype}'s range")
     return found.astype(dtype).ravel()
+
+
+def _flatten(value: Any, field: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise InvalidArgument(f"{field}.data must be a list")
+    flat: list[Any] = []
+    stack = [iter(value)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _json_values(data: np.ndarray) -> list[Any]:
+    """An output's elements for JSON: numbers, booleans, or text for BYTES."""
+    if data.dtype.kind == "O":
+        return [v.decode(errors="replace") for v in data.ravel().tolist()]
+    return data.ravel().tolist()
 
 
 class OipHttpServer:
@@ -204,33 +232,40 @@ class OipHttpServer:
             names,
             read_cache=NO_CACHE not in request.headers.get("cache-control", "").lower(),
         )
-        # Binary output when the output asks for it, or, naming no output, the request does.
-        as_binary = (
-            bool(output_params[0].get("binary_data", False))
-            if output_params
-            else bool(params.get("binary_data_output", False))
-        )
-        output: dict[str, Any] = {
-            "name": answer.output.name,
-            "datatype": datatype_name(answer.output.dtype),
-            "shape": list(answer.data.shape),
+        # Binary output for the outputs that ask for it or, for those named without saying
+        # (or when none is named), as the request says.
+        default = bool(params.get("binary_data_output", False))
+        binary_for = {
+            n: bool(p.get("binary_data", default))
+            for n, p in zip(names, output_params, strict=True)
         }
         reply: dict[str, Any] = {
             "model_name": answer.model_name,
             "model_version": answer.model_version,
-            "outputs": [output],
+            "outputs": [],
         }
         if request_id:
             reply["id"] = request_id
+        blobs = []
+        for spec, data in answer.outputs:
+            output: dict[str, Any] = {
+                "name": spec.name,
+                "datatype": spec.datatype,
+                "shape": list(data.shape),
+            }
+            if binary_for.get(spec.name, default):
+                blob = encode_raw(data)
+                output["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                output["data"] = _json_values(data)
+            reply["outputs"].append(output)
         metrics.PREDICTION_DURATION.labels("ModelInfer").observe(time.perf_counter() - started)
-        if not as_binary:
-            output["data"] = answer.data.ravel().tolist()
+        if not blobs:
             return web.json_response(reply)
-        data = answer.data.astype(answer.data.dtype.newbyteorder("<"), copy=False).tobytes()
-        output["parameters"] = {"binary_data_size": len(data)}
         text = json.dumps(reply).encode()
         return web.Response(
-            body=text + data,
+            body=text + b"".join(blobs),
             content_type="application/octet-stream",
             headers={HEADER_LENGTH: str(len(text))},
         )
@@ -328,7 +363,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[: int(header_length)], body[int(header_length) :]
 
 
-def _decode_inputs(value: Any, binary: bytes) -> list[InputTensor]:
+def _decode_inputs(value: Any, binary: bytes) -> list[RequestTensor]:
     if not isinstance(value, list) or not value:
         raise InvalidArgument("inputs must be a non-empty list of tensors")
     decoded, offset = [], 0
@@ -357,7 +392,7 @@ def _decode_inputs(value: Any, binary: bytes) -> list[InputTensor]:
             data = _json_data(tensor["data"], datatype, field)
         else:
             raise InvalidArgument(f"{field} has no data (nor parameters.binary_data_size)")
-        decoded.append(InputTensor(name, datatype, shape, data, field))
+        decoded.append(RequestTensor(name, datatype, shape, data, field))
     if offset != len(binary):
         raise InvalidArgument(
             f"{len(binary) - offset} bytes of binary data follow the JSON that no input claims"
@@ -365,5 +400,5 @@ def _decode_inputs(value: Any, binary: bytes) -> list[InputTensor]:
     return decoded
 
 
-def _tensor_metadata(info: TensorInfo) -> dict[str, Any]:
-    return {"name": info.name, "datatype": datatype_name(info.dtype), "shape": list(info.shape)}
+def _tensor_metadata(info: TensorSpec) -> dict[str, Any]:
+    return {"name": info.name, "datatype": info.datatype, "shape": list(info.shape)}

@@ -10,24 +10,25 @@ import numpy as np
 from mlmesh.oip.v2 import grpc_predict_v2_pb2 as pb
 from mlmesh.oip.v2 import grpc_predict_v2_pb2_grpc
 from services.common.errors import InvalidArgument
+from services.common.model_contract import RequestTensor, TensorSpec
 from services.inference import metrics
 from services.inference.oip import (
     EXTENSIONS,
     SERVER_NAME,
     SERVER_VERSION,
-    InputTensor,
     OpenInference,
+    bytes_array,
     check_datatype,
     check_parameters,
     check_shape,
-    datatype_name,
     decode_raw,
+    encode_raw,
 )
-from services.inference.runtime import TensorInfo
 from services.inference.servicer import fresh_requested
 
 # The InferTensorContents field that carries each datatype's elements (FP16 has none: raw only).
 CONTENTS_FIELDS = {
+    "BYTES": "bytes_contents",
     "BOOL": "bool_contents",
     "INT8": "int_contents",
     "INT16": "int_contents",
@@ -53,10 +54,12 @@ def _typed(contents: pb.InferTensorContents, datatype: str, field: str) -> np.nd
                 f"{field}.contents.{other.name} does not match datatype {datatype}; "
                 f"its elements go in contents.{wanted}"
             )
+    if datatype == "BYTES":
+        return bytes_array(contents.bytes_contents)
     return np.asarray(getattr(contents, wanted), dtype=check_datatype(datatype, field))
 
 
-def _inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
+def _inputs(request: pb.ModelInferRequest) -> list[RequestTensor]:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
@@ -76,13 +79,13 @@ def _inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
             data = decode_raw(raw[i], dtype, shape, field)
         else:
             data = _typed(tensor.contents, tensor.datatype, field)
-        decoded.append(InputTensor(tensor.name, tensor.datatype, shape, data, field))
+        decoded.append(RequestTensor(tensor.name, tensor.datatype, shape, data, field))
     return decoded
 
 
-def _tensor_metadata(info: TensorInfo) -> pb.ModelMetadataResponse.TensorMetadata:
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(
-        name=info.name, datatype=datatype_name(info.dtype), shape=list(info.shape)
+        name=spec.name, datatype=spec.datatype, shape=list(spec.shape)
     )
 
 
@@ -144,22 +147,23 @@ class OipServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
             [o.name for o in request.outputs],
             read_cache=not fresh_requested(context),
         )
-        datatype = datatype_name(answer.output.dtype)
-        output = pb.ModelInferResponse.InferOutputTensor(
-            name=answer.output.name, datatype=datatype, shape=list(answer.data.shape)
-        )
         response = pb.ModelInferResponse(
-            model_name=answer.model_name,
-            model_version=answer.model_version,
-            id=request.id,
-            outputs=[output],
+            model_name=answer.model_name, model_version=answer.model_version, id=request.id
         )
-        if request.raw_input_contents:
-            little = answer.data.astype(answer.data.dtype.newbyteorder("<"), copy=False)
-            response.raw_output_contents.append(little.tobytes())
-        else:
-            getattr(response.outputs[0].contents, CONTENTS_FIELDS[datatype]).extend(
-                answer.data.ravel().tolist()
+        # Raw when asked raw, or when an output's datatype has no typed field (FP16): the
+        # protocol has raw_output_contents hold every output or none.
+        raw = bool(request.raw_input_contents) or any(
+            spec.datatype not in CONTENTS_FIELDS for spec, _ in answer.outputs
+        )
+        for spec, data in answer.outputs:
+            output = response.outputs.add(
+                name=spec.name, datatype=spec.datatype, shape=list(data.shape)
             )
+            if raw:
+                response.raw_output_contents.append(encode_raw(data))
+            else:
+                getattr(output.contents, CONTENTS_FIELDS[spec.datatype]).extend(
+                    data.ravel().tolist()
+                )
         metrics.PREDICTION_DURATION.labels("ModelInfer").observe(time.perf_counter() - started)
         return response

@@ -17,26 +17,31 @@ import logging
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow.artifacts
+import mlflow.models
 import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.common.errors import FailedPrecondition, InvalidArgument, MeshError, NotFound
 from services.common.events import MODEL_EVENTS_CHANNEL
+from services.common.mlflow_store import MlflowStore, mlflow_errors
+from services.common.model_contract import (
+    DRIFT_REFERENCE,
+    ModelContract,
+    contract_of,
+    parse_drift_reference,
+)
 from services.common.settings import Settings
 from services.inference import metrics
 from services.inference.batching import Batcher
 from services.inference.drift import DriftMonitor
-from services.inference.runtime import Runtime, TensorInfo, load_runtime, model_tensors
-from services.registry.store import MlflowStore, mlflow_errors
-from services.training.ml.catalog import DATASETS
-from services.training.ml.data import load_dataset
-from services.training.ml.report import INPUT_REFERENCE, input_reference
+from services.inference.runtime import ModelRaised, Runtime, check_answers, load_runtime
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +50,21 @@ DEFAULT_ALIAS = "production"
 MAX_UNSET_ALIASES = 1000
 
 
+Forward = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
 @dataclass
 class LoadedModel:
-    """One model version in memory, with its batcher and drift monitor."""
+    """One model version in memory: its contract, runtime, batcher and drift monitors."""
 
     name: str
     version: int
     run_id: str
     runtime: Runtime
+    contract: ModelContract
     batcher: Batcher
-    drift: DriftMonitor | None
-    input: TensorInfo
-    output: TensorInfo
+    drift: dict[str, DriftMonitor] = field(default_factory=dict)  # by input name
+    size_bytes: int = 0
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -67,13 +75,37 @@ class LoadedModel:
         """What identifies this version's answers in the prediction cache."""
         return f"{self.name}:{self.version}:{self.run_id}"
 
-    def observe(self, images: np.ndarray) -> None:
-        """Feed the drift monitor and export its score."""
-        if self.drift is None:
-            return
-        self.drift.observe(images)
-        metrics.INPUT_DRIFT.labels(*self.labels).set(self.drift.score())
-        metrics.DRIFT_WINDOW.labels(*self.labels).set(self.drift.images)
+    def observe(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Feed the drift monitors (inputs with a reference) and export their scores."""
+        for name, monitor in self.drift.items():
+            monitor.observe(inputs[name])
+            metrics.INPUT_DRIFT.labels(*self.labels, name).set(monitor.score())
+            metrics.DRIFT_WINDOW.labels(*self.labels, name).set(monitor.rows)
+
+    def forget_metrics(self) -> None:
+        metrics.MODELS_LOADED.remove(*self.labels, self.runtime.kind)
+        for name in self.drift:
+            for gauge in (metrics.INPUT_DRIFT, metrics.DRIFT_WINDOW):
+                try:
+                    gauge.remove(*self.labels, name)
+                except KeyError:  # never observed
+                    pass
+
+
+def forward_of(runtime: Runtime, contract: ModelContract) -> Forward:
+    """The forward pass the batcher runs: the runtime, its answers checked against the
+    contract, and any failure of the model's own code as ModelRaised."""
+    batched = contract.batched
+
+    def forward(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(next(iter(inputs.values()))) if batched else None
+        try:
+            answers = runtime(inputs)
+        except Exception as exc:
+            raise ModelRaised(f"{type(exc).__name__}: {exc}") from exc
+        return check_answers(answers, contract, rows)
+
+    return forward
 
 
 def parse_version(reference: str) -> int | str:
@@ -250,93 +282,182 @@ class ModelRepository:
         what = f"model {name!r} version {version}"
         started = time.monotonic()
         found = await asyncio.to_thread(self._store.get_model_version, name, version)
-        runtime, tensors, reference = await asyncio.to_thread(
-            self._read, name, version, found.run_id, what
-        )
+        read = await asyncio.to_thread(self._read, name, version, found.run_id, what)
         s = self._settings
         model = LoadedModel(
             name=name,
             version=version,
             run_id=found.run_id or "",
-            runtime=runtime,
+            runtime=read.runtime,
+            contract=read.contract,
             batcher=Batcher(
-                runtime, self._forward_executor, s.batch_max_size, s.batch_max_wait_ms / 1e3
+                forward_of(read.runtime, read.contract),
+                self._forward_executor,
+                s.batch_max_size if read.contract.batched else 1,
+                s.batch_max_wait_ms / 1e3,
+                read.runtime.kind,
             ),
-            drift=DriftMonitor(reference, s.drift_window_images) if reference is not None else None,
-            input=tensors[0],
-            output=tensors[1],
+            drift={
+                input_name: DriftMonitor(feature, s.drift_window_images)
+                for input_name, feature in read.reference.items()
+            },
+            size_bytes=read.size_bytes,
         )
         self._models[(name, version)] = model
-        metrics.MODELS_LOADED.labels(*model.labels, runtime.kind).set(1)
+        metrics.MODELS_LOADED.labels(*model.labels, read.runtime.kind).set(1)
         metrics.MODEL_LOAD_DURATION.observe(time.monotonic() - started)
-        log.info("loaded %s (%s) in %.2f s", what, runtime.kind, time.monotonic() - started)
+        log.info(
+            "loaded %s (%s, %.1f MB; %s) in %.2f s",
+            what,
+            read.runtime.kind,
+            read.size_bytes / 1e6,
+            read.contract.describe(),
+            time.monotonic() - started,
+        )
         await self._evict()
         return model
 
     async def _evict(self) -> None:
-        """Unload least recently used versions beyond the limit, sparing those an alias
-        points at while others can go."""
-        while len(self._models) > max(1, self._settings.model_cache_versions):
+        """Unload least recently used versions while more are held than the count or the
+        memory budget allow, sparing those an alias points at while others can go; the
+        version loaded last always stays."""
+        s = self._settings
+        while len(self._models) > 1 and (
+            len(self._models) > max(1, s.model_cache_versions)
+            or sum(m.size_bytes for m in self._models.values()) > s.model_cache_bytes
+        ):
             pinned = {(name, version) for (name, _), version in self._aliases.items()}
-            key = next((k for k in self._models if k not in pinned), next(iter(self._models)))
+            keys = list(self._models)[:-1]
+            key = next((k for k in keys if k not in pinned), keys[0])
             model = self._models.pop(key)
-            metrics.MODELS_LOADED.remove(*model.labels, model.runtime.kind)
+            model.forget_metrics()
             await model.batcher.close()
             log.info("unloaded model %r version %d", *key)
+        metrics.MODELS_LOADED_BYTES.set(sum(m.size_bytes for m in self._models.values()))
 
-    def _read(
-        self, name: str, version: int, run_id: str | None, what: str
-    ) -> tuple[Runtime, tuple[TensorInfo, TensorInfo], np.ndarray | None]:
-        """Download ``version``'s model, load it, and read its tensors and drift reference
-        (blocking)."""
+    def _read(self, name: str, version: int, run_id: str | None, what: str) -> _Read:
+        """Download ``version``'s model, read its contract, load it, try it on its input
+        example, and read its drift reference (blocking)."""
         uri = self._settings.mlflow_tracking_uri
         with tempfile.TemporaryDirectory(prefix="mlmesh-model-") as tmp:
             source = self._store.model_version_download_uri(name, version)
             try:
                 with mlflow_errors(f"downloading {what}"):
-                    local = mlflow.artifacts.download_artifacts(
-                        artifact_uri=source, dst_path=tmp, tracking_uri=uri
+                    local = Path(
+                        mlflow.artifacts.download_artifacts(
+                            artifact_uri=source, dst_path=tmp, tracking_uri=uri
+                        )
                     )
             except NotFound as exc:  # the version exists; its files do not
                 raise FailedPrecondition(
                     f"{what} cannot be served: its files are missing from the artifact store "
                     f"({source}): {exc}"
                 ) from exc
-            runtime = load_runtime(Path(local), self._settings.inference_threads, what)
-            tensors = model_tensors(Path(local), what)
-            reference = self._reference(run_id, tmp, what)
-        return runtime, tensors, reference
+            try:
+                meta = mlflow.models.Model.load(str(local))
+            except Exception as exc:
+                raise FailedPrecondition(
+                    f"{what} cannot be served: {source} holds no MLflow model "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            contract = contract_of(meta.signature, what)
+            runtime = load_runtime(
+                local,
+                contract,
+                threads=self._settings.inference_threads,
+                flavors=self._settings.inference_flavor_list,
+                what=what,
+            )
+            _try_example(meta, local, runtime, contract, what)
+            size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+            reference = self._reference(run_id, contract, Path(tmp), what)
+        return _Read(runtime, contract, reference, size)
 
-    def _reference(self, run_id: str | None, tmp: str, what: str) -> np.ndarray | None:
-        """The training inputs' pixel histogram: the one logged with the run, or, when the run
-        has none, computed now from the training split of the dataset the run names."""
+    def _reference(
+        self, run_id: str | None, contract: ModelContract, tmp: Path, what: str
+    ) -> dict[str, object]:
+        """The version's drift reference by input (model_contract.DRIFT_REFERENCE in its run);
+        empty when it has none (its inputs' drift is then not measured)."""
         if not run_id:
-            log.warning("%s has no run; its inputs' drift is not measured", what)
-            return None
-        uri = self._settings.mlflow_tracking_uri
+            return {}
         try:
             path = mlflow.artifacts.download_artifacts(
                 run_id=run_id,
-                artifact_path=INPUT_REFERENCE,
-                dst_path=str(Path(tmp) / "reference"),
-                tracking_uri=uri,
+                artifact_path=DRIFT_REFERENCE,
+                dst_path=str(tmp / "reference"),
+                tracking_uri=self._settings.mlflow_tracking_uri,
             )
-            return np.asarray(json.loads(Path(path).read_text())["histogram"], dtype=np.float64)
-        except Exception as exc:  # absent or unreadable: compute it, or serve without drift
-            absent = f"{type(exc).__name__}: {exc}"
-        dataset = self._store.get_run(run_id).data.params.get("dataset", "")
-        if dataset not in DATASETS:
-            log.warning(
-                "%s has no %s (%s) and its run names no known dataset (params.dataset=%r); "
-                "its inputs' drift is not measured",
-                what, INPUT_REFERENCE, absent, dataset,
-            )  # fmt: skip
-            return None
-        train = load_dataset(dataset, self._settings.data_dir).train
-        log.info("%s has no %s: computed it from %s's training split", what, INPUT_REFERENCE,
-                 dataset)  # fmt: skip
-        reference = input_reference(train.images, train.labels)["histogram"]
-        return np.asarray(reference, dtype=np.float64)
+        except Exception as exc:  # absent: served without drift
+            log.info("%s has no %s (%s): its inputs' drift is not measured", what,
+                     DRIFT_REFERENCE, type(exc).__name__)  # fmt: skip
+            return {}
+        try:
+            return dict(parse_drift_reference(Path(path).read_text(), contract))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s's %s cannot be read (%s); its inputs' drift is not measured",
+                        what, DRIFT_REFERENCE, exc)  # fmt: skip
+            return {}
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What loading a version found."""
+
+    runtime: Runtime
+    contract: ModelContract
+    reference: dict
+    size_bytes: int
+
+
+def _try_example(
+    meta: mlflow.models.Model, local: Path, runtime: Runtime, contract: ModelContract, what: str
+) -> None:
+    """Run the model once on the input example it was logged with, if any: a version that
+    fails on its own example is refused when it loads, not on its first request."""
+    try:
+        example = meta.load_input_example(str(local))
+    except Exception as exc:  # an unreadable example says nothing about the model
+        log.warning("%s: its input example cannot be read (%s)", what, exc)
+        return
+    if example is None:
+        return
+    inputs = example_inputs(example, contract)
+    if inputs is None:
+        log.warning("%s: its input example does not fit its signature; not tried", what)
+        return
+    try:
+        forward_of(runtime, contract)(inputs)
+    except ModelRaised as exc:
+        raise FailedPrecondition(
+            f"{what} cannot be served: on its own input example it fails ({exc})"
+        ) from exc
+
+
+def example_inputs(example: object, contract: ModelContract) -> dict[str, np.ndarray] | None:
+    """An MLflow input example (a DataFrame, an array or a dict of them) as the contract's
+    inputs, or None where it does not fit."""
+    try:
+        if hasattr(example, "columns"):  # a DataFrame
+            columns = {str(c): example[c].to_numpy() for c in example.columns}  # type: ignore[attr-defined]
+        elif isinstance(example, Mapping):
+            columns = {str(k): np.asarray(v) for k, v in example.items()}
+        else:
+            columns = {contract.inputs[0].name: np.asarray(example)}
+        inputs = {}
+        for spec in contract.inputs:
+            array = columns[spec.name]
+            if spec.datatype == "BYTES":
+                flat = [v.encode() if isinstance(v, str) else v for v in array.ravel().tolist()]
+                array = np.empty(len(flat), dtype=object)
+                array[:] = flat
+            else:
+                array = array.astype(spec.dtype)
+            if len(array.shape) != len(spec.shape):
+                return None
+            inputs[spec.name] = array
+        return inputs
+    except (KeyError, ValueError, TypeError, IndexError):
+        return None
 
 
 def _no_such_alias(name: str, alias: str) -> MeshError:

@@ -1,149 +1,256 @@
-"""How a loaded model version runs: ONNX Runtime when the version carries an ONNX export,
-otherwise the PyTorch model itself (eager, inference mode).
+"""What runs a loaded model version, chosen by its MLflow flavor.
 
-mlmesh's training logs an ONNX export beside every model (tracking.ONNX_PATH_IN_MODEL): on a
-CPU, ONNX Runtime ran the CNN 2-3x faster than eager torch (bench/results/predict.md). A model
-registered by other means, with only MLflow's pytorch flavor, still serves, through torch.
+- an ``onnx`` flavor, or mlmesh's own ONNX export inside the model (ONNX_PATH_IN_MODEL): ONNX
+  Runtime (on a CPU it ran mlmesh's CNN 2-3x faster than eager torch);
+- a ``pytorch`` flavor: the module itself, in inference mode;
+- anything else with a ``python_function`` flavor (scikit-learn, XGBoost, LightGBM, a custom
+  pyfunc): ``mlflow.pyfunc``, in process.
+
+Every runtime maps the contract's named input arrays to the contract's named output arrays.
+All of them block: the batcher calls them in its executor, never on the event loop.
+
+Loading a pickled model (pytorch, most pyfuncs) runs code from the artifact store, so
+whoever may register and promote versions can make this service run code.
+``MLMESH_INFERENCE_FLAVORS`` restricts which flavors load; ONNX (a graph, data rather than
+code) always does.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import mlflow.models
-import mlflow.pytorch
+import mlflow.pyfunc
 import numpy as np
-import onnxruntime
-import torch
 
 from services.common.errors import FailedPrecondition
-from services.training.ml.catalog import IMAGE_PIXELS, NUM_CLASSES
-from services.training.ml.tracking import ONNX_PATH_IN_MODEL
+from services.common.model_contract import ONNX_PATH_IN_MODEL, ModelContract, TensorSpec
 
 log = logging.getLogger(__name__)
 
+ONNX, PYTORCH, PYFUNC = "onnx", "pytorch", "python_function"
+FLAVORS = (ONNX, PYTORCH, PYFUNC)
+
+
+class ModelRaised(Exception):
+    """The model's own code failed on a request (its type and message say how)."""
+
 
 class Runtime(Protocol):
-    """A forward pass: (N, 784) float32 in [0, 1] → (N, 10) float32 probabilities."""
+    """A forward pass: the contract's inputs (name -> array) to its outputs."""
 
-    kind: str
+    kind: str  # onnxruntime, torch or pyfunc
 
-    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
 class OnnxRuntime:
-    """An ONNX Runtime session on the CPU."""
+    """An ONNX Runtime session on the CPU; the graph's inputs and outputs are matched to the
+    contract's by name, or else by position."""
 
     kind = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, contract: ModelContract, threads: int, what: str) -> None:
+        import onnxruntime
+
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self._session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )
-        self._input = self._session.get_inputs()[0].name
+        graph_in = [i.name for i in self._session.get_inputs()]
+        graph_out = [o.name for o in self._session.get_outputs()]
+        self._feed = _match([t.name for t in contract.inputs], graph_in, what, "inputs")
+        fetch = _match([t.name for t in contract.outputs], graph_out, what, "outputs")
+        self._fetch = list(fetch.values())
+        self._names = list(fetch)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {self._input: images})[0]
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._session.run(
+            self._fetch, {self._feed[name]: array for name, array in inputs.items()}
+        )
+        return dict(zip(self._names, results, strict=True))
 
 
 class TorchRuntime:
-    """The model's own PyTorch module, in inference mode."""
+    """The model's own PyTorch module, in inference mode, called with the inputs in the
+    contract's order; it answers a tensor, a tuple or list of them, or a dict by name."""
 
     kind = "torch"
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: Any, contract: ModelContract) -> None:
         self._module = module
+        self._inputs = [t.name for t in contract.inputs]
+        self._outputs = contract.outputs
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        tensors = [
+            torch.from_numpy(a if a.flags.writeable else a.copy())
+            for a in (inputs[name] for name in self._inputs)
+        ]
         with torch.inference_mode():
-            return self._module(torch.from_numpy(images)).numpy()
+            result = self._module(*tensors)
+        if isinstance(result, Mapping):
+            found = {k: v for k, v in result.items()}
+        elif isinstance(result, (tuple, list)):
+            found = {spec.name: v for spec, v in zip(self._outputs, result, strict=False)}
+        else:
+            found = {self._outputs[0].name: result}
+        return {name: value.detach().cpu().numpy() for name, value in found.items()}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """A served model's input or output tensor, as its MLflow signature describes it."""
+class PyfuncRuntime:
+    """An ``mlflow.pyfunc`` model: a DataFrame for a column signature, the array itself for
+    one unnamed tensor, a dict of arrays otherwise."""
 
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]  # -1: a dimension of any size
+    kind = "pyfunc"
+
+    def __init__(self, model: Any, contract: ModelContract, string_columns: set[str]) -> None:
+        self._model = model
+        self._contract = contract
+        self._string_columns = string_columns
+        self._single = len(contract.inputs) == 1 and not contract.columnar
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._contract.columnar:
+            import pandas as pd
+
+            data: Any = pd.DataFrame(
+                {
+                    name: _strings(array) if name in self._string_columns else array
+                    for name, array in inputs.items()
+                }
+            )
+        elif self._single:
+            data = next(iter(inputs.values()))
+        else:
+            data = dict(inputs)
+        return _by_output(self._model.predict(data), self._contract.outputs)
 
 
-# What every served model takes and gives (load_runtime checks it), named as MLServer names
-# the tensors of a signature that names none.
-DEFAULT_INPUT = TensorInfo("input-0", np.dtype(np.float32), (-1, IMAGE_PIXELS))
-DEFAULT_OUTPUT = TensorInfo("output-0", np.dtype(np.float32), (-1, NUM_CLASSES))
+def load_runtime(
+    model_dir: Path, contract: ModelContract, *, threads: int, flavors: Sequence[str], what: str
+) -> Runtime:
+    """Load the MLflow model in ``model_dir`` with the runtime its flavor asks for.
 
-
-def model_tensors(model_dir: Path, what: str) -> tuple[TensorInfo, TensorInfo]:
-    """The input and output tensors of the MLflow model in ``model_dir``, from its signature.
-
-    A signature of one tensor in and one out gives names, element types and shapes; without
-    one (or with a column-based one), the tensors are DEFAULT_INPUT and DEFAULT_OUTPUT.
+    ``flavors`` are those this service may load besides ONNX; ``what`` names the version in
+    errors (FailedPrecondition: the version cannot be served here, and why).
     """
-    signature = mlflow.models.Model.load(str(model_dir)).signature
-    if (
-        signature is None
-        or signature.outputs is None
-        or not signature.inputs.is_tensor_spec()
-        or not signature.outputs.is_tensor_spec()
-        or len(signature.inputs.inputs) != 1
-        or len(signature.outputs.inputs) != 1
-    ):
-        log.info("%s has no one-tensor signature; its tensors are %s and %s",
-                 what, DEFAULT_INPUT.name, DEFAULT_OUTPUT.name)  # fmt: skip
-        return DEFAULT_INPUT, DEFAULT_OUTPUT
-    (given,), (answered,) = signature.inputs.inputs, signature.outputs.inputs
-    return (
-        TensorInfo(given.name or DEFAULT_INPUT.name, given.type, tuple(given.shape)),
-        TensorInfo(answered.name or DEFAULT_OUTPUT.name, answered.type, tuple(answered.shape)),
+    model = mlflow.models.Model.load(str(model_dir))
+    available = model.flavors
+    if (model_dir / ONNX_PATH_IN_MODEL).exists():
+        return OnnxRuntime(model_dir / ONNX_PATH_IN_MODEL, contract, threads, what)
+    if ONNX in available:
+        return OnnxRuntime(model_dir / available[ONNX]["data"], contract, threads, what)
+    for flavor in (PYTORCH, PYFUNC):
+        if flavor not in available:
+            continue
+        if flavor not in flavors:
+            raise FailedPrecondition(
+                f"{what} is a {flavor} model, and this service loads only "
+                f"{', '.join(sorted({ONNX, *flavors}))} (MLMESH_INFERENCE_FLAVORS: loading a "
+                f"{flavor} model runs code from the artifact store)"
+            )
+        try:
+            if flavor == PYTORCH:
+                import torch
+                from mlflow import pytorch as mlflow_pytorch
+
+                torch.set_num_threads(max(1, threads))
+                return TorchRuntime(mlflow_pytorch.load_model(str(model_dir)), contract)
+            strings = {
+                spec.name
+                for spec in (model.signature.inputs.inputs if contract.columnar else [])
+                if getattr(spec.type, "name", "") == "string"
+            }
+            return PyfuncRuntime(mlflow.pyfunc.load_model(str(model_dir)), contract, strings)
+        except Exception as exc:  # a missing dependency, a corrupt artifact, ...
+            raise FailedPrecondition(
+                f"{what} cannot be served: MLflow could not load its {flavor} model "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+    raise FailedPrecondition(
+        f"{what} cannot be served: it has none of the flavors mlmesh runs (onnx, pytorch, "
+        f"python_function); its flavors are {', '.join(available) or 'none'}"
     )
 
 
-def load_runtime(model_dir: Path, threads: int, what: str) -> Runtime:
-    """Load the model saved in ``model_dir`` (an MLflow model directory) and check that it
-    maps a batch of 784-pixel images to ten probabilities each.
-
-    ``what`` names the model version in errors.
-    """
-    onnx_path = model_dir / ONNX_PATH_IN_MODEL
-    runtime: Runtime
-    if onnx_path.exists():
-        runtime = OnnxRuntime(onnx_path, threads)
-    else:
-        try:
-            module = mlflow.pytorch.load_model(str(model_dir))
-        except Exception as exc:
-            raise FailedPrecondition(
-                f"{what} cannot be served: it is neither an mlmesh model (ONNX export) nor a "
-                f"PyTorch model MLflow can load ({type(exc).__name__}: {exc})"
-            ) from exc
-        runtime = TorchRuntime(module)
-    _check(runtime, what)
-    return runtime
+def check_answers(
+    answers: Mapping[str, Any], contract: ModelContract, rows: int | None
+) -> dict[str, np.ndarray]:
+    """The model's answers as the contract's outputs: every output present, of its datatype,
+    with ``rows`` rows for a batched model; ModelRaised says what does not fit."""
+    checked = {}
+    for spec in contract.outputs:
+        if spec.name not in answers:
+            raise ModelRaised(
+                f"it answered {', '.join(map(repr, answers)) or 'nothing'}, not output "
+                f"{spec.name!r}"
+            )
+        checked[spec.name] = _as_output(answers[spec.name], spec)
+        if rows is not None and (checked[spec.name].ndim == 0 or len(checked[spec.name]) != rows):
+            raise ModelRaised(
+                f"output {spec.name!r} has shape {list(checked[spec.name].shape)} for "
+                f"{rows} input rows"
+            )
+    return checked
 
 
-def _check(runtime: Runtime, what: str) -> None:
-    probe = np.zeros((2, IMAGE_PIXELS), dtype=np.float32)
-    try:
-        out = np.asarray(runtime(probe))
-    except Exception as exc:
-        raise FailedPrecondition(
-            f"{what} cannot be served: it does not take a (N, {IMAGE_PIXELS}) float32 batch "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
-    if out.shape != (2, NUM_CLASSES):
-        raise FailedPrecondition(
-            f"{what} cannot be served: it answers shape {out.shape} for 2 images; "
-            f"mlmesh serves classifiers that answer (N, {NUM_CLASSES}) probabilities"
+def _as_output(value: Any, spec: TensorSpec) -> np.ndarray:
+    array = np.asarray(value)
+    if spec.datatype == "BYTES":
+        flat = [v.encode() if isinstance(v, str) else v for v in array.ravel().tolist()]
+        if not all(isinstance(v, bytes) for v in flat):
+            raise ModelRaised(f"output {spec.name!r} is BYTES, but it answered {array.dtype}")
+        out = np.empty(len(flat), dtype=object)
+        out[:] = flat
+        return out.reshape(array.shape)
+    if array.dtype == spec.dtype:
+        return array
+    if array.dtype.kind in "OSU" or (array.dtype.kind == "f" and spec.dtype.kind in "iub"):
+        raise ModelRaised(
+            f"output {spec.name!r} is {spec.datatype}, but it answered {array.dtype} values"
         )
-    if not np.allclose(out.sum(axis=1), 1.0, atol=1e-3) or (out < 0).any():
-        raise FailedPrecondition(
-            f"{what} cannot be served: its outputs are not probabilities (rows must be "
-            "non-negative and sum to 1; end the model with a softmax)"
-        )
+    return array.astype(spec.dtype)
+
+
+def _by_output(result: Any, outputs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """A pyfunc's answer (a DataFrame, Series, array, list or dict) by output name."""
+    import pandas as pd
+
+    if isinstance(result, dict):
+        return result
+    if isinstance(result, pd.DataFrame):
+        if all(spec.name in result.columns for spec in outputs):
+            return {spec.name: result[spec.name].to_numpy() for spec in outputs}
+        if len(outputs) == 1 and result.shape[1] > 1:
+            return {outputs[0].name: result.to_numpy()}
+        return {spec.name: result.iloc[:, i].to_numpy() for i, spec in enumerate(outputs)}
+    if isinstance(result, pd.Series):
+        return {outputs[0].name: result.to_numpy()}
+    return {outputs[0].name: result}
+
+
+def _strings(array: np.ndarray) -> np.ndarray:
+    """BYTES elements as text, for a string column (binary columns keep their bytes)."""
+    return np.array(
+        [v.decode() if isinstance(v, bytes) else v for v in array.ravel().tolist()], dtype=object
+    )
+
+
+def _match(names: list[str], graph: list[str], what: str, kind: str) -> dict[str, str]:
+    """Contract names -> graph names: by name where all match, else by position."""
+    if set(names) <= set(graph):
+        return {n: n for n in names}
+    if len(names) == len(graph):
+        return dict(zip(names, graph, strict=True))
+    raise FailedPrecondition(
+        f"{what} cannot be served: its signature has {len(names)} {kind} "
+        f"({', '.join(names)}), its ONNX graph {len(graph)} ({', '.join(graph)})"
+    )

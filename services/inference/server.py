@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from mlmesh.oip.v2 import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from services.common.process import Backends, ServiceParts, serve_process
@@ -75,7 +73,6 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings)
     configure_mlflow_client(settings)
-    torch.set_num_threads(max(1, settings.inference_threads))
     asyncio.run(
         serve_process(settings, settings.inference_address, settings.inference_ops_port, build)
     )

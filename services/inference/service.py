@@ -1,28 +1,26 @@
-"""The Inference domain: validated images in, probabilities out, through cache and batcher.
+"""The Inference domain: a version's inputs in, its outputs out, through cache and batcher.
 
-Every protocol face (mlmesh's Predict RPCs here, the Open Inference Protocol later) calls
-``Inference.predict``; caching, batching, model resolution and metrics live only here.
+Every protocol face calls here: the Open Inference Protocol (any model, its tensors as its
+contract names them) with ``infer``, and mlmesh's own Predict RPCs (image classifiers) with
+``classify``. Caching, batching, drift, model resolution, errors and metrics live only here.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from services.common.errors import FailedPrecondition, Internal
 from services.inference import metrics
-from services.inference.cache import PredictionCache, cache_key
+from services.inference.cache import PredictionCache, cache_keys, decode_outputs, encode_outputs
+from services.inference.inputs import IMAGE_PIXELS
 from services.inference.repository import LoadedModel, ModelRepository, parse_version
+from services.inference.runtime import ModelRaised
 
-
-@dataclass(frozen=True)
-class Predictions:
-    """The answers for a batch of images, and the version that gave them."""
-
-    model_name: str
-    model_version: int
-    probabilities: np.ndarray  # (N, 10) float32
-    cached: np.ndarray  # (N,) bool
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,8 +31,28 @@ class Loaded:
     already_loaded: bool
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A version's answers to one request."""
+
+    model_name: str
+    model_version: int
+    outputs: dict[str, np.ndarray]  # the outputs asked for, every row
+    cached: np.ndarray  # (rows,) bool, or (1,) for a model without a batch dimension
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """An image classifier's answers for a batch of images, and the version that gave them."""
+
+    model_name: str
+    model_version: int
+    probabilities: np.ndarray  # (N, classes) float32
+    cached: np.ndarray  # (N,) bool
+
+
 class Inference:
-    """Answers predictions for the registered models the repository resolves."""
+    """Answers requests for the registered models the repository resolves."""
 
     def __init__(
         self, repository: ModelRepository, cache: PredictionCache, default_model_name: str
@@ -42,6 +60,12 @@ class Inference:
         self._repository = repository
         self._cache = cache
         self._default_model_name = default_model_name
+
+    async def model(self, model_name: str, model_version: str) -> LoadedModel:
+        """The loaded version ``model_version`` ("" = production) of ``model_name`` (""
+        = the default model)."""
+        name = model_name.strip() or self._default_model_name
+        return await self._repository.model(name, model_version)
 
     async def load(self, model_name: str, model_version: str) -> Loaded:
         """Load ``model_name`` at ``model_version`` (a number or an alias) if it is not held
@@ -51,34 +75,101 @@ class Inference:
         already = self._repository.holds(name, version)
         return Loaded(await self._repository.get(name, version), already)
 
-    async def predict(
-        self, images: np.ndarray, model_name: str, model_version: str, *, read_cache: bool = True
-    ) -> Predictions:
-        """Classify ``images`` (N, 784) float32 in [0, 1] with ``model_name`` at
-        ``model_version`` ("" = production). ``read_cache=False`` computes fresh answers
-        (they are still stored)."""
-        name = model_name.strip() or self._default_model_name
-        model = await self._repository.model(name, model_version)
-        model.observe(images)
-        keys = [cache_key(model.cache_scope, image) for image in images]
-        found = await self._cache.get_many(keys) if read_cache else [None] * len(keys)
-        missing = [i for i, answer in enumerate(found) if answer is None]
-        probabilities = np.empty((len(images), 10), dtype=np.float32)
-        cached = np.ones(len(images), dtype=bool)
-        for i, answer in enumerate(found):
-            if answer is not None:
-                probabilities[i] = answer
+    async def infer(
+        self,
+        model: LoadedModel,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] = (),
+        *,
+        read_cache: bool = True,
+    ) -> Answer:
+        """``model``'s outputs (those named, or all) for ``inputs``, checked against its
+        contract already. ``read_cache=False`` computes fresh answers (still stored)."""
+        wanted = [model.contract.output(n).name for n in outputs] or [
+            o.name for o in model.contract.outputs
+        ]
+        rows = len(next(iter(inputs.values()))) if model.contract.batched else None
+        model.observe(inputs)
+        keys = cache_keys(model.cache_scope, inputs, wanted, rows)
+        # While the cache is read, a batch forming for this version may wait for this request.
+        model.batcher.expect()
+        try:
+            found = await self._cache.get_many(keys) if read_cache else [None] * len(keys)
+        finally:
+            model.batcher.arrived()
+        answers = [decode_outputs(v) if v is not None else None for v in found]
+        missing = [i for i, a in enumerate(answers) if a is None]
         if missing:
-            computed = await model.batcher.predict(
-                images if len(missing) == len(images) else images[missing]
-            )
-            probabilities[missing] = computed
-            cached[missing] = False
-            await self._cache.put_many([(keys[i], probabilities[i]) for i in missing])
-        hits = len(images) - len(missing)
-        if hits:
-            metrics.CACHE_HITS.labels(name).inc(hits)
+            computed = await self._compute(model, inputs, rows, missing)
+            if rows is None:
+                answers[0] = computed
+                stored = [(keys[0], encode_outputs({n: computed[n] for n in wanted}))]
+            else:
+                stored = []
+                for j, i in enumerate(missing):
+                    answers[i] = {n: computed[n][j] for n in wanted}
+                    stored.append((keys[i], encode_outputs(answers[i])))
+            await self._cache.put_many(stored)
+        if missing and len(missing) == len(answers) and rows is not None:
+            result = {n: computed[n] for n in wanted}  # nothing cached: no re-stacking
+        elif rows is None:
+            result = {n: answers[0][n] for n in wanted}  # type: ignore[index]
+        else:
+            result = {n: np.stack([a[n] for a in answers]) for n in wanted}  # type: ignore[index]
+        cached = np.ones(len(answers), dtype=bool)
+        cached[missing] = False
+        name = model.name
+        if len(answers) - len(missing):
+            metrics.CACHE_HITS.labels(name).inc(len(answers) - len(missing))
         if missing:
             metrics.CACHE_MISSES.labels(name).inc(len(missing))
-        metrics.PREDICTIONS.labels(*model.labels).inc(len(images))
-        return Predictions(name, model.version, probabilities, cached)
+        metrics.PREDICTIONS.labels(*model.labels).inc(len(answers))
+        return Answer(name, model.version, result, cached)
+
+    async def classify(
+        self, images: np.ndarray, model_name: str, model_version: str, *, read_cache: bool = True
+    ) -> Predictions:
+        """Class probabilities of ``images`` ((N, 784) float32 in [0, 1]) by an image
+        classifier: a version that takes one FP32 tensor of 784 values a row and answers one
+        numeric tensor of class scores a row."""
+        model = await self.model(model_name, model_version)
+        contract = model.contract
+        (image,) = contract.inputs if len(contract.inputs) == 1 else (None,)
+        (scores,) = contract.outputs if len(contract.outputs) == 1 else (None,)
+        trailing = image.shape[1:] if image is not None else ()
+        if (
+            image is None
+            or scores is None
+            or not contract.batched
+            or image.datatype != "FP32"
+            or -1 in trailing
+            or int(np.prod(trailing)) != IMAGE_PIXELS
+            or scores.datatype in ("BYTES", "BOOL")
+            or len(scores.shape) != 2
+        ):
+            raise FailedPrecondition(
+                f"model {model.name!r} version {model.version} is not a classifier of 28x28 "
+                f"images ({contract.describe()}); ask it through the Open Inference Protocol "
+                f"(/v2/models/{model.name}/infer)"
+            )
+        batch = images.reshape((len(images), *trailing))
+        answer = await self.infer(model, {image.name: batch}, [scores.name], read_cache=read_cache)
+        probabilities = answer.outputs[scores.name].astype(np.float32, copy=False)
+        return Predictions(model.name, model.version, probabilities, answer.cached)
+
+    async def _compute(
+        self,
+        model: LoadedModel,
+        inputs: Mapping[str, np.ndarray],
+        rows: int | None,
+        missing: list[int],
+    ) -> dict[str, np.ndarray]:
+        if rows is not None and len(missing) != rows:
+            inputs = {n: a[missing] for n, a in inputs.items()}
+        try:
+            return await model.batcher.predict(inputs, len(missing) if rows is not None else 1)
+        except ModelRaised as exc:
+            metrics.MODEL_ERRORS.labels(*model.labels).inc()
+            log.error("model %r version %d failed on a request: %s", model.name, model.version,
+                      exc)  # fmt: skip
+            raise Internal(f"model {model.name!r} version {model.version} failed: {exc}") from exc

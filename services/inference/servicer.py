@@ -51,7 +51,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> pb.PredictResponse:
         started = time.perf_counter()
         image = image_array(request.image, request.image_raw, "image", "image_raw")
-        p = await self._inference.predict(
+        p = await self._inference.classify(
             image[np.newaxis],
             request.model_name,
             request.model_version,
@@ -79,7 +79,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 for i, im in enumerate(request.images)
             ]
         )
-        p = await self._inference.predict(
+        p = await self._inference.classify(
             images,
             request.model_name,
             request.model_version,
@@ -123,7 +123,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 )
             except InvalidArgument as exc:
                 raise InvalidArgument(f"request {request.request_id!r}: {exc}") from exc
-            p = await self._inference.predict(
+            p = await self._inference.classify(
                 image[np.newaxis], request.model_name, request.model_version, read_cache=read_cache
             )
             metrics.PREDICTION_DURATION.labels("PredictStream").observe(

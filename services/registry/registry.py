@@ -18,7 +18,7 @@ from services.common.events import MODEL_EVENTS_CHANNEL
 from services.common.pagination import Page
 from services.registry import audit, metrics
 from services.registry.serving import ServingCheck
-from services.registry.store import STAGE_ALIASES, MlflowStore, Transition, parse_stage
+from services.registry.store import STAGE_ALIASES, RegistryStore, Transition, parse_stage
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Registry:
 
     def __init__(
         self,
-        store: MlflowStore,
+        store: RegistryStore,
         pool: asyncpg.Pool,
         redis: Redis,
         serving: ServingCheck,

@@ -12,7 +12,7 @@ from services.common.settings import Settings
 from services.registry.registry import Registry
 from services.registry.servicer import RegistryServicer
 from services.registry.serving import ServingCheck
-from services.registry.store import MlflowStore
+from services.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def build(backends: Backends) -> ServiceParts:
         s.registry_inference_target or s.inference_address, s.promotion_load_timeout_s
     )
     registry = Registry(
-        MlflowStore(s.mlflow_tracking_uri),
+        RegistryStore(s.mlflow_tracking_uri),
         backends.pool,
         backends.redis,
         serving,

@@ -278,7 +278,7 @@ def test_grpc_errors_name_the_problem(served: Served, oip_stub, auth) -> None:
     cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "'COMPLEX' is not a datatype"))
     wrong = infer_request(served.name, image)
     wrong.inputs[0].name = "image"
-    cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "the model's input is 'input-0'"))
+    cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "named 'image'; the model takes"))
     wrong = infer_request(served.name, image)
     wrong.raw_input_contents[0] = wrong.raw_input_contents[0][:-4]
     cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "3132 bytes"))
@@ -288,15 +288,13 @@ def test_grpc_errors_name_the_problem(served: Served, oip_stub, auth) -> None:
     wrong = infer_request(served.name, image)
     wrong.inputs[0].contents.fp32_contents.extend([0.0] * 784)
     cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "use one form"))
-    wrong = infer_request(served.name, image * 300)
-    cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "must be in [0, 1]"))
     wrong = infer_request(served.name, np.zeros((0, 784), dtype=np.float32))
     cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "is empty"))
     wrong = infer_request(served.name, np.zeros((300, 784), dtype=np.float32))
     cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "at most 256"))
     wrong = infer_request(served.name, image)
     wrong.outputs.add(name="logits")
-    cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "the model's output is 'output-0'"))
+    cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "the model's outputs are 'output-0'"))
     wrong = infer_request(served.name, image)
     wrong.outputs.add(name="output-0").parameters["classification"].int64_param = 3
     cases.append((wrong, grpc.StatusCode.INVALID_ARGUMENT, "classification extension"))
@@ -352,14 +350,13 @@ def test_rest_errors_use_the_protocols_body(
         (path, tensor(data=["a"] * 784), 400, "must hold FP32 values"),
         (path, tensor(data=[[0.0] * 784, [0.0]]), 400, "ragged"),
         (path, tensor(data=[True] * 784), 400, "must hold FP32 values"),
-        (path, tensor(data=[2.0] * 784), 400, "must be in [0, 1]"),
         (path, tensor(shape="784"), 400, "shape must be a list of integers"),
         (path, tensor(colour="red"), 400, "unknown key 'colour'"),
         (path, {"inputs": []}, 400, "non-empty list"),
         (path, {"inputs": "x"}, 400, "non-empty list"),
         (path, [1, 2], 400, "must be a JSON object"),
         (path, {**good, "extra": 1}, 400, "unknown key 'extra'"),
-        (path, {**good, "outputs": [{"name": "logits"}]}, 400, "output is 'output-0'"),
+        (path, {**good, "outputs": [{"name": "logits"}]}, 400, "outputs are 'output-0'"),
     ]
     for route, body, status, words in cases:
         resp = rest_key.post(route, json=body)
