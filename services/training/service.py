@@ -85,8 +85,6 @@ class Training:
     async def get(self, job_id: str) -> Job:
         if not job_id.strip():
             raise InvalidArgument("job_id is required")
-        if "\x00" in job_id:  # PostgreSQL text cannot hold it, so no job has it
-            raise NotFound(f"training job {job_id!r} does not exist")
         job = await self._store.get(job_id)
         if job is None:
             raise NotFound(f"training job {job_id!r} does not exist")

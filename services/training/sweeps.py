@@ -421,8 +421,6 @@ class Sweeps:
     async def get(self, sweep_id: str) -> Sweep:
         if not sweep_id.strip():
             raise InvalidArgument("sweep_id is required")
-        if "\x00" in sweep_id:  # PostgreSQL text cannot hold it, so no sweep has it
-            raise NotFound(f"sweep {sweep_id!r} does not exist")
         sweep = await self._store.get(sweep_id)
         if sweep is None:
             raise NotFound(f"sweep {sweep_id!r} does not exist")

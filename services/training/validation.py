@@ -82,8 +82,6 @@ def validate(sub: Submission) -> JobParams:
     _in_range(sub.train_subset, "train_subset", 0, 10_000_000)
     if len(sub.idempotency_key) > 128:
         raise InvalidArgument("idempotency_key must be at most 128 characters")
-    if "\x00" in sub.idempotency_key:  # PostgreSQL text cannot hold it
-        raise InvalidArgument("idempotency_key must not contain NUL characters")
     dataset = _choice(sub.dataset, "dataset", DATASETS, DEFAULT_DATASET)
     return JobParams(
         dataset=dataset,

@@ -29,6 +29,7 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import Schema, TensorSpec
 
+from services.common.model_contract import ONNX_FILE
 from services.training.ml.catalog import IMAGE_PIXELS, NUM_CLASSES
 
 if TYPE_CHECKING:
@@ -37,10 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL_NAME_IN_RUN = "model"
-# The ONNX export logged inside the model's directory (MLflow puts extra files under
-# extra_files/); the inference service runs it with ONNX Runtime.
-ONNX_FILE = "model.onnx"
-ONNX_PATH_IN_MODEL = f"extra_files/{ONNX_FILE}"
 REGISTRATION_TIMEOUT_S = 300.0
 # MLflow 3's experiment tag for what an experiment holds, and its value for model training
 # (the UI's "Machine learning" kind, as opposed to "genai_development"; see
@@ -162,7 +159,7 @@ class RunTracker:
 
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray) -> ModelInfo:
         """Log ``model`` (CPU, eval mode, outputs probabilities) in torch.export's pt2 format,
-        with an ONNX export of it beside (``ONNX_PATH_IN_MODEL``) for serving.
+        with an ONNX export of it beside (model_contract.ONNX_PATH_IN_MODEL) for serving.
 
         pt2 rather than pickle: MLflow 3.17 refuses to unpickle models unless
         MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set, while a pt2 archive loads anywhere with
