@@ -35,6 +35,13 @@ RPC_ACCESS: dict[str, Access] = {
     "/mlmesh.training.v1.TrainingService/ListSweeps": "protected",
     "/mlmesh.training.v1.TrainingService/CancelSweep": "protected",
     "/mlmesh.training.v1.TrainingService/WatchSweep": "protected",
+    # Datasets (served by the Training process): everything is protected.
+    "/mlmesh.datasets.v1.DatasetService/UploadDataset": "protected",
+    "/mlmesh.datasets.v1.DatasetService/GetDataset": "protected",
+    "/mlmesh.datasets.v1.DatasetService/ListDatasets": "protected",
+    "/mlmesh.datasets.v1.DatasetService/ListDatasetVersions": "protected",
+    "/mlmesh.datasets.v1.DatasetService/DeleteDatasetVersion": "protected",
+    "/mlmesh.datasets.v1.DatasetService/GetDatasetSample": "protected",
     # Inference: everything is protected.
     "/mlmesh.inference.v1.InferenceService/Predict": "protected",
     "/mlmesh.inference.v1.InferenceService/PredictBatch": "protected",
@@ -79,6 +86,7 @@ CONTRACT_PACKAGES = ("mlmesh.", "inference.")
 SERVICE_CLUSTERS: dict[str, str] = {
     "mlmesh.registry.v1.RegistryService": "registry",
     "mlmesh.training.v1.TrainingService": "training",
+    "mlmesh.datasets.v1.DatasetService": "training",
     "mlmesh.inference.v1.InferenceService": "inference",
     OIP_SERVICE: "inference",
 }

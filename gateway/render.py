@@ -227,7 +227,8 @@ def message_schemas(descriptor_path: Path, roots: list[str]) -> dict[str, dict[s
 
 def body_message(rpc: Rpc, binding: Binding, descriptor_path: Path) -> str | None:
     """The message type a REST binding's JSON body maps to; "" for a body that is JSON but no
-    message (it names a scalar or map field: its JSON is checked, no keys); None for no body."""
+    message (it names a scalar or map field: its JSON is checked, no keys); None for no body,
+    or a raw one (an HttpBody field)."""
     if not binding.body:
         return None
     if binding.body == "*":
@@ -237,6 +238,8 @@ def body_message(rpc: Rpc, binding: Binding, descriptor_path: Path) -> str | Non
     messages = _messages(fds)
     field = next(f for f in messages[rpc.input_type].field if f.name == binding.body)
     type_name = field.type_name.lstrip(".")
+    if type_name == "google.api.HttpBody":  # the raw body (a file upload): not JSON at all
+        return None
     if field.type != _FD.TYPE_MESSAGE or messages[type_name].options.map_entry:
         return ""
     return type_name

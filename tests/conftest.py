@@ -64,6 +64,9 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "api_keys_file": None,
         "shutdown_grace_s": 3.0,
         "worker_lease_s": 5.0,
+        # Small enough for a test to go over it; a dataset cache of the run's own.
+        "dataset_max_bytes": 8 * 1024 * 1024,
+        "dataset_cache_dir": state_dir / "dataset-cache",
     }
     values.update(overrides)
     return Settings(**values)

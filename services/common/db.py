@@ -133,6 +133,36 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE audit_events ADD COLUMN note TEXT NOT NULL DEFAULT '';
         """,
     ),
+    (
+        5,
+        """
+        -- Uploaded dataset versions (services/datasets); their data lives in MLflow.
+        CREATE TABLE datasets (
+            name              TEXT NOT NULL,
+            version           INTEGER NOT NULL,
+            digest            TEXT NOT NULL,
+            kind              TEXT NOT NULL,
+            format            TEXT NOT NULL,
+            samples           BIGINT NOT NULL,
+            class_names       JSONB NOT NULL,
+            class_counts      JSONB NOT NULL,
+            input_shape       INTEGER[] NOT NULL,
+            columns           JSONB NOT NULL,
+            label_column      TEXT NOT NULL DEFAULT '',
+            split_train       BIGINT NOT NULL,
+            split_validation  BIGINT NOT NULL,
+            split_test        BIGINT NOT NULL,
+            split_from_upload BOOLEAN NOT NULL,
+            mlflow_run_id     TEXT NOT NULL,
+            size_bytes        BIGINT NOT NULL,
+            filename          TEXT NOT NULL DEFAULT '',
+            created_by        TEXT NOT NULL,
+            create_time       TIMESTAMPTZ NOT NULL DEFAULT now(),
+            PRIMARY KEY (name, version),
+            UNIQUE (name, digest)
+        );
+        """,
+    ),
 ]
 
 # Any fixed number works; it only has to be the same in every process that migrates.

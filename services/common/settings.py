@@ -157,6 +157,15 @@ class Settings(BaseSettings):
     data_dir: Path | None = Field(
         None, description="IDX directory of MNIST/Fashion-MNIST used before the offline sources."
     )
+    dataset_max_bytes: int = Field(
+        1024**3, description="Largest dataset file an upload may send, in bytes."
+    )
+    dataset_max_classes: int = Field(1000, description="Most classes an uploaded dataset may have.")
+    dataset_cache_dir: Path = Field(
+        Path("~/.cache/mlmesh/datasets"),
+        description="Where the Training service and its workers keep the dataset versions "
+        "they downloaded from MLflow (one copy per machine).",
+    )
     grpc_max_message_bytes: int = Field(
         4 * 1024 * 1024, description="Largest gRPC message a service accepts or sends."
     )

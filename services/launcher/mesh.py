@@ -192,6 +192,9 @@ def child_env(settings: Settings) -> dict[str, str]:
         else:
             env[key] = value if isinstance(value, str) else json.dumps(value)
     env["PYTHONUNBUFFERED"] = "1"  # so a child's log tail is current when it fails
+    # MLflow 3's server would start its job runner (GenAI scorers, trace roll-ups: nothing
+    # mlmesh uses): eight more processes and about 2 GB of memory per MLflow server.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return env
 
 

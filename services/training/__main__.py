@@ -2,4 +2,6 @@
 
 from services.training.server import main
 
-main()
+# Guarded: the dataset decoding pool spawns processes that import this module again.
+if __name__ == "__main__":
+    main()

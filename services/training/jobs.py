@@ -260,6 +260,17 @@ class JobStore:
             token = encode_token("jobs", [jobs[-1].create_time.isoformat(), jobs[-1].job_id])
         return Page(jobs, token)
 
+    async def using_dataset(self, reference: str) -> list[str]:
+        """Ids of the queued or running jobs that train on dataset ``reference``
+        (``name@version``)."""
+        rows = await self._pool.fetch(
+            "SELECT job_id FROM training_jobs WHERE state = ANY($1) AND dataset = $2"
+            " ORDER BY create_time",
+            [QUEUED, RUNNING],
+            reference,
+        )
+        return [r["job_id"] for r in rows]
+
     async def queued_or_running(self) -> list[str]:
         """Ids of every job that is not finished, oldest first."""
         rows = await self._pool.fetch(

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
+from mlmesh.datasets.v1 import datasets_pb2, datasets_pb2_grpc
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.common.process import Backends, ServiceParts, serve_process
 from services.common.server import Registration, configure_logging, configure_mlflow_client
 from services.common.settings import Settings
+from services.datasets.formats import cpu_count
+from services.datasets.service import Datasets
+from services.datasets.servicer import DatasetServicer
+from services.datasets.store import ArtifactStore, DatasetStore
 from services.training.jobs import JobStore
 from services.training.ml.search import storage_url
 from services.training.service import Training
@@ -15,6 +23,22 @@ from services.training.servicer import TrainingServicer
 from services.training.sweeps import Sweeps, SweepStore
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+DATASETS_SERVICE_NAME = datasets_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
+
+
+def datasets_of(settings: Settings, backends: Backends, training: Training) -> Datasets:
+    """The Datasets domain this process serves: uploads decode images in processes of their
+    own (spawned on first use), one per core."""
+    return Datasets(
+        DatasetStore(backends.pool),
+        ArtifactStore(settings.mlflow_tracking_uri),
+        ProcessPoolExecutor(cpu_count(), mp_context=multiprocessing.get_context("spawn")),
+        max_bytes=settings.dataset_max_bytes,
+        max_classes=settings.dataset_max_classes,
+        cache_dir=Path(settings.dataset_cache_dir).expanduser(),
+        data_dir=settings.data_dir,
+        in_use=training.store.using_dataset,
+    )
 
 
 def build(backends: Backends) -> ServiceParts:
@@ -32,7 +56,12 @@ def build(backends: Backends) -> ServiceParts:
                 TrainingServicer(training, sweeps),
                 training_pb2_grpc.add_TrainingServiceServicer_to_server,
                 SERVICE_NAME,
-            )
+            ),
+            Registration(
+                DatasetServicer(datasets_of(s, backends, training)),
+                datasets_pb2_grpc.add_DatasetServiceServicer_to_server,
+                DATASETS_SERVICE_NAME,
+            ),
         ],
         background=[
             training.reconcile_forever(s.training_reconcile_interval_s),

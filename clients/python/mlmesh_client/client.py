@@ -9,6 +9,8 @@ from types import TracebackType
 import grpc
 from google.protobuf import json_format
 
+from mlmesh.datasets.v1 import datasets_pb2 as datasets
+from mlmesh.datasets.v1 import datasets_pb2_grpc
 from mlmesh.inference.v1 import inference_pb2 as inference
 from mlmesh.inference.v1 import inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2 as registry
@@ -19,6 +21,19 @@ from mlmesh.training.v1 import training_pb2_grpc
 from mlmesh_client.images import ImageLike, to_image
 
 DEFAULT_TARGET = "127.0.0.1:8000"
+UPLOAD_CHUNK_BYTES = 1 << 20  # well under a gRPC message's 4 MiB limit
+DATASET_FORMATS = {
+    "": datasets.DATASET_FORMAT_UNSPECIFIED,
+    "image_folder": datasets.DATASET_FORMAT_IMAGE_FOLDER,
+    "csv": datasets.DATASET_FORMAT_CSV,
+    "parquet": datasets.DATASET_FORMAT_PARQUET,
+    "npz": datasets.DATASET_FORMAT_NPZ,
+}
+DATASET_SPLITS = {
+    "train": datasets.DATASET_SPLIT_TRAIN,
+    "validation": datasets.DATASET_SPLIT_VALIDATION,
+    "test": datasets.DATASET_SPLIT_TEST,
+}
 
 
 class MeshError(Exception):
@@ -49,6 +64,7 @@ class Client:
         self.registry = registry_pb2_grpc.RegistryServiceStub(self._channel)
         self.training = training_pb2_grpc.TrainingServiceStub(self._channel)
         self.inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self.datasets = datasets_pb2_grpc.DatasetServiceStub(self._channel)
 
     def _metadata(self) -> list[tuple[str, str]]:
         return [("x-api-key", self._api_key)] if self._api_key else []
@@ -132,6 +148,88 @@ class Client:
             registry.ListAuditEventsRequest(model_name=model_name, page_size=page_size),
         )
         return list(page.audit_events)
+
+    # -- datasets (need an API key) -------------------------------------------------------
+    def upload_dataset(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        label_column: str = "",
+        format: str = "",
+        resize: tuple[int, int] | None = None,
+        validation_fraction: float = 0.0,
+        test_fraction: float = 0.0,
+        split_seed: int = 0,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> datasets.UploadDatasetResponse:
+        """Upload a file as a new version of dataset ``name``: a zip or tar of one folder of
+        images per class, a CSV or Parquet table (``label_column``), or an .npz of x and y.
+        ``format`` is one of DATASET_FORMATS (empty: from the file); ``on_progress(sent,
+        total)`` follows the upload. The answer says what the server found, and whether
+        identical bytes had made this version before (``created`` False)."""
+        if format not in DATASET_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(f for f in DATASET_FORMATS if f)}")
+        total = os.path.getsize(path)
+        height, width = resize or (0, 0)
+
+        def messages() -> Iterator[datasets.UploadDatasetRequest]:
+            yield datasets.UploadDatasetRequest(
+                name=name,
+                format=DATASET_FORMATS[format],
+                label_column=label_column,
+                resize_height=height,
+                resize_width=width,
+                validation_fraction=validation_fraction,
+                test_fraction=test_fraction,
+                split_seed=split_seed,
+                filename=os.path.basename(path),
+            )
+            sent = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(UPLOAD_CHUNK_BYTES):
+                    sent += len(chunk)
+                    request = datasets.UploadDatasetRequest()
+                    request.file.data = chunk
+                    yield request
+                    if on_progress is not None:
+                        on_progress(sent, total)
+
+        try:
+            # No deadline: a large upload is read, checked and stored before the answer.
+            return self.datasets.UploadDataset(messages(), metadata=self._metadata())
+        except grpc.RpcError as err:
+            raise MeshError(err.code(), err.details() or "") from None
+
+    def list_datasets(self) -> list[datasets.Dataset]:
+        """Every dataset (its latest version), built-in ones first."""
+        return self._all(self.datasets.ListDatasets, datasets.ListDatasetsRequest(), "datasets")
+
+    def get_dataset(self, name: str, version: int = 0) -> datasets.Dataset:
+        """One version of a dataset; the latest when ``version`` is 0."""
+        request = datasets.GetDatasetRequest(name=name, version=version)
+        return self._call(self.datasets.GetDataset, request).dataset
+
+    def list_dataset_versions(self, name: str) -> list[datasets.Dataset]:
+        """Every version of a dataset, newest first."""
+        request = datasets.ListDatasetVersionsRequest(name=name)
+        return self._all(self.datasets.ListDatasetVersions, request, "datasets")
+
+    def delete_dataset_version(self, name: str, version: int) -> datasets.Dataset:
+        """Delete a version (refused while a queued or running job uses it)."""
+        request = datasets.DeleteDatasetVersionRequest(name=name, version=version)
+        return self._call(self.datasets.DeleteDatasetVersion, request).dataset
+
+    def dataset_sample(
+        self, name: str, index: int, *, version: int = 0, split: str = "test"
+    ) -> datasets.GetDatasetSampleResponse:
+        """Sample ``index`` of a version's split (train, validation or test), with its label."""
+        if split not in DATASET_SPLITS:
+            raise ValueError(f"split must be one of {', '.join(DATASET_SPLITS)}")
+        request = datasets.GetDatasetSampleRequest(
+            name=name, version=version, index=index, split=DATASET_SPLITS[split]
+        )
+        return self._call(self.datasets.GetDatasetSample, request)
 
     # -- training (needs an API key) ------------------------------------------------------
     def submit_training_job(self, **fields: object) -> training.TrainingJob:
