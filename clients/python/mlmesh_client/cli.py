@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
+from mlmesh.datasets.v1 import datasets_pb2
 from mlmesh.registry.v1 import registry_pb2
 from mlmesh.training.v1 import sweep_pb2, training_pb2
-from mlmesh_client.client import Client, MeshError
+from mlmesh_client.client import DATASET_FORMATS, Client, MeshError
 from mlmesh_client.images import ImageError, read_image_file
 from services.training.ml.catalog import CLASS_NAMES, DATASETS  # torch-free
 
@@ -77,6 +79,106 @@ def _comparison(c: registry_pb2.MetricComparison, version: int) -> str:
         f"{c.metric_key}: v{version} {candidate}{verdict}, "
         f"production v{c.production_version} {production}"
     )
+
+
+def _reference(text: str) -> tuple[str, int]:
+    name, sep, version = text.partition("@")
+    if sep and not version.isdigit():
+        raise UsageError(f"give NAME or NAME@VERSION, got {text!r}")
+    return name, int(version) if sep else 0
+
+
+def _resize(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    height, sep, width = text.lower().partition("x")
+    if not sep or not height.isdigit() or not width.isdigit():
+        raise UsageError(f"--resize takes HxW, e.g. 32x32; got {text!r}")
+    return int(height), int(width)
+
+
+class UploadProgress:
+    """A one-line bar of the bytes sent."""
+
+    def __init__(self, out=sys.stderr) -> None:
+        self._out = out
+
+    def __call__(self, sent: int, total: int) -> None:
+        width = 30
+        filled = int(width * sent / max(1, total))
+        self._out.write(
+            f"\r  uploading [{'#' * filled}{'-' * (width - filled)}] "
+            f"{sent / 1e6:.1f}/{total / 1e6:.1f} MB"
+        )
+        if sent >= total:
+            self._out.write("\n  checking and storing it...\n")
+        self._out.flush()
+
+
+def describe_dataset(d: datasets_pb2.Dataset) -> list[str]:
+    """What `mlmesh datasets show` prints of a version."""
+    kind = "images" if d.kind == datasets_pb2.DATASET_KIND_IMAGES else "table"
+    if kind == "images":
+        shape = f"{d.height}x{d.width}, {'RGB' if d.channels == 3 else 'grey'}"
+    else:
+        shape = f"{len(d.columns)} feature columns, label {d.label_column!r}"
+    split = d.splits
+    lines = [
+        f"{d.name}@{d.version}{' (built in)' if d.builtin else ''}: {d.samples} {kind} ({shape})",
+        f"  classes ({len(d.classes)}): "
+        + ", ".join(f"{c.name} {c.count}" for c in d.classes[:20])
+        + (" ..." if len(d.classes) > 20 else ""),
+        f"  split: train {split.train}, validation {split.validation}, test {split.test}"
+        f" ({'from the upload' if split.from_upload else 'stratified, seeded'})",
+    ]
+    if d.columns:
+        lines.append("  columns: " + ", ".join(f"{c.name} ({c.type})" for c in d.columns))
+    if not d.builtin:
+        lines.append(
+            f"  digest {d.digest[:16]}..., {d.size_bytes} bytes from {d.filename!r}, "
+            f"MLflow run {d.mlflow_run_id}"
+        )
+    return lines
+
+
+def _datasets_upload(args: argparse.Namespace) -> None:
+    if not os.path.isfile(args.path):
+        raise UsageError(f"{args.path} is not a file")
+    with _client(args) as mesh:
+        answer = mesh.upload_dataset(
+            args.name,
+            args.path,
+            label_column=args.label,
+            format=args.format,
+            resize=_resize(args.resize),
+            validation_fraction=args.validation_fraction,
+            test_fraction=args.test_fraction,
+            split_seed=args.split_seed,
+            on_progress=UploadProgress(),
+        )
+    print("\n".join(describe_dataset(answer.dataset)))
+    if not answer.created:
+        print("  (identical bytes and options: the version made before)")
+
+
+def _datasets_list(args: argparse.Namespace) -> None:
+    with _client(args) as mesh:
+        for d in mesh.list_datasets():
+            print(describe_dataset(d)[0])
+
+
+def _datasets_show(args: argparse.Namespace) -> None:
+    with _client(args) as mesh:
+        print("\n".join(describe_dataset(mesh.get_dataset(*_reference(args.reference)))))
+
+
+def _datasets_delete(args: argparse.Namespace) -> None:
+    name, version = _reference(args.reference)
+    if not version:
+        raise UsageError("name the version to delete: NAME@VERSION")
+    with _client(args) as mesh:
+        gone = mesh.delete_dataset_version(name, version)
+    print(f"deleted {gone.name}@{gone.version}")
 
 
 def _audit(args: argparse.Namespace) -> None:
@@ -479,6 +581,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--model", default="", help="only this registered model")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(run=_audit)
+
+    p = commands.add_parser("datasets", help="upload, list and show datasets (needs an API key)")
+    datasets = p.add_subparsers(dest="datasets_command", required=True)
+    d = datasets.add_parser(
+        "upload",
+        help="upload a file as a new version of a dataset",
+        description="Upload a zip or tar of one folder of images per class, a CSV or Parquet "
+        "table (with --label), or an .npz of x and y. The server checks it and says what it "
+        "found; identical bytes give back the version they made before.",
+    )
+    d.add_argument("name")
+    d.add_argument("path")
+    d.add_argument("--label", default="", help="a table's label column")
+    d.add_argument(
+        "--format",
+        default="",
+        choices=[f for f in DATASET_FORMATS if f],
+        help="how to read the file (default: from its content)",
+    )
+    d.add_argument("--resize", default="", help="HxW: resize every image, e.g. 32x32")
+    d.add_argument("--validation-fraction", type=float, default=0.0)
+    d.add_argument("--test-fraction", type=float, default=0.0)
+    d.add_argument("--split-seed", type=int, default=0)
+    d.set_defaults(run=_datasets_upload)
+    datasets.add_parser("list", help="every dataset's latest version").set_defaults(
+        run=_datasets_list
+    )
+    d = datasets.add_parser("show", help="one version: NAME or NAME@VERSION")
+    d.add_argument("reference")
+    d.set_defaults(run=_datasets_show)
+    d = datasets.add_parser("delete", help="delete NAME@VERSION (not while a job uses it)")
+    d.add_argument("reference")
+    d.set_defaults(run=_datasets_delete)
 
     args = parser.parse_args(argv)
     try:
