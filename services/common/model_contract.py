@@ -99,13 +99,22 @@ class TensorSpec:
         return f"{self.name} {self.datatype} {list(self.shape)}"
 
 
+# What an MLflow model may say of itself in its metadata (``log_model(metadata=...)``):
+# the names of its classes in output order, and for an image classifier whose input is a flat
+# row, the image's [height, width, channels] (channels last). mlmesh's training writes both.
+CLASS_NAMES_KEY = "mlmesh.class_names"
+IMAGE_SHAPE_KEY = "mlmesh.image_shape"
+
+
 @dataclass(frozen=True)
 class ModelContract:
-    """A version's tensors, and how its model wants its inputs."""
+    """A version's tensors, how its model wants its inputs, and what it says of itself."""
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     columnar: bool  # a column signature: the model takes a DataFrame of the inputs
+    class_names: tuple[str, ...] = ()  # in output order; empty when the model names none
+    image_shape: tuple[int, int, int] | None = None  # (height, width, channels) of its images
 
     @property
     def batched(self) -> bool:
@@ -204,9 +213,11 @@ def _conform(tensor: RequestTensor, spec: TensorSpec, columnar: bool) -> np.ndar
     return tensor.data.reshape(shape)
 
 
-def contract_of(signature: Any, what: str) -> ModelContract:
+def contract_of(
+    signature: Any, what: str, metadata: Mapping[str, Any] | None = None
+) -> ModelContract:
     """The contract of a version whose MLflow model has ``signature`` (a ModelSignature or
-    None); FailedPrecondition names ``what`` and what is missing."""
+    None) and ``metadata``; FailedPrecondition names ``what`` and what is missing."""
     if signature is None or signature.inputs is None:
         raise FailedPrecondition(
             f"{what} cannot be served: it has no signature. Log it with one, e.g. "
@@ -219,10 +230,22 @@ def contract_of(signature: Any, what: str) -> ModelContract:
             "names or types. Log it with `infer_signature(X, model.predict(X))`"
         )
     columnar = not signature.inputs.is_tensor_spec()
+    metadata = metadata or {}
+    names = metadata.get(CLASS_NAMES_KEY) or ()
+    shape = metadata.get(IMAGE_SHAPE_KEY)
+    image_shape = None
+    if (
+        isinstance(shape, (list, tuple))
+        and len(shape) == 3
+        and all(isinstance(d, int) and d > 0 for d in shape)
+    ):
+        image_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     return ModelContract(
         inputs=_tensors(signature.inputs, INPUT_PREFIX, what, "input"),
         outputs=_tensors(signature.outputs, OUTPUT_PREFIX, what, "output"),
         columnar=columnar,
+        class_names=tuple(str(n) for n in names) if isinstance(names, (list, tuple)) else (),
+        image_shape=image_shape,
     )
 
 

@@ -9,32 +9,51 @@ import numpy as np
 
 from services.common.errors import InvalidArgument
 
-# What mlmesh's Predict RPCs take: one 28x28 grey image, 784 intensities.
+# An image whose request gives no size: 28x28 grey, MNIST's (the seed API's 784 values).
+DEFAULT_SHAPE = (28, 28, 1)
 IMAGE_PIXELS = 784
+MAX_SIDE = 4096
+
+Shape = tuple[int, int, int]
 
 
-def image_array(pixels: Sequence[float], raw: bytes, field: str, raw_field: str) -> np.ndarray:
-    """One image given as ``pixels`` (784 floats in [0, 1]) or ``raw`` (784 uint8 bytes).
+def image_shape(height: int, width: int, channels: int, field: str) -> Shape:
+    """An image's (height, width, channels) as a request gives it; all 0 is 28x28 grey."""
+    if (height, width, channels) == (0, 0, 0):
+        return DEFAULT_SHAPE
+    if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
+        raise InvalidArgument(
+            f"{field} height and width must be 1-{MAX_SIDE} (or, with channels, all 0 for "
+            f"28x28 grey), got {height}x{width}"
+        )
+    if channels not in (1, 3):
+        raise InvalidArgument(f"{field} channels must be 1 (grey) or 3 (RGB), got {channels}")
+    return height, width, channels
+
+
+def image_array(
+    pixels: Sequence[float], raw: bytes, shape: Shape, field: str, raw_field: str
+) -> np.ndarray:
+    """One image given as ``pixels`` (floats in [0, 1]) or ``raw`` (uint8 bytes), flat,
+    row-major with channels last, with height x width x channels values.
 
     ``field``/``raw_field`` are the request's names for the two forms, used in errors.
     """
+    size = shape[0] * shape[1] * shape[2]
+    what = f"a {shape[0]}x{shape[1]}{' RGB' if shape[2] == 3 else ''} image needs {size}"
     if len(pixels) and len(raw):
         raise InvalidArgument(f"give {field} or {raw_field}, not both")
     if len(raw):
-        if len(raw) != IMAGE_PIXELS:
-            raise InvalidArgument(
-                f"{raw_field} has {len(raw)} bytes; a 28x28 image needs {IMAGE_PIXELS}"
-            )
+        if len(raw) != size:
+            raise InvalidArgument(f"{raw_field} has {len(raw)} bytes; {what}")
         return np.frombuffer(raw, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
     if not len(pixels):
         raise InvalidArgument(
-            f"{field} is empty: give {IMAGE_PIXELS} pixel intensities in [0, 1] "
-            f"(or {raw_field}: {IMAGE_PIXELS} bytes)"
+            f"{field} is empty: give {size} pixel intensities in [0, 1] "
+            f"(or {raw_field}: {size} bytes)"
         )
-    if len(pixels) != IMAGE_PIXELS:
-        raise InvalidArgument(
-            f"{field} has {len(pixels)} values; a 28x28 image needs {IMAGE_PIXELS}"
-        )
+    if len(pixels) != size:
+        raise InvalidArgument(f"{field} has {len(pixels)} values; {what}")
     image = np.asarray(pixels, dtype=np.float32)
     check_pixels(image, field)
     return image

@@ -360,7 +360,7 @@ class ModelRepository:
                     f"{what} cannot be served: {source} holds no MLflow model "
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
-            contract = contract_of(meta.signature, what)
+            contract = contract_of(meta.signature, what, meta.metadata)
             runtime = load_runtime(
                 local,
                 contract,

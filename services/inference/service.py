@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.errors import FailedPrecondition, Internal
+from services.common.errors import FailedPrecondition, Internal, InvalidArgument
 from services.inference import metrics
 from services.inference.cache import PredictionCache, cache_keys, decode_outputs, encode_outputs
-from services.inference.inputs import IMAGE_PIXELS
+from services.inference.inputs import DEFAULT_SHAPE, IMAGE_PIXELS, Shape
 from services.inference.repository import LoadedModel, ModelRepository, parse_version
 from services.inference.runtime import ModelRaised
 
@@ -49,6 +49,10 @@ class Predictions:
     model_version: int
     probabilities: np.ndarray  # (N, classes) float32
     cached: np.ndarray  # (N,) bool
+    class_names: tuple[str, ...] = ()  # the model's own, in class order; empty when unnamed
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if index < len(self.class_names) else ""
 
 
 class Inference:
@@ -127,35 +131,53 @@ class Inference:
         return Answer(name, model.version, result, cached)
 
     async def classify(
-        self, images: np.ndarray, model_name: str, model_version: str, *, read_cache: bool = True
+        self,
+        images: np.ndarray,
+        shape: Shape,
+        model_name: str,
+        model_version: str,
+        *,
+        read_cache: bool = True,
     ) -> Predictions:
-        """Class probabilities of ``images`` ((N, 784) float32 in [0, 1]) by an image
-        classifier: a version that takes one FP32 tensor of 784 values a row and answers one
-        numeric tensor of class scores a row."""
+        """Class probabilities of ``images`` ((N, height x width x channels) float32 in [0, 1],
+        rows row-major with channels last, each of ``shape``) by an image classifier: a
+        version that takes one FP32 image tensor a row and answers one numeric tensor of
+        class scores a row."""
         model = await self.model(model_name, model_version)
         contract = model.contract
-        (image,) = contract.inputs if len(contract.inputs) == 1 else (None,)
-        (scores,) = contract.outputs if len(contract.outputs) == 1 else (None,)
-        trailing = image.shape[1:] if image is not None else ()
+        image = contract.inputs[0] if len(contract.inputs) == 1 else None
+        scores = contract.outputs[0] if len(contract.outputs) == 1 else None
+        layout = _image_layout(image.shape[1:], contract.image_shape) if image else None
         if (
             image is None
             or scores is None
+            or layout is None
             or not contract.batched
             or image.datatype != "FP32"
-            or -1 in trailing
-            or int(np.prod(trailing)) != IMAGE_PIXELS
             or scores.datatype in ("BYTES", "BOOL")
             or len(scores.shape) != 2
         ):
             raise FailedPrecondition(
-                f"model {model.name!r} version {model.version} is not a classifier of 28x28 "
-                f"images ({contract.describe()}); ask it through the Open Inference Protocol "
+                f"model {model.name!r} version {model.version} is not an image classifier "
+                f"({contract.describe()}); ask it through the Open Inference Protocol "
                 f"(/v2/models/{model.name}/infer)"
             )
-        batch = images.reshape((len(images), *trailing))
+        takes, channels_first = layout
+        if shape != takes:
+            raise InvalidArgument(
+                f"the image is {_describe(shape)}; model {model.name!r} version "
+                f"{model.version} takes {_describe(takes)} images (resize it first: "
+                "mlmesh predict --image FILE --resize)"
+            )
+        batch = images.reshape((len(images), *takes))
+        if channels_first:
+            batch = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+        batch = batch.reshape((len(images), *image.shape[1:]))
         answer = await self.infer(model, {image.name: batch}, [scores.name], read_cache=read_cache)
         probabilities = answer.outputs[scores.name].astype(np.float32, copy=False)
-        return Predictions(model.name, model.version, probabilities, answer.cached)
+        return Predictions(
+            model.name, model.version, probabilities, answer.cached, contract.class_names
+        )
 
     async def _compute(
         self,
@@ -173,3 +195,27 @@ class Inference:
             log.error("model %r version %d failed on a request: %s", model.name, model.version,
                       exc)  # fmt: skip
             raise Internal(f"model {model.name!r} version {model.version} failed: {exc}") from exc
+
+
+def _image_layout(trailing: tuple[int, ...], declared: Shape | None) -> tuple[Shape, bool] | None:
+    """The (height, width, channels) images a model's input takes, and whether it wants them
+    channels first; None when the input is not an image of known size. A flat input needs
+    the size the model declares (mlmesh's models do), or is MNIST's 784 values."""
+    if -1 in trailing or not trailing:
+        return None
+    if len(trailing) == 1:
+        size = trailing[0]
+        if declared is not None and declared[0] * declared[1] * declared[2] == size:
+            return declared, False
+        return (DEFAULT_SHAPE, False) if size == IMAGE_PIXELS else None
+    if len(trailing) == 2:
+        return (trailing[0], trailing[1], 1), False
+    if len(trailing) == 3 and trailing[2] in (1, 3):
+        return (trailing[0], trailing[1], trailing[2]), False
+    if len(trailing) == 3 and trailing[0] in (1, 3):
+        return (trailing[1], trailing[2], trailing[0]), True
+    return None
+
+
+def _describe(shape: Shape) -> str:
+    return f"{shape[0]}x{shape[1]} {'RGB' if shape[2] == 3 else 'grey'}"

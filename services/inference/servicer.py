@@ -13,7 +13,7 @@ from mlmesh.inference.v1 import inference_pb2 as pb
 from mlmesh.inference.v1 import inference_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.inference import metrics
-from services.inference.inputs import check_batch_size, image_array
+from services.inference.inputs import Shape, check_batch_size, image_array, image_shape
 from services.inference.service import Inference, Predictions
 
 # Answers of one stream being computed at once; later messages wait (flow control).
@@ -36,7 +36,13 @@ def _prediction(p: Predictions, i: int) -> pb.Prediction:
         confidence=float(probabilities[best]),
         probabilities=probabilities.tolist(),
         cached=bool(p.cached[i]),
+        class_name=p.class_name(best),
     )
+
+
+def _image(image: pb.Image, field: str) -> tuple[np.ndarray, Shape]:
+    shape = image_shape(image.height, image.width, image.channels, field)
+    return image_array(image.pixels, image.raw, shape, f"{field}.pixels", f"{field}.raw"), shape
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -50,9 +56,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
         started = time.perf_counter()
-        image = image_array(request.image, request.image_raw, "image", "image_raw")
+        shape = image_shape(request.height, request.width, request.channels, "image")
+        image = image_array(request.image, request.image_raw, shape, "image", "image_raw")
         p = await self._inference.classify(
             image[np.newaxis],
+            shape,
             request.model_name,
             request.model_version,
             read_cache=not fresh_requested(context),
@@ -66,6 +74,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             model_name=p.model_name,
             model_version=p.model_version,
             cached=answer.cached,
+            class_name=answer.class_name,
         )
 
     async def PredictBatch(
@@ -73,14 +82,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> pb.PredictBatchResponse:
         started = time.perf_counter()
         check_batch_size(len(request.images), self._max_batch_images, "images")
-        images = np.stack(
-            [
-                image_array(im.pixels, im.raw, f"images[{i}].pixels", f"images[{i}].raw")
-                for i, im in enumerate(request.images)
-            ]
-        )
+        decoded = [_image(im, f"images[{i}]") for i, im in enumerate(request.images)]
+        shape = decoded[0][1]
+        for i, (_, other) in enumerate(decoded):
+            if other != shape:
+                raise InvalidArgument(
+                    f"images[{i}] is {other[0]}x{other[1]}x{other[2]}; images[0] is "
+                    f"{shape[0]}x{shape[1]}x{shape[2]}: one batch holds images of one size"
+                )
+        images = np.stack([image for image, _ in decoded])
         p = await self._inference.classify(
             images,
+            shape,
             request.model_name,
             request.model_version,
             read_cache=not fresh_requested(context),
@@ -118,13 +131,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         async def one(request: pb.PredictStreamRequest) -> pb.PredictStreamResponse:
             started = time.perf_counter()
             try:
-                image = image_array(
-                    request.image.pixels, request.image.raw, "image.pixels", "image.raw"
-                )
+                image, shape = _image(request.image, "image")
             except InvalidArgument as exc:
                 raise InvalidArgument(f"request {request.request_id!r}: {exc}") from exc
             p = await self._inference.classify(
-                image[np.newaxis], request.model_name, request.model_version, read_cache=read_cache
+                image[np.newaxis],
+                shape,
+                request.model_name,
+                request.model_version,
+                read_cache=read_cache,
             )
             metrics.PREDICTION_DURATION.labels("PredictStream").observe(
                 time.perf_counter() - started

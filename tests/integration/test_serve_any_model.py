@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import mlflow
 import mlflow.onnx
@@ -39,6 +40,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.model_contract import DRIFT_REFERENCE, drift_reference
 from services.launcher.mesh import Mesh
 from tests.conftest import metric_sample
@@ -395,3 +397,34 @@ def test_the_readme_walk_through_runs_as_written(mesh: Mesh, key: str) -> None:
     answered = re.search(r"^served: (\[.*\]) by version 1$", served, flags=re.M)
     assert in_process and answered, (logged, served)
     assert answered.group(1) == in_process.group(1)
+
+
+def test_predict_serves_any_image_classifier_in_its_own_layout(
+    mesh: Mesh, gateway_channel, key: str, resnet
+) -> None:
+    # The ResNet takes channels-first [-1, 3, 224, 224]; Predict's images are channels last.
+    served, session = resnet
+    pixels = np.random.default_rng(3).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    stub = inference_pb2_grpc.InferenceServiceStub(gateway_channel)
+    answer = stub.PredictBatch(
+        inference_pb2.PredictBatchRequest(
+            images=[inference_pb2.Image(raw=pixels.tobytes(), height=224, width=224, channels=3)],
+            model_name=served.name,
+        ),
+        metadata=[("x-api-key", key)],
+    )
+    chw = (pixels.astype(np.float32) / 255.0).transpose(2, 0, 1)[np.newaxis]
+    own = session.run(None, {"image": np.ascontiguousarray(chw)})[0][0]
+    (prediction,) = answer.predictions
+    assert prediction.prediction == int(own.argmax())
+    np.testing.assert_allclose(prediction.probabilities, own, rtol=1e-4, atol=1e-4)
+    assert prediction.class_name == ""  # the model names no classes
+    # An image of another size is refused, naming what the model takes.
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Predict(
+            inference_pb2.PredictRequest(image_raw=bytes(784), model_name=served.name),
+            metadata=[("x-api-key", key)],
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the image is 28x28 grey" in refused.value.details()
+    assert "takes 224x224 RGB images" in refused.value.details()

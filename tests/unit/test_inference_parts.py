@@ -14,7 +14,7 @@ from services.common.model_contract import FeatureReference
 from services.inference.batching import Batcher
 from services.inference.cache import cache_keys, decode_outputs, encode_outputs
 from services.inference.drift import DriftMonitor, psi
-from services.inference.inputs import check_batch_size, image_array
+from services.inference.inputs import DEFAULT_SHAPE, check_batch_size, image_array, image_shape
 from services.inference.repository import parse_version
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -22,8 +22,9 @@ from services.inference.repository import parse_version
 
 def test_pixels_and_raw_bytes_give_the_same_array() -> None:
     raw = bytes(range(256)) * 3 + bytes(16)
-    from_raw = image_array([], raw, "image", "image_raw")
-    from_floats = image_array((np.frombuffer(raw, np.uint8) / 255).tolist(), b"", "image", "raw")
+    from_raw = image_array([], raw, DEFAULT_SHAPE, "image", "image_raw")
+    floats = (np.frombuffer(raw, np.uint8) / 255).tolist()
+    from_floats = image_array(floats, b"", DEFAULT_SHAPE, "image", "raw")
     assert from_raw.dtype == np.float32 and from_raw.shape == (784,)
     np.testing.assert_array_equal(from_raw, from_floats)
 
@@ -76,7 +77,19 @@ def _bytes(items: list[bytes]) -> np.ndarray:
 )
 def test_bad_images_are_named(pixels: list[float], raw: bytes, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
-        image_array(pixels, raw, "image", "image_raw")
+        image_array(pixels, raw, DEFAULT_SHAPE, "image", "image_raw")
+
+
+def test_images_of_any_size_and_their_shapes_are_checked() -> None:
+    assert image_shape(0, 0, 0, "image") == (28, 28, 1)
+    rgb = image_array([0.5] * 12, b"", image_shape(2, 2, 3, "image"), "image", "raw")
+    assert rgb.shape == (12,)
+    with pytest.raises(InvalidArgument, match="image has 11 values; a 2x2 RGB image needs 12"):
+        image_array([0.5] * 11, b"", (2, 2, 3), "image", "raw")
+    with pytest.raises(InvalidArgument, match="channels must be 1 \\(grey\\) or 3"):
+        image_shape(2, 2, 4, "image")
+    with pytest.raises(InvalidArgument, match="height and width must be 1-4096"):
+        image_shape(0, 2, 1, "image")
 
 
 def test_batch_sizes_are_checked() -> None:

@@ -8,52 +8,68 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Image(_message.Message):
-    __slots__ = ("pixels", "raw")
+    __slots__ = ("pixels", "raw", "height", "width", "channels")
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
     pixels: _containers.RepeatedScalarFieldContainer[float]
     raw: bytes
-    def __init__(self, pixels: _Optional[_Iterable[float]] = ..., raw: _Optional[bytes] = ...) -> None: ...
+    height: int
+    width: int
+    channels: int
+    def __init__(self, pixels: _Optional[_Iterable[float]] = ..., raw: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("prediction", "confidence", "probabilities", "cached")
+    __slots__ = ("prediction", "confidence", "probabilities", "cached", "class_name")
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     prediction: int
     confidence: float
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     cached: bool
-    def __init__(self, prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., cached: _Optional[bool] = ...) -> None: ...
+    class_name: str
+    def __init__(self, prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., cached: _Optional[bool] = ..., class_name: _Optional[str] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("image", "image_raw", "model_name", "model_version")
+    __slots__ = ("image", "image_raw", "model_name", "model_version", "height", "width", "channels")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_RAW_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
     image: _containers.RepeatedScalarFieldContainer[float]
     image_raw: bytes
     model_name: str
     model_version: str
-    def __init__(self, image: _Optional[_Iterable[float]] = ..., image_raw: _Optional[bytes] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    height: int
+    width: int
+    channels: int
+    def __init__(self, image: _Optional[_Iterable[float]] = ..., image_raw: _Optional[bytes] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("prediction", "confidence", "probabilities", "model_name", "model_version", "cached")
+    __slots__ = ("prediction", "confidence", "probabilities", "model_name", "model_version", "cached", "class_name")
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     prediction: int
     confidence: float
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     model_name: str
     model_version: int
     cached: bool
-    def __init__(self, prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
+    class_name: str
+    def __init__(self, prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., cached: _Optional[bool] = ..., class_name: _Optional[str] = ...) -> None: ...
 
 class PredictBatchRequest(_message.Message):
     __slots__ = ("images", "model_name", "model_version")

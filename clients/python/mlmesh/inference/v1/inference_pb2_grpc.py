@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class InferenceServiceStub:
-    """InferenceService classifies 28x28 grayscale images with a registered model.
+    """InferenceService classifies images with a registered image classifier (mlmesh's own API;
+    every other model is served through the Open Inference Protocol).
     """
 
     def __init__(self, channel):
@@ -58,7 +59,8 @@ class InferenceServiceStub:
 
 
 class InferenceServiceServicer:
-    """InferenceService classifies 28x28 grayscale images with a registered model.
+    """InferenceService classifies images with a registered image classifier (mlmesh's own API;
+    every other model is served through the Open Inference Protocol).
     """
 
     def Predict(self, request, context):
@@ -123,7 +125,8 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
-    """InferenceService classifies 28x28 grayscale images with a registered model.
+    """InferenceService classifies images with a registered image classifier (mlmesh's own API;
+    every other model is served through the Open Inference Protocol).
     """
 
     @staticmethod
