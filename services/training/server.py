@@ -28,11 +28,14 @@ DATASETS_SERVICE_NAME = datasets_pb2.DESCRIPTOR.services_by_name["DatasetService
 
 def datasets_of(settings: Settings, backends: Backends, training: Training) -> Datasets:
     """The Datasets domain this process serves: uploads decode images in processes of their
-    own (spawned on first use), one per core."""
+    own, one per core, started now so that the first upload does not wait for them."""
+    decode = ProcessPoolExecutor(cpu_count(), mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(cpu_count()):
+        decode.submit(int)
     return Datasets(
         DatasetStore(backends.pool),
         ArtifactStore(settings.mlflow_tracking_uri),
-        ProcessPoolExecutor(cpu_count(), mp_context=multiprocessing.get_context("spawn")),
+        decode,
         max_bytes=settings.dataset_max_bytes,
         max_classes=settings.dataset_max_classes,
         cache_dir=Path(settings.dataset_cache_dir).expanduser(),
