@@ -1,7 +1,8 @@
 """`python -m services.training` starts the Training service (the worker is `.worker`)."""
 
-from services.training.server import main
-
-# Guarded: the dataset decoding pool spawns processes that import this module again.
+# Guarded, and the import inside: the dataset decoding pool spawns processes that import this
+# module again, and they need none of the server.
 if __name__ == "__main__":
+    from services.training.server import main
+
     main()
