@@ -51,17 +51,25 @@ def log_classifier(
     example = np.zeros((1, 784), np.float32)
     with torch.no_grad():
         signature = infer_signature(example, module(torch.from_numpy(example)).numpy())
-    with tracking(uri), mlflow.start_run(run_id=run_id):
+    with tracking(uri) as client:
+        # The run named by id, not the fluent API's active run or experiment (another test
+        # may have left one active).
+        new = run_id is None
+        if new:
+            run_id = client.create_run("0").info.run_id
         for key, value in (metrics or {}).items():
-            mlflow.log_metric(key, value)
+            client.log_metric(run_id, key, value)
         info = mlflow.pytorch.log_model(
             module,
             name="model",
+            run_id=run_id,
             signature=signature,
             serialization_format="pickle",
             pip_requirements=["torch"],
             registered_model_name=name,
         )
+        if new:
+            client.set_terminated(run_id)
     return int(info.registered_model_version)
 
 
