@@ -136,6 +136,25 @@ MIGRATIONS: list[tuple[int, str]] = [
     (
         5,
         """
+        -- A job's parameters as one JSON object, as services/training/params.py defines
+        -- them: a new parameter needs no new column (records without it get its default).
+        ALTER TABLE training_jobs ADD COLUMN params JSONB;
+        UPDATE training_jobs SET params = jsonb_build_object(
+            'dataset', dataset, 'architecture', architecture, 'epochs', epochs,
+            'learning_rate', learning_rate, 'batch_size', batch_size, 'optimizer', optimizer,
+            'seed', seed, 'train_subset', train_subset, 'experiment_name', experiment_name,
+            'model_name', model_name);
+        ALTER TABLE training_jobs
+            ALTER COLUMN params SET NOT NULL,
+            DROP COLUMN dataset, DROP COLUMN architecture, DROP COLUMN epochs,
+            DROP COLUMN learning_rate, DROP COLUMN batch_size, DROP COLUMN optimizer,
+            DROP COLUMN seed, DROP COLUMN train_subset, DROP COLUMN experiment_name,
+            DROP COLUMN model_name;
+        """,
+    ),
+    (
+        6,
+        """
         -- Uploaded dataset versions (services/datasets); their data lives in MLflow.
         CREATE TABLE datasets (
             name              TEXT NOT NULL,

@@ -20,7 +20,8 @@ from services.training.jobs import JobStore
 from services.training.ml.search import storage_url
 from services.training.service import Training
 from services.training.servicer import TrainingServicer
-from services.training.sweeps import Sweeps, SweepStore
+from services.training.sweeps.orchestrator import Sweeps
+from services.training.sweeps.store import SweepStore
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 DATASETS_SERVICE_NAME = datasets_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name

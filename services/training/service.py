@@ -11,27 +11,15 @@ from redis.exceptions import RedisError
 
 from services.common.errors import InvalidArgument, NotFound, check_page_size
 from services.common.pagination import Page
-from services.training import eventlog
-from services.training.jobs import (
-    CANCELLED,
-    FAILED,
-    PRUNED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    Job,
-    JobEvent,
-    JobParams,
-    JobStore,
-    events_channel,
-)
+from services.training.eventlog import EventRecord
+from services.training.events import JobEvent
+from services.training.jobs import STATES, Job, JobStore
 from services.training.metrics import JOBS_SUBMITTED
-from services.training.validation import Submission, validate
+from services.training.params import Submission
 
 log = logging.getLogger(__name__)
 
 RUN_JOB = "run_training_job"  # the worker's ARQ function
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PRUNED)
 
 
 def arq_job_id(job_id: str) -> str:
@@ -55,13 +43,9 @@ class Training:
     def queue(self) -> ArqRedis:
         return self._queue
 
-    def validate(self, submission: Submission) -> JobParams:
-        """A submission's job parameters, defaults resolved; InvalidArgument names a bad field."""
-        return validate(submission)
-
     async def submit(self, submission: Submission, client: str) -> Job:
         """Validate, record and enqueue a job; a repeated idempotency key returns the first."""
-        params = self.validate(submission)
+        params = submission.validate()
         job, created = await self._store.create(params, client, submission.idempotency_key)
         if created:
             JOBS_SUBMITTED.labels(client).inc()
@@ -102,17 +86,11 @@ class Training:
         assert job is not None  # it existed a moment ago and jobs are never deleted
         return job
 
-    async def watch(self, job_id: str, poll_s: float = 1.0) -> AsyncIterator[JobEvent]:
+    async def watch(self, job_id: str, poll_s: float = 1.0) -> AsyncIterator[EventRecord[JobEvent]]:
         """The job's events from the first, then live ones, until a terminal event."""
         await self.get(job_id)
-
-        async def after(sequence: int) -> list[JobEvent]:
-            return await self._store.events_after(job_id, sequence)
-
-        async for event in eventlog.follow(
-            self._queue, events_channel(job_id), after, JobEvent.from_json, poll_s
-        ):
-            yield event
+        async for record in self._store.follow(job_id, poll_s):
+            yield record
 
     async def reconcile_forever(self, interval_s: float) -> None:
         """Re-queue unfinished jobs, so jobs Redis lost (restart, outage) still run."""

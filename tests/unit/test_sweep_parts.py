@@ -12,11 +12,15 @@ from mlmesh_client.cli import SweepTable, UsageError, parse_space
 from services.common.errors import InvalidArgument
 from services.training.ml import search
 from services.training.ml.search import Choice, FloatRange, IntRange, PrunerSpec
-from services.training.sweep_spec import SweepSpec, SweepSubmission, validate_sweep
+from services.training.params import PARAM_NAMES, Submission
+from services.training.sweeps.spec import SweepSpec, SweepSubmission, validate_sweep
 
 
 def sub(**fields) -> SweepSubmission:
-    return SweepSubmission(**{"space": {"learning_rate": FloatRange(1e-4, 1e-2, True)}, **fields})
+    """A sweep of learning_rate; ``fields`` are the sweep's own or fixed parameters."""
+    fixed = {k: fields.pop(k) for k in list(fields) if k in PARAM_NAMES}
+    space = fields.pop("space", {"learning_rate": FloatRange(1e-4, 1e-2, True)})
+    return SweepSubmission(space, Submission(fixed), **fields)
 
 
 def test_defaults_and_round_trip() -> None:

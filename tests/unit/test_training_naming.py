@@ -6,7 +6,7 @@ import pytest
 
 from services.training.ml.catalog import DATASETS
 from services.training.ml.tracking import run_name, sweep_run_name
-from services.training.validation import Submission, default_model_name, validate
+from services.training.params import Submission, default_model_name
 
 
 @pytest.mark.parametrize(
@@ -27,11 +27,12 @@ def test_every_dataset_has_a_model_of_its_own() -> None:
 
 
 def test_a_job_registers_under_its_datasets_model_unless_named() -> None:
-    assert validate(Submission()).model_name == "mnist-classifier"
-    assert validate(Submission(dataset="Fashion_MNIST")).model_name == "fashion-mnist-classifier"
-    named = validate(Submission(dataset="fashion_mnist", model_name="my-model"))
+    assert Submission().validate().model_name == "mnist-classifier"
+    fashion = Submission({"dataset": "Fashion_MNIST"}).validate()
+    assert fashion.model_name == "fashion-mnist-classifier"
+    named = Submission({"dataset": "fashion_mnist", "model_name": "my-model"}).validate()
     assert named.model_name == "my-model"
-    assert validate(Submission()).seed == 42  # a job's default seed stays fixed: repeatable
+    assert Submission().validate().seed == 42  # a job's default seed stays fixed: repeatable
 
 
 def test_runs_are_named_by_what_they_train() -> None:
