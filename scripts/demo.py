@@ -18,7 +18,7 @@ import httpx
 
 from mlmesh.training.v1 import training_pb2
 from mlmesh_client import Client
-from mlmesh_client.cli import Progress, dataset_image
+from mlmesh_client.cli import Progress
 from services.common.server import configure_logging
 from services.common.settings import Settings
 from services.launcher.mesh import Mesh
@@ -137,8 +137,10 @@ def main() -> int:
                     f"v{e.version} {e.from_stage} -> {e.to_stage}"
                 )
 
-        pixels, label = dataset_image("mnist", TEST_IMAGE)
-        body = {"image": pixels.tolist(), "model_name": MODEL}
+        with Client(grpc_target, api_key=key) as sdk:
+            sample = sdk.dataset_sample("mnist", TEST_IMAGE)
+        pixels, label = sample.pixels, sample.label
+        body = {"image": list(pixels), "model_name": MODEL}
         body_file = mesh.settings.state_dir / "demo-predict.json"
         body_file.write_text(json.dumps(body))
         step(
@@ -156,11 +158,12 @@ def main() -> int:
         shown = {**by_rest, "probabilities": [round(p, 3) for p in by_rest["probabilities"]]}
         print(f"  HTTP 200: {json.dumps(shown)}")
 
-        pixels, label = dataset_image("mnist", TEST_IMAGE + 1)
         with Client(grpc_target, api_key=key) as sdk:
+            sample = sdk.dataset_sample("mnist", TEST_IMAGE + 1)
+            pixels, label = sample.pixels, sample.label
             step(f"gRPC (Python SDK): test image {TEST_IMAGE + 1} (a {label}), then once more")
-            by_grpc = sdk.predict(pixels, model_name=MODEL)
-            repeat = sdk.predict(pixels, model_name=MODEL)
+            by_grpc = sdk.predict(list(pixels), model_name=MODEL)
+            repeat = sdk.predict(list(pixels), model_name=MODEL)
         for what, a in (("first ", by_grpc), ("repeat", repeat)):
             print(
                 f"  {what}: class {a.prediction} (confidence {a.confidence:.4f}) from "

@@ -37,7 +37,8 @@ InUse = Callable[[str], Awaitable[list[str]]]
 
 
 def check_name(name: str, field: str = "name") -> str:
-    name = name.strip()
+    """A dataset's name, checked; names are compared in lower case (``Digits`` is ``digits``)."""
+    name = name.strip().lower()
     if not _NAME.match(name):
         raise InvalidArgument(
             f"{field} must be 1-100 letters, digits, '_' or '-' (starting with a letter or "

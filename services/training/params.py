@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidArgument
-from services.training.ml.catalog import ARCHITECTURES, DATASETS, OPTIMIZERS
+from services.training.ml.catalog import ARCHITECTURES, OPTIMIZERS
 
 MODEL_NAME_SUFFIX = "-classifier"
 # Experiment and registered-model names: what MLflow and the gateway's paths take well.
@@ -42,11 +42,21 @@ class InvalidParameter(InvalidArgument, ValueError):
     """
 
 
+# A dataset as a job names it: its name (the latest version) or name@version.
+DATASET_REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}(@[1-9][0-9]{0,8})?$")
+DATASET_RULE = "a dataset name (letters, digits, '_' and '-') or name@version"
+
+
+def dataset_name(dataset: str) -> str:
+    """The name part of a dataset reference (``digits@2`` -> ``digits``)."""
+    return dataset.partition("@")[0]
+
+
 def default_model_name(dataset: str) -> str:
     """The registered model a job or sweep on ``dataset`` adds its version to when it names
     none: one model per dataset (``fashion_mnist`` -> ``fashion-mnist-classifier``), so that
     no model name holds versions trained on different data."""
-    return dataset.replace("_", "-") + MODEL_NAME_SUFFIX
+    return dataset_name(dataset).replace("_", "-") + MODEL_NAME_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class Param:
     choices: tuple[str, ...] = ()  # the only values a string takes (compared in lower case)
     pattern: re.Pattern[str] | None = None  # what a free-form string must match
     pattern_rule: str = ""  # the pattern, in words for error messages
+    fold_case: bool = False  # a name compared in lower case, like a choice
     searchable: bool = False  # a sweep may search it
     hyperparameter: bool = True  # what a model is trained with (logged on its MLflow run)
 
@@ -78,7 +89,7 @@ class Param:
         if self.kind is str:
             if not isinstance(value, str):
                 raise InvalidParameter(f"{self.name} must be a string, got {value!r}")
-            return value.strip().lower() if self.choices else value.strip()
+            return value.strip().lower() if self.choices or self.fold_case else value.strip()
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidParameter(f"{self.name} must be a number, got {value!r}")
         if self.kind is int:
@@ -127,14 +138,25 @@ class JobParams:
     ``from_record``. The order of the fields is the order they are resolved and checked in.
     """
 
-    dataset: str = param("the dataset trained on", default="mnist", choices=DATASETS)
-    architecture: str = param("the network", default="cnn", choices=ARCHITECTURES, searchable=True)
+    dataset: str = param(
+        "the dataset trained on: a name (its latest version) or name@version",
+        default="mnist",
+        pattern=DATASET_REFERENCE,
+        pattern_rule=DATASET_RULE,
+        fold_case=True,
+    )
+    architecture: str = param(
+        "the model: a network, or gbm (gradient boosting, tables); default cnn, gbm for a table",
+        default="cnn",
+        choices=ARCHITECTURES,
+        searchable=True,
+    )
     epochs: int = param(
         "passes over the training split", default=3, low=1, high=100, searchable=True
     )
     learning_rate: float = param(
-        "the first epoch's step size (it decays x0.7 per epoch)",
-        default=1e-3,
+        "the first epoch's step size (it decays x0.7 per epoch); gbm's shrinkage",
+        default_from=lambda resolved: 0.1 if resolved["architecture"] == "gbm" else 1e-3,
         low=0,
         high=10,
         above_low=True,
@@ -148,9 +170,13 @@ class JobParams:
     train_subset: int = param(
         "train on the first N training images; 0 means all", default=0, low=0, high=10_000_000
     )
+    augment: bool = param(
+        "random flips and shifts of the training images, each epoch (images only)",
+        default=False,
+    )
     experiment_name: str = param(
-        "the MLflow experiment the run is logged to",
-        default="mnist",
+        "the MLflow experiment the run is logged to; default the dataset's name",
+        default_from=lambda resolved: dataset_name(resolved["dataset"]),
         pattern=NAME,
         pattern_rule=NAME_RULE,
         hyperparameter=False,

@@ -27,7 +27,7 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 DATASETS_SERVICE_NAME = datasets_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
 
 
-def datasets_of(settings: Settings, backends: Backends, training: Training) -> Datasets:
+def datasets_of(settings: Settings, backends: Backends, jobs: JobStore) -> Datasets:
     """The Datasets domain this process serves: uploads decode images in processes of their
     own, one per core, started now so that the first upload does not wait for them."""
     decode = ProcessPoolExecutor(cpu_count(), mp_context=multiprocessing.get_context("spawn"))
@@ -41,13 +41,15 @@ def datasets_of(settings: Settings, backends: Backends, training: Training) -> D
         max_classes=settings.dataset_max_classes,
         cache_dir=Path(settings.dataset_cache_dir).expanduser(),
         data_dir=settings.data_dir,
-        in_use=training.store.using_dataset,
+        in_use=jobs.using_dataset,
     )
 
 
 def build(backends: Backends) -> ServiceParts:
     s = backends.settings
-    training = Training(JobStore(backends.pool, backends.redis), backends.redis, s.training_queue)
+    jobs = JobStore(backends.pool, backends.redis)
+    datasets = datasets_of(s, backends, jobs)
+    training = Training(jobs, backends.redis, s.training_queue, datasets)
     sweeps = Sweeps(
         SweepStore(backends.pool, backends.redis),
         training,
@@ -62,7 +64,7 @@ def build(backends: Backends) -> ServiceParts:
                 SERVICE_NAME,
             ),
             Registration(
-                DatasetServicer(datasets_of(s, backends, training)),
+                DatasetServicer(datasets),
                 datasets_pb2_grpc.add_DatasetServiceServicer_to_server,
                 DATASETS_SERVICE_NAME,
             ),

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from services.common.errors import InvalidArgument, NotFound, check_page_size
+from services.common.errors import InvalidArgument, MeshError, NotFound, check_page_size
 from services.common.pagination import Page
+from services.datasets.service import Datasets
 from services.training.eventlog import EventRecord
 from services.training.events import JobEvent
 from services.training.jobs import STATES, Job, JobStore
 from services.training.metrics import JOBS_SUBMITTED
-from services.training.params import Submission
+from services.training.ml.catalog import fits
+from services.training.params import BY_NAME, JobParams, Submission
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +32,20 @@ def arq_job_id(job_id: str) -> str:
 
 
 class Training:
-    """What the Training service does, over the job store and the ARQ queue."""
+    """What the Training service does, over the job store, the ARQ queue and the datasets
+    (the service checks submissions against them; a worker, which only runs jobs, has none)."""
 
-    def __init__(self, store: JobStore, queue: ArqRedis, queue_name: str) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        queue: ArqRedis,
+        queue_name: str,
+        datasets: Datasets | None = None,
+    ) -> None:
         self._store = store
         self._queue = queue
         self._queue_name = queue_name
+        self._datasets = datasets
 
     @property
     def store(self) -> JobStore:
@@ -45,12 +57,55 @@ class Training:
 
     async def submit(self, submission: Submission, client: str) -> Job:
         """Validate, record and enqueue a job; a repeated idempotency key returns the first."""
-        params = submission.validate()
+        defaults = await self.defaults_for(submission.params)
+        params = await self.pin_dataset(submission.validate(defaults))
         job, created = await self._store.create(params, client, submission.idempotency_key)
         if created:
             JOBS_SUBMITTED.labels(client).inc()
             await self.enqueue(job.job_id)
         return job
+
+    async def defaults_for(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The defaults that depend on the dataset ``values`` name: a table's architecture is
+        gbm (an image dataset's stays the definition's, cnn). None when the dataset cannot be
+        found: ``pin_dataset`` then says why."""
+        reference = values.get("dataset")
+        if not isinstance(reference, str) or not reference.strip():
+            reference = BY_NAME["dataset"].default
+        if self._datasets is None:
+            return {}
+        try:
+            found = await self._datasets.resolve(reference.strip().lower())
+        except MeshError:
+            return {}
+        return {"architecture": "gbm"} if found.kind == "table" else {}
+
+    async def pin_dataset(self, params: JobParams, architectures: Iterable[str] = ()) -> JobParams:
+        """``params`` checked against the dataset they name, that dataset pinned to its version
+        (``digits`` -> ``digits@3``), so a job trains on what it was submitted with whatever is
+        uploaded meanwhile. InvalidArgument says why the architecture (or those a sweep may
+        try) cannot take the data, or what else does not fit it."""
+        if self._datasets is None:
+            raise RuntimeError("this Training has no datasets to check submissions against")
+        try:
+            found = await self._datasets.resolve(params.dataset)
+        except MeshError as exc:
+            raise InvalidArgument(f"dataset: {exc}") from exc
+        for architecture in dict.fromkeys([params.architecture, *architectures]):
+            reason = fits(architecture, found.kind, tuple(found.input_shape))
+            if reason:
+                raise InvalidArgument(f"architecture: {reason}")
+        if params.augment and found.kind != "images":
+            raise InvalidArgument(
+                f"augment: {found.reference} is a table; augmenting is for images"
+            )
+        if params.train_subset > found.split_sizes[0]:
+            raise InvalidArgument(
+                f"train_subset must be at most the {found.split_sizes[0]} training samples of "
+                f"{found.reference}, got {params.train_subset}"
+            )
+        pinned = found.name if found.builtin else found.reference
+        return dataclasses.replace(params, dataset=pinned)
 
     async def enqueue(self, job_id: str) -> bool:
         """Put a job on the queue (a no-op when ARQ has it); False when Redis is unreachable.

@@ -34,6 +34,7 @@ from services.common import db
 from services.common.ops import OpsServer, mlflow_check, postgres_check, redis_check
 from services.common.server import configure_logging, configure_mlflow_client
 from services.common.settings import Settings
+from services.datasets.store import DatasetStore
 from services.training import child
 from services.training.events import (
     BatchProgress,
@@ -45,6 +46,7 @@ from services.training.events import (
     JobSucceeded,
 )
 from services.training.jobs import TERMINAL_STATES, Job, JobStore
+from services.training.ml.data import DataSource
 from services.training.ml.search import storage_url
 from services.training.ml.train import TrainResult, TrainSpec
 from services.training.service import RUN_JOB, Training
@@ -127,6 +129,8 @@ async def _attempt(ctx: dict[str, Any], job_id: str) -> str:
             client=job.submitted_by,
             attempt=job.attempts,
             trial=trial,
+            data=await _data_source(ctx["datasets"], job.params.dataset),
+            cache_dir=str(settings.dataset_cache_dir),
         )
         result = await _train_in_process(settings, store, spec, stop, ctx["running"], relay)
         await store.record(
@@ -285,11 +289,23 @@ async def _watch_queue_depth(ctx: dict[str, Any]) -> None:
         await asyncio.sleep(5)
 
 
+async def _data_source(datasets: DatasetStore, reference: str) -> DataSource:
+    """Where the training process finds a job's dataset version (pinned at submission)."""
+    name, _, version = reference.partition("@")
+    if not version:  # a built-in dataset
+        return DataSource(reference)
+    found = await datasets.get(name, int(version))
+    if found is None:
+        raise _Outcome(child.Ended(child.FAILED, f"dataset {reference} does not exist (deleted?)"))
+    return DataSource(reference, found.digest, found.mlflow_run_id)
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["pool"] = await db.connect_pool(settings.database_url)
     # A job training across a PostgreSQL restart waits to record its progress and its end.
     ctx["store"] = JobStore(ctx["pool"], ctx["redis"], patience_s=WAIT_FOR_POSTGRES_S)
+    ctx["datasets"] = DatasetStore(ctx["pool"])
     training = Training(ctx["store"], ctx["redis"], settings.training_queue)
     ctx["sweeps"] = Sweeps(
         SweepStore(ctx["pool"], ctx["redis"]),

@@ -395,17 +395,25 @@ def spare_worker(mesh: Mesh, tmp_path: Path) -> Iterator[subprocess.Popen]:
 
 
 def test_sigkill_of_the_worker_loses_no_job(mesh: Mesh, training, auth, spare_worker) -> None:
-    job = training.SubmitTrainingJob(
-        pb.SubmitTrainingJobRequest(train_subset=8000, epochs=2, experiment_name="it-training"),
-        metadata=auth,
-    ).job
-    running = wait_for(job.job_id, training, auth, {pb.JOB_STATE_RUNNING})
-    while not running.mlflow_run_id:  # wait until it is really training
-        time.sleep(0.2)
+    # The spare takes the job (the mesh's worker is paused meanwhile) and is killed; the mesh's
+    # worker, resumed, takes the job over. Killing the mesh's own worker instead would leave
+    # the tests after this one without a worker once the spare is stopped.
+    mesh_worker = mesh.pids()["worker"]
+    os.kill(mesh_worker, signal.SIGSTOP)
+    try:
+        job = training.SubmitTrainingJob(
+            pb.SubmitTrainingJobRequest(train_subset=8000, epochs=2, experiment_name="it-training"),
+            metadata=auth,
+        ).job
         running = wait_for(job.job_id, training, auth, {pb.JOB_STATE_RUNNING})
-    pid = int(running.worker.rsplit(":", 1)[1])
-    assert pid in (mesh.pids()["worker"], spare_worker.pid)
-    os.kill(pid, signal.SIGKILL)
+        while not running.mlflow_run_id:  # wait until it is really training
+            time.sleep(0.2)
+            running = wait_for(job.job_id, training, auth, {pb.JOB_STATE_RUNNING})
+        pid = int(running.worker.rsplit(":", 1)[1])
+        assert pid == spare_worker.pid
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        os.kill(mesh_worker, signal.SIGCONT)
     finished = wait_for(job.job_id, training, auth, TERMINAL, timeout_s=300)
     assert finished.state == pb.JOB_STATE_SUCCEEDED, finished.error
     assert finished.attempts == 2

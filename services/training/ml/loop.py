@@ -87,13 +87,25 @@ def make_optimizer(name: str, model: nn.Module, learning_rate: float) -> torch.o
 @dataclass(frozen=True)
 class Setup:
     """A seeded, freshly initialized model on its device, its optimizer and LR schedule
-    (``scheduler.step()`` once after every epoch)."""
+    (``scheduler.step()`` once after every epoch), and the input statistics it standardizes
+    with (numbers for images, one per feature for tables)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    pixel_mean: float
-    pixel_std: float
+    mean: float | list[float]
+    std: float | list[float]
+
+
+def input_statistics(train: Split, kind: str) -> tuple[float | list[float], float | list[float]]:
+    """The training rows' mean and standard deviation: over every pixel for images, per
+    column for a table (a constant column gets 1, so it passes through unscaled)."""
+    if kind == "images":
+        return float(train.images.mean()), float(train.images.std())
+    mean = train.images.mean(dim=0)
+    std = train.images.std(dim=0) if len(train) > 1 else torch.ones_like(mean)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return mean.tolist(), std.tolist()
 
 
 def set_up(
@@ -103,16 +115,41 @@ def set_up(
     seed: int,
     train: Split,
     device: torch.device,
+    *,
+    kind: str = "images",
+    shape: tuple[int, ...] = (28, 28, 1),
+    classes: int = 10,
 ) -> Setup:
-    """Seed everything, then build ``architecture`` (standardizing with ``train``'s pixel
-    statistics) on ``device`` and its optimizer: the same start for jobs and the benchmark."""
+    """Seed everything, then build ``architecture`` for ``kind`` data of ``shape`` and
+    ``classes`` classes (standardizing with ``train``'s statistics) on ``device``, with its
+    optimizer: the same start for jobs and the benchmark."""
     seed_everything(seed)
-    pixel_mean = float(train.images.mean())
-    pixel_std = float(train.images.std())
-    model = build_model(architecture, pixel_mean=pixel_mean, pixel_std=pixel_std).to(device)
+    mean, std = input_statistics(train, kind)
+    model = build_model(architecture, kind, shape, classes, mean=mean, std=std).to(device)  # type: ignore[arg-type]
     optim = make_optimizer(optimizer, model, learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optim, step_size=1, gamma=LR_DECAY_PER_EPOCH)
-    return Setup(model, optim, scheduler, pixel_mean, pixel_std)
+    return Setup(model, optim, scheduler, mean, std)
+
+
+def augmenter(
+    shape: tuple[int, int, int], generator: torch.Generator
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Random horizontal flips (half the images) and shifts of up to an eighth of the side
+    (padding with zeros), for a batch of flat image rows; seeded by ``generator``."""
+    height, width, channels = shape
+    shift = max(1, min(height, width) // 8)
+
+    def augment(rows: torch.Tensor) -> torch.Tensor:
+        n = len(rows)
+        images = rows.reshape(n, height, width, channels)
+        flip = torch.rand(n, generator=generator) < 0.5
+        images = torch.where(flip.to(rows.device)[:, None, None, None], images.flip(2), images)
+        padded = F.pad(images.permute(0, 3, 1, 2), (shift, shift, shift, shift))
+        dy, dx = (int(v) for v in torch.randint(0, 2 * shift + 1, (2,), generator=generator))
+        cropped = padded[:, :, dy : dy + height, dx : dx + width]
+        return cropped.permute(0, 2, 3, 1).reshape(n, -1)
+
+    return augment
 
 
 def train_epoch(
@@ -125,6 +162,7 @@ def train_epoch(
     should_stop: ShouldStop = _never,
     on_progress: Callable[[int, int, float], None] | None = None,
     throttle: Throttle | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """One pass over ``split`` in a seeded random order; the mean training loss.
 
@@ -145,7 +183,10 @@ def train_epoch(
             raise Cancelled("cancelled")
         index = order[batch * batch_size : (batch + 1) * batch_size]
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(split.images[index]), split.labels[index])
+        batch_rows = split.images[index]
+        if augment is not None:
+            batch_rows = augment(batch_rows)
+        loss = F.cross_entropy(model(batch_rows), split.labels[index])
         loss.backward()
         optimizer.step()
         loss_sum.add_(loss.detach(), alpha=len(index))

@@ -147,6 +147,12 @@ def _mobilenet_v3_small(shape: tuple[int, int, int], classes: int) -> nn.Module:
 
     height, width, channels = shape
     net = mobilenet_v3_small(weights=None, num_classes=classes)
+    # torchvision builds its batch norms with momentum 0.01, tuned for long ImageNet runs:
+    # after a few epochs from random weights their running statistics still describe the
+    # first batches, and evaluation (which uses them) answers at chance. Use torch's 0.1.
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.1
     first = net.features[0][0]
     stride = 1 if min(height, width) < 32 else 2
     if channels != 3 or stride != 2:

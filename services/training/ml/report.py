@@ -16,8 +16,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import classification_report, confusion_matrix
 
-from services.training.ml.catalog import NUM_CLASSES
-
 REFERENCE_BINS = 10
 
 TRAINING_CURVES = "training_curves.png"
@@ -51,20 +49,23 @@ def write_confusion_matrix(
     labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str], path: Path
 ) -> None:
     """The test split's confusion matrix, counts in every cell."""
-    matrix = confusion_matrix(labels, predictions, labels=list(range(NUM_CLASSES)))
-    fig = Figure(figsize=(7, 6), dpi=100)
+    classes = len(class_names)
+    matrix = confusion_matrix(labels, predictions, labels=list(range(classes)))
+    side = min(4 + 0.35 * classes, 24)
+    fig = Figure(figsize=(side + 1, side), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax)
-    ticks = list(range(NUM_CLASSES))
+    ticks = list(range(classes))
     ax.set_xticks(ticks, labels=class_names, rotation=45, ha="right")
     ax.set_yticks(ticks, labels=class_names)
     ax.set(title="Confusion matrix (test)", xlabel="predicted", ylabel="true")
     threshold = matrix.max() / 2 if matrix.size else 0
-    for (row, col), count in np.ndenumerate(matrix):
-        color = "white" if count > threshold else "black"
-        ax.text(col, row, str(count), ha="center", va="center", fontsize=7, color=color)
+    if classes <= 30:  # counts in the cells while they stay legible
+        for (row, col), count in np.ndenumerate(matrix):
+            color = "white" if count > threshold else "black"
+            ax.text(col, row, str(count), ha="center", va="center", fontsize=7, color=color)
     fig.tight_layout()
     fig.savefig(path, format="png")
 
@@ -74,7 +75,7 @@ def write_classification_report(
 ) -> None:
     """scikit-learn's classification report of the test split, as JSON and as text."""
     common = {
-        "labels": list(range(NUM_CLASSES)),
+        "labels": list(range(len(class_names))),
         "target_names": list(class_names),
         "zero_division": 0,
         "digits": 4,
@@ -84,26 +85,35 @@ def write_classification_report(
     (directory / REPORT_TEXT).write_text(classification_report(labels, predictions, **common))
 
 
-def input_reference(images: torch.Tensor, labels: torch.Tensor) -> dict[str, object]:
+def input_reference(
+    rows: torch.Tensor, labels: torch.Tensor, classes: int, kind: str
+) -> dict[str, object]:
     """Reference statistics of the training inputs, for drift detection at inference.
 
-    ``histogram`` is the share of all training pixels in each of ``bin_edges``' bins over
-    [0, 1]; ``pixel_mean``/``pixel_std`` are per pixel (784 each, row-major 28x28).
+    ``inputs`` is the served model's drift reference (services/common/model_contract.py): for
+    the one input (``input-0``), the share of all training values in each of its bins, over
+    [0, 1] for images' pixels, over the values' range for a table's features. The rest is for
+    people: means, deviations and the label distribution.
     """
     with torch.no_grad():
-        images = images.float()
-        counts = torch.histc(images, bins=REFERENCE_BINS, min=0.0, max=1.0).double()
-        per_pixel_mean = images.mean(dim=0)
-        per_pixel_std = images.std(dim=0) if len(images) > 1 else torch.zeros_like(per_pixel_mean)
-        label_counts = torch.bincount(labels, minlength=NUM_CLASSES).double()
+        rows = rows.float()
+        low, high = (0.0, 1.0) if kind == "images" else (float(rows.min()), float(rows.max()))
+        if high <= low:
+            high = low + 1.0
+        counts = torch.histc(rows, bins=REFERENCE_BINS, min=low, max=high).double()
+        per_feature_mean = rows.mean(dim=0)
+        per_feature_std = rows.std(dim=0) if len(rows) > 1 else torch.zeros_like(per_feature_mean)
+        label_counts = torch.bincount(labels, minlength=classes).double()
+        edges = np.linspace(low, high, REFERENCE_BINS + 1).round(6).tolist()
         return {
-            "n_images": len(images),
-            "bin_edges": np.linspace(0.0, 1.0, REFERENCE_BINS + 1).round(6).tolist(),
-            "histogram": (counts / counts.sum()).cpu().tolist(),
-            "mean": float(images.mean()),
-            "std": float(images.std()),
-            "pixel_mean": per_pixel_mean.cpu().round(decimals=6).tolist(),
-            "pixel_std": per_pixel_std.cpu().round(decimals=6).tolist(),
+            "inputs": {
+                "input-0": {"edges": edges, "shares": (counts / counts.sum()).cpu().tolist()}
+            },
+            "n_rows": len(rows),
+            "mean": float(rows.mean()),
+            "std": float(rows.std()),
+            "feature_mean": per_feature_mean.cpu().round(decimals=6).tolist(),
+            "feature_std": per_feature_std.cpu().round(decimals=6).tolist(),
             "label_distribution": (label_counts / label_counts.sum()).cpu().tolist(),
         }
 

@@ -15,7 +15,7 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,14 +23,14 @@ import mlflow
 import numpy as np
 import requests
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import Schema, TensorSpec
 
-from services.common.model_contract import ONNX_FILE
-from services.training.ml.catalog import IMAGE_PIXELS, NUM_CLASSES
+from services.common.model_contract import CLASS_NAMES_KEY, IMAGE_SHAPE_KEY, ONNX_FILE
+from services.datasets.store import dataset_input
 
 if TYPE_CHECKING:
     import torch
@@ -53,11 +53,25 @@ _CONNECTION_ERRORS = (
     TimeoutError,
 )
 
-# What a served model takes and gives: a batch of flattened 28x28 images, ten probabilities each.
-SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_PIXELS))]),
-    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
-)
+
+def signature(features: int, classes: int) -> ModelSignature:
+    """What a served network takes and gives: a batch of flat rows (an image's pixels, channels
+    last, or a table's features), one probability per class each."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, features))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]),
+    )
+
+
+def model_metadata(
+    class_names: Sequence[str], image_shape: Sequence[int] | None
+) -> dict[str, object]:
+    """What a served model says of itself (services/common/model_contract.py): its classes,
+    and an image classifier's image size (its input is a flat row)."""
+    metadata: dict[str, object] = {CLASS_NAMES_KEY: list(class_names)}
+    if image_shape is not None:
+        metadata[IMAGE_SHAPE_KEY] = [int(d) for d in image_shape]
+    return metadata
 
 
 def run_name(
@@ -145,19 +159,38 @@ class RunTracker:
         items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self.client.log_batch(self.run_id, metrics=items)
 
-    def log_dataset(self, name: str, digest: str, source: str, profile: str) -> None:
-        """Record the dataset as the run's training input (MLflow keeps 36 digest characters)."""
-        dataset = Dataset(
-            name=name, digest=digest[:32], source_type="local", source=source, profile=profile
+    def log_dataset(self, name: str, digest: str, summary: dict[str, object]) -> None:
+        """Record the dataset version as the run's training input: the same MLflow dataset
+        (name and digest) its upload recorded, so the UI shows which data a model came from."""
+        self.client.log_inputs(
+            self.run_id, datasets=[dataset_input(name, digest, summary, "training")]
         )
-        context = InputTag("mlflow.data.context", "training")
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[context])])
 
     def log_artifacts(self, directory: Path) -> None:
         """Upload every file of ``directory`` to the run's artifact root."""
         self.client.log_artifacts(self.run_id, str(directory))
 
-    def log_model(self, model: torch.nn.Module, input_example: np.ndarray) -> ModelInfo:
+    def _logged_model_id(self) -> str:
+        # The LoggedModel is created here, in the run's experiment: left to log_model, MLflow
+        # files it under the fluent API's active experiment, which is experiment 0 ("Default")
+        # in a process that never called set_experiment, and the run's page then lists no
+        # logged model.
+        run = self.client.get_run(self.run_id)
+        logged = self.client.create_logged_model(
+            run.info.experiment_id,
+            name=MODEL_NAME_IN_RUN,
+            source_run_id=self.run_id,
+            params=run.data.params,
+        )
+        return logged.model_id
+
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        input_example: np.ndarray,
+        model_signature: ModelSignature,
+        metadata: dict[str, object],
+    ) -> ModelInfo:
         """Log ``model`` (CPU, eval mode, outputs probabilities) in torch.export's pt2 format,
         with an ONNX export of it beside (model_contract.ONNX_PATH_IN_MODEL) for serving.
 
@@ -171,29 +204,46 @@ class RunTracker:
         with tempfile.TemporaryDirectory(prefix="mlmesh-onnx-") as tmp:
             onnx_path = Path(tmp) / ONNX_FILE
             export_onnx(model, input_example, onnx_path)
-            # The LoggedModel is created here, in the run's experiment: left to log_model, MLflow
-            # files it under the fluent API's active experiment, which is experiment 0
-            # ("Default") in a process that never called set_experiment, and the run's page
-            # then lists no logged model.
-            run = self.client.get_run(self.run_id)
-            logged = self.client.create_logged_model(
-                run.info.experiment_id,
-                name=MODEL_NAME_IN_RUN,
-                source_run_id=self.run_id,
-                params=run.data.params,
-            )
+            model_id = self._logged_model_id()
             with _global_tracking_uri(self.tracking_uri):
                 return mlflow.pytorch.log_model(
                     model,
                     name=MODEL_NAME_IN_RUN,
                     run_id=self.run_id,
-                    model_id=logged.model_id,
-                    signature=SIGNATURE,
+                    model_id=model_id,
+                    signature=model_signature,
                     input_example=input_example,
                     serialization_format="pt2",
                     pip_requirements=pip_requirements(),
                     extra_files=[str(onnx_path)],
+                    metadata=metadata,
                 )
+
+    def log_sklearn_model(
+        self, model: object, input_example: object, metadata: dict[str, object]
+    ) -> ModelInfo:
+        """Log a scikit-learn classifier in the sklearn flavor, served through pyfunc as its
+        class probabilities (``predict_proba``), with a column signature of its features."""
+        import mlflow.sklearn
+        import sklearn
+
+        proba = model.predict_proba(input_example)  # type: ignore[attr-defined]
+        model_id = self._logged_model_id()
+        with _global_tracking_uri(self.tracking_uri):
+            return mlflow.sklearn.log_model(
+                model,
+                name=MODEL_NAME_IN_RUN,
+                run_id=self.run_id,
+                model_id=model_id,
+                signature=mlflow.models.infer_signature(input_example, proba),
+                input_example=input_example,
+                pyfunc_predict_fn="predict_proba",
+                pip_requirements=[
+                    f"scikit-learn=={sklearn.__version__}",
+                    f"mlflow=={mlflow.__version__}",
+                ],
+                metadata=metadata,
+            )
 
     def register(self, model_uri: str, model_name: str, tags: dict[str, str]) -> int:
         """Register a logged model (``ModelInfo.model_uri``) as a new version of

@@ -9,7 +9,6 @@ code jobs run.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mlflow.models.model import ModelInfo
 
+from services.common.model_contract import drift_reference
 from services.training.events import BatchProgress, EpochCompleted, JobStarted
 from services.training.ml import report
-from services.training.ml.catalog import CLASS_NAMES
-from services.training.ml.data import Dataset, Split, load_dataset
+from services.training.ml.data import Dataset, DataSource, Split, load_dataset
 from services.training.ml.loop import (
     LR_DECAY_PER_EPOCH,
     SGD_MOMENTUM,
@@ -30,15 +30,23 @@ from services.training.ml.loop import (
     Setup,
     ShouldStop,
     Throttle,
+    augmenter,
     check_stop,
     evaluate,
     pick_device,
+    seed_everything,
     set_up,
     train_epoch,
 )
 from services.training.ml.models import Probabilities
 from services.training.ml.search import TrialReporter, TrialSpec
-from services.training.ml.tracking import RunTracker, is_transient, run_name
+from services.training.ml.tracking import (
+    RunTracker,
+    is_transient,
+    model_metadata,
+    run_name,
+    signature,
+)
 from services.training.params import JobParams
 
 __all__ = ["Cancelled", "Pruned", "TrainResult", "TrainSpec", "TransientError", "train"]
@@ -78,6 +86,10 @@ class TrainSpec:
     # A sweep's trial: a child run of the sweep's, the objective reported every epoch (and
     # pruning obeyed), the model logged but not registered (the sweep registers its best).
     trial: TrialSpec | None = None
+    # Where an uploaded dataset version is stored (a built-in one needs no more than its name)
+    # and where downloaded versions are kept on this machine.
+    data: DataSource | None = None
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,25 +141,45 @@ def train(spec: TrainSpec, emit: Emit, should_stop: ShouldStop) -> TrainResult:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """What a job trains with, ready before its MLflow run exists."""
+    """What a job trains with, ready before its MLflow run exists (``setup`` is None for
+    gbm, which is not a network)."""
 
     dataset: Dataset
     train: Split
     device: torch.device
-    setup: Setup
+    setup: Setup | None
 
 
 def _prepare(spec: TrainSpec) -> _Prepared:
     p = spec.params
-    dataset = load_dataset(p.dataset, spec.data_dir)
+    dataset = load_dataset(
+        p.dataset,
+        spec.data_dir,
+        source=spec.data,
+        cache_dir=spec.cache_dir or None,
+        tracking_uri=spec.tracking_uri,
+    )
     if p.train_subset > len(dataset.train):
         raise ValueError(
-            f"train_subset must be at most the {len(dataset.train)} training images of "
+            f"train_subset must be at most the {len(dataset.train)} training samples of "
             f"{p.dataset}, got {p.train_subset}"
         )
     train_split = dataset.train.head(p.train_subset) if p.train_subset else dataset.train
+    if p.architecture == GBM:
+        seed_everything(p.seed)
+        return _Prepared(dataset, train_split, torch.device("cpu"), None)
     device = pick_device()
-    setup = set_up(p.architecture, p.optimizer, p.learning_rate, p.seed, train_split, device)
+    setup = set_up(
+        p.architecture,
+        p.optimizer,
+        p.learning_rate,
+        p.seed,
+        train_split,
+        device,
+        kind=dataset.kind,
+        shape=dataset.shape,
+        classes=len(dataset.class_names),
+    )
     return _Prepared(dataset, train_split, device, setup)
 
 
@@ -201,78 +233,42 @@ def _run(
     should_stop: ShouldStop,
     reporter: TrialReporter | None,
 ) -> TrainResult:
-    dataset, model, p = job.dataset, job.setup.model, spec.params
+    dataset, p = job.dataset, spec.params
+    statistics: dict[str, object] = {}
+    if job.setup is not None and dataset.kind == "images":
+        mean, std = float(job.setup.mean), float(job.setup.std)  # type: ignore[arg-type]
+        statistics = {"pixel_mean": round(mean, 6), "pixel_std": round(std, 6)}
     tracker.log_params(
         {
             **p.hyperparameters(),
             "train_size": len(job.train),
             "val_size": len(dataset.val),
             "test_size": len(dataset.test),
+            "classes": len(dataset.class_names),
+            "input_shape": "x".join(str(d) for d in dataset.shape),
             "device": str(job.device),
             "dataset_digest": dataset.digest,
             "dataset_source": dataset.source,
-            "pixel_mean": round(job.setup.pixel_mean, 6),
-            "pixel_std": round(job.setup.pixel_std, 6),
-            "lr_decay_per_epoch": LR_DECAY_PER_EPOCH,
-            **({"momentum": SGD_MOMENTUM} if p.optimizer == "sgd" else {}),
+            **statistics,
+            **({"lr_decay_per_epoch": LR_DECAY_PER_EPOCH} if job.setup is not None else {}),
+            **({"momentum": SGD_MOMENTUM} if p.optimizer == "sgd" and job.setup else {}),
         }
     )
-    sizes = {"train": len(job.train), "val": len(dataset.val), "test": len(dataset.test)}
-    tracker.log_dataset(dataset.name, dataset.digest, dataset.source, profile=json.dumps(sizes))
-
-    train_on = job.train.to(job.device)
-    val_on = dataset.val.to(job.device)
-    generator = torch.Generator().manual_seed(p.seed)
-    throttle = Throttle(1.0 / BATCH_EVENTS_PER_S)
-    history: list[dict[str, float]] = []
-    for epoch in range(1, p.epochs + 1):
-
-        def progress(batch: int, total: int, loss: float, epoch: int = epoch) -> None:
-            emit(BatchProgress(epoch, batch, total, loss))
-
-        started = time.perf_counter()
-        train_loss = train_epoch(
-            model,
-            job.setup.optimizer,
-            train_on,
-            batch_size=p.batch_size,
-            generator=generator,
-            should_stop=should_stop,
-            on_progress=progress,
-            throttle=throttle,
+    summary = {
+        "dataset": dataset.reference,
+        "kind": dataset.kind,
+        "classes": list(dataset.class_names),
+        "train": len(job.train),
+        "val": len(dataset.val),
+        "test": len(dataset.test),
+    }
+    tracker.log_dataset(dataset.name, dataset.digest, summary)
+    if job.setup is None:
+        history, final, model_info = _run_gbm(spec, job, tracker, emit, should_stop, reporter)
+    else:
+        history, final, model_info = _run_network(
+            spec, job, job.setup, tracker, emit, should_stop, reporter
         )
-        trained = time.perf_counter()
-        job.setup.scheduler.step()
-        val_loss, val_accuracy, _ = evaluate(model, val_on)
-        metrics = {
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            # epoch_seconds includes validation; train_seconds is the training pass alone,
-            # the number to hold against a plain PyTorch loop's epoch.
-            "train_seconds": trained - started,
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        history.append(metrics)
-        tracker.log_metrics(metrics, step=epoch)
-        emit(EpochCompleted(epoch, p.epochs, metrics))
-        if reporter is not None and reporter.report(epoch, metrics, last=epoch == p.epochs):
-            raise Pruned(epoch, metrics[reporter.spec.objective_metric])
-
-    check_stop(should_stop)
-    test_loss, test_accuracy, predictions = evaluate(model, dataset.test.to(job.device))
-    final = {"test_accuracy": test_accuracy, "test_loss": test_loss}
-    tracker.log_metrics(final, step=p.epochs)
-
-    with tempfile.TemporaryDirectory(prefix="mlmesh-train-") as tmp:
-        directory = Path(tmp)
-        _write_artifacts(directory, dataset, job.train, history, predictions.cpu().numpy())
-        tracker.log_artifacts(directory)
-
-    check_stop(should_stop)
-    served = Probabilities(model).cpu().eval()
-    example = job.train.images[:INPUT_EXAMPLE_ROWS].cpu().numpy()
-    model_info = tracker.log_model(served, example)
     check_stop(should_stop)
     version = 0
     if spec.trial is None:
@@ -287,18 +283,178 @@ def _run(
     )
 
 
-def _write_artifacts(
-    directory: Path,
+def _run_network(
+    spec: TrainSpec,
+    job: _Prepared,
+    setup: Setup,
+    tracker: RunTracker,
+    emit: Emit,
+    should_stop: ShouldStop,
+    reporter: TrialReporter | None,
+) -> tuple[list[dict[str, float]], dict[str, float], ModelInfo]:
+    dataset, model, p = job.dataset, setup.model, spec.params
+    train_on = job.train.to(job.device)
+    val_on = dataset.val.to(job.device)
+    generator = torch.Generator().manual_seed(p.seed)
+    augment = augmenter(dataset.shape, generator) if p.augment else None  # type: ignore[arg-type]
+    throttle = Throttle(1.0 / BATCH_EVENTS_PER_S)
+    history: list[dict[str, float]] = []
+    for epoch in range(1, p.epochs + 1):
+
+        def progress(batch: int, total: int, loss: float, epoch: int = epoch) -> None:
+            emit(BatchProgress(epoch, batch, total, loss))
+
+        started = time.perf_counter()
+        train_loss = train_epoch(
+            model,
+            setup.optimizer,
+            train_on,
+            batch_size=p.batch_size,
+            generator=generator,
+            should_stop=should_stop,
+            on_progress=progress,
+            throttle=throttle,
+            augment=augment,
+        )
+        trained = time.perf_counter()
+        setup.scheduler.step()
+        val_loss, val_accuracy, _ = evaluate(model, val_on)
+        metrics = {
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            # epoch_seconds includes validation; train_seconds is the training pass alone,
+            # the number to hold against a plain PyTorch loop's epoch.
+            "train_seconds": trained - started,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        _epoch_done(tracker, emit, reporter, history, metrics, epoch, p.epochs)
+
+    check_stop(should_stop)
+    test_loss, test_accuracy, predicted = evaluate(model, dataset.test.to(job.device))
+    final = {"test_accuracy": test_accuracy, "test_loss": test_loss}
+    tracker.log_metrics(final, step=p.epochs)
+    predictions = predicted.cpu().numpy()
+    _log_artifacts(tracker, dataset, job.train, history, predictions)
+
+    check_stop(should_stop)
+    served = Probabilities(model).cpu().eval()
+    example = job.train.images[:INPUT_EXAMPLE_ROWS].cpu().numpy()
+    model_info = tracker.log_model(
+        served,
+        example,
+        signature(dataset.features, len(dataset.class_names)),
+        model_metadata(dataset.class_names, dataset.shape if dataset.kind == "images" else None),
+    )
+    return history, final, model_info
+
+
+# gbm: scikit-learn's gradient boosting; each epoch adds this many trees.
+GBM = "gbm"
+GBM_TREES_PER_EPOCH = 50
+
+
+def _run_gbm(
+    spec: TrainSpec,
+    job: _Prepared,
+    tracker: RunTracker,
+    emit: Emit,
+    should_stop: ShouldStop,
+    reporter: TrialReporter | None,
+) -> tuple[list[dict[str, float]], dict[str, float], ModelInfo]:
+    """Gradient boosting on a table: every epoch grows the ensemble (warm start) by
+    GBM_TREES_PER_EPOCH trees and reports validation figures, like a network's epoch."""
+    import pandas as pd
+    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.metrics import log_loss
+
+    dataset, p = job.dataset, spec.params
+    columns = list(dataset.columns) or [f"feature-{i}" for i in range(dataset.features)]
+
+    def frame(split: Split) -> pd.DataFrame:
+        return pd.DataFrame(split.images.numpy().astype(np.float64), columns=columns)
+
+    x_train, y_train = frame(job.train), job.train.labels.numpy()
+    x_val, y_val = frame(dataset.val), dataset.val.labels.numpy()
+    classes = list(range(len(dataset.class_names)))
+    model = GradientBoostingClassifier(
+        learning_rate=p.learning_rate, warm_start=True, random_state=p.seed, n_estimators=0
+    )
+    history: list[dict[str, float]] = []
+    for epoch in range(1, p.epochs + 1):
+        check_stop(should_stop)
+        started = time.perf_counter()
+        model.set_params(n_estimators=epoch * GBM_TREES_PER_EPOCH)
+        model.fit(x_train, y_train)
+        trained = time.perf_counter()
+        train_loss = log_loss(y_train, model.predict_proba(x_train), labels=classes)
+        val_proba = model.predict_proba(x_val)
+        metrics = {
+            "train_loss": float(train_loss),
+            "val_loss": float(log_loss(y_val, val_proba, labels=classes)),
+            "val_accuracy": float((val_proba.argmax(axis=1) == y_val).mean()),
+            "train_seconds": trained - started,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        _epoch_done(tracker, emit, reporter, history, metrics, epoch, p.epochs)
+
+    check_stop(should_stop)
+    x_test, y_test = frame(dataset.test), dataset.test.labels.numpy()
+    test_proba = model.predict_proba(x_test)
+    predictions = test_proba.argmax(axis=1)
+    final = {
+        "test_accuracy": float((predictions == y_test).mean()),
+        "test_loss": float(log_loss(y_test, test_proba, labels=classes)),
+    }
+    tracker.log_metrics(final, step=p.epochs)
+    _log_artifacts(tracker, dataset, job.train, history, predictions, columns=x_train)
+    check_stop(should_stop)
+    model_info = tracker.log_sklearn_model(
+        model, x_train.head(INPUT_EXAMPLE_ROWS), model_metadata(dataset.class_names, None)
+    )
+    return history, final, model_info
+
+
+def _epoch_done(
+    tracker: RunTracker,
+    emit: Emit,
+    reporter: TrialReporter | None,
+    history: list[dict[str, float]],
+    metrics: dict[str, float],
+    epoch: int,
+    epochs: int,
+) -> None:
+    history.append(metrics)
+    tracker.log_metrics(metrics, step=epoch)
+    emit(EpochCompleted(epoch, epochs, metrics))
+    if reporter is not None and reporter.report(epoch, metrics, last=epoch == epochs):
+        raise Pruned(epoch, metrics[reporter.spec.objective_metric])
+
+
+def _log_artifacts(
+    tracker: RunTracker,
     dataset: Dataset,
     train_split: Split,
     history: list[dict[str, float]],
     predictions: np.ndarray,
+    columns: object | None = None,
 ) -> None:
+    """The run's figures, report and drift reference: per column for a model served with a
+    column signature (gbm), over its one input tensor otherwise."""
     labels = dataset.test.labels.numpy()
-    names = CLASS_NAMES[dataset.name]
-    report.write_training_curves(history, directory / report.TRAINING_CURVES)
-    report.write_confusion_matrix(labels, predictions, names, directory / report.CONFUSION_MATRIX)
-    report.write_classification_report(labels, predictions, names, directory)
-    reference = report.input_reference(train_split.images, train_split.labels)
-    reference = {"dataset": dataset.name, "dataset_digest": dataset.digest, **reference}
-    report.write_input_reference(reference, directory / report.INPUT_REFERENCE)
+    names = list(dataset.class_names)
+    with tempfile.TemporaryDirectory(prefix="mlmesh-train-") as tmp:
+        directory = Path(tmp)
+        report.write_training_curves(history, directory / report.TRAINING_CURVES)
+        report.write_confusion_matrix(
+            labels, predictions, names, directory / report.CONFUSION_MATRIX
+        )
+        report.write_classification_report(labels, predictions, names, directory)
+        reference = report.input_reference(
+            train_split.images, train_split.labels, len(names), dataset.kind
+        )
+        if columns is not None:  # a DataFrame of the training columns
+            reference["inputs"] = drift_reference(dict(columns.items()))["inputs"]  # type: ignore[attr-defined]
+        reference = {"dataset": dataset.reference, "dataset_digest": dataset.digest, **reference}
+        report.write_input_reference(reference, directory / report.INPUT_REFERENCE)
+        tracker.log_artifacts(directory)

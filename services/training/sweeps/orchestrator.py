@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -84,7 +85,14 @@ class Sweeps:
     # -- the service's calls ------------------------------------------------------------
     async def submit(self, submission: SweepSubmission, client: str) -> Sweep:
         """Validate and record a sweep, then start it in the background; answers at once."""
-        spec = validate_sweep(submission)
+        spec = validate_sweep(
+            submission, await self._training.defaults_for(submission.fixed.params)
+        )
+        searched = spec.space.get("architecture")
+        base = await self._training.pin_dataset(
+            spec.base, getattr(searched, "values", ()) if searched is not None else ()
+        )
+        spec = dataclasses.replace(spec, base=base)
         sweep, created = await self._store.create(spec, client, submission.fixed.idempotency_key)
         if created:
             SWEEPS_SUBMITTED.labels(client).inc()

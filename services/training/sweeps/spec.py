@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidArgument
 from services.training.ml import search
 from services.training.ml.search import Choice, Domain, FloatRange, IntRange, PrunerSpec
-from services.training.params import BY_NAME, SEARCHABLE, JobParams, Param, Submission, validate
+from services.training.params import (
+    BY_NAME,
+    SEARCHABLE,
+    JobParams,
+    Param,
+    Submission,
+    dataset_name,
+    validate,
+)
 
 OBJECTIVES = ("val_accuracy", "val_loss", "train_loss")
 DEFAULT_OBJECTIVE = "val_accuracy"
-DEFAULT_SWEEP_EXPERIMENT = "mnist-sweeps"
+# A sweep's runs go to "<dataset>-sweeps" unless it names an experiment.
+SWEEP_EXPERIMENT_SUFFIX = "-sweeps"
 DEFAULT_MAX_TRIALS = 10
 MAX_TRIALS = 500
 DEFAULT_PARALLELISM = 2
@@ -153,17 +163,22 @@ def _check_domain(p: Param, domain: Domain, fixed: Submission, defaults: dict[st
     return IntRange(low, high, step, domain.log)
 
 
-def validate_sweep(sub: SweepSubmission) -> SweepSpec:
-    """Resolve defaults and check every field; InvalidArgument names the first bad one.
+def validate_sweep(
+    sub: SweepSubmission, dataset_defaults: Mapping[str, Any] | None = None
+) -> SweepSpec:
+    """Resolve defaults (``dataset_defaults``: those that depend on the dataset, from
+    Training.defaults_for) and check every field; InvalidArgument names the first bad one.
 
     A sweep given no seed draws one (recorded in its spec, so passing it again repeats the
     sweep): with a fixed default, every such sweep would replay the same trials. A job keeps
     its fixed default seed, since repeatable training is what a job's seed is for.
     """
     # A sweep's own defaults: a seed drawn within the definition's bounds, an experiment.
+    dataset = sub.fixed.params.get("dataset") or BY_NAME["dataset"].default
     defaults = {
         "seed": secrets.randbelow(int(BY_NAME["seed"].high) + 1),  # type: ignore[arg-type]
-        "experiment_name": DEFAULT_SWEEP_EXPERIMENT,
+        "experiment_name": f"{dataset_name(str(dataset).strip())}{SWEEP_EXPERIMENT_SUFFIX}",
+        **(dataset_defaults or {}),
     }
     params = sub.fixed.validate(defaults)
     if not sub.space:

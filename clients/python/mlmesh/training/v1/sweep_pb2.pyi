@@ -166,7 +166,7 @@ class Trial(_message.Message):
     def __init__(self, number: _Optional[int] = ..., state: _Optional[_Union[TrialState, str]] = ..., job_id: _Optional[str] = ..., params: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., value: _Optional[float] = ..., epochs_completed: _Optional[int] = ..., mlflow_run_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Sweep(_message.Message):
-    __slots__ = ("sweep_id", "state", "dataset", "epochs", "architecture", "train_subset", "search_space", "objective_metric", "direction", "strategy", "max_trials", "parallelism", "early_stopping", "experiment_name", "model_name", "mlflow_run_id", "trials", "best_trial", "best_value", "best_params", "model_version", "seed", "error", "submitted_by", "idempotency_key", "study_name", "create_time", "end_time", "learning_rate", "batch_size", "optimizer", "cancelled_by")
+    __slots__ = ("sweep_id", "state", "dataset", "epochs", "architecture", "train_subset", "search_space", "objective_metric", "direction", "strategy", "max_trials", "parallelism", "early_stopping", "experiment_name", "model_name", "mlflow_run_id", "trials", "best_trial", "best_value", "best_params", "model_version", "seed", "error", "submitted_by", "idempotency_key", "study_name", "create_time", "end_time", "learning_rate", "batch_size", "optimizer", "cancelled_by", "augment")
     class SearchSpaceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class Sweep(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_BY_FIELD_NUMBER: _ClassVar[int]
+    AUGMENT_FIELD_NUMBER: _ClassVar[int]
     sweep_id: str
     state: SweepState
     dataset: str
@@ -245,10 +246,11 @@ class Sweep(_message.Message):
     batch_size: int
     optimizer: str
     cancelled_by: str
-    def __init__(self, sweep_id: _Optional[str] = ..., state: _Optional[_Union[SweepState, str]] = ..., dataset: _Optional[str] = ..., epochs: _Optional[int] = ..., architecture: _Optional[str] = ..., train_subset: _Optional[int] = ..., search_space: _Optional[_Mapping[str, ParameterSpace]] = ..., objective_metric: _Optional[str] = ..., direction: _Optional[_Union[ObjectiveDirection, str]] = ..., strategy: _Optional[_Union[SearchStrategy, str]] = ..., max_trials: _Optional[int] = ..., parallelism: _Optional[int] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., experiment_name: _Optional[str] = ..., model_name: _Optional[str] = ..., mlflow_run_id: _Optional[str] = ..., trials: _Optional[_Iterable[_Union[Trial, _Mapping]]] = ..., best_trial: _Optional[int] = ..., best_value: _Optional[float] = ..., best_params: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., model_version: _Optional[int] = ..., seed: _Optional[int] = ..., error: _Optional[str] = ..., submitted_by: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., study_name: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., cancelled_by: _Optional[str] = ...) -> None: ...
+    augment: bool
+    def __init__(self, sweep_id: _Optional[str] = ..., state: _Optional[_Union[SweepState, str]] = ..., dataset: _Optional[str] = ..., epochs: _Optional[int] = ..., architecture: _Optional[str] = ..., train_subset: _Optional[int] = ..., search_space: _Optional[_Mapping[str, ParameterSpace]] = ..., objective_metric: _Optional[str] = ..., direction: _Optional[_Union[ObjectiveDirection, str]] = ..., strategy: _Optional[_Union[SearchStrategy, str]] = ..., max_trials: _Optional[int] = ..., parallelism: _Optional[int] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., experiment_name: _Optional[str] = ..., model_name: _Optional[str] = ..., mlflow_run_id: _Optional[str] = ..., trials: _Optional[_Iterable[_Union[Trial, _Mapping]]] = ..., best_trial: _Optional[int] = ..., best_value: _Optional[float] = ..., best_params: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., model_version: _Optional[int] = ..., seed: _Optional[int] = ..., error: _Optional[str] = ..., submitted_by: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., study_name: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., augment: _Optional[bool] = ...) -> None: ...
 
 class SubmitSweepRequest(_message.Message):
-    __slots__ = ("dataset", "architecture", "epochs", "learning_rate", "batch_size", "optimizer", "seed", "train_subset", "search_space", "objective_metric", "direction", "max_trials", "parallelism", "strategy", "early_stopping", "experiment_name", "model_name", "idempotency_key")
+    __slots__ = ("dataset", "architecture", "epochs", "learning_rate", "batch_size", "optimizer", "seed", "train_subset", "search_space", "objective_metric", "direction", "max_trials", "parallelism", "strategy", "early_stopping", "experiment_name", "model_name", "idempotency_key", "augment")
     class SearchSpaceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +276,7 @@ class SubmitSweepRequest(_message.Message):
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    AUGMENT_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     architecture: str
     epochs: int
@@ -292,7 +295,8 @@ class SubmitSweepRequest(_message.Message):
     experiment_name: str
     model_name: str
     idempotency_key: str
-    def __init__(self, dataset: _Optional[str] = ..., architecture: _Optional[str] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., seed: _Optional[int] = ..., train_subset: _Optional[int] = ..., search_space: _Optional[_Mapping[str, ParameterSpace]] = ..., objective_metric: _Optional[str] = ..., direction: _Optional[_Union[ObjectiveDirection, str]] = ..., max_trials: _Optional[int] = ..., parallelism: _Optional[int] = ..., strategy: _Optional[_Union[SearchStrategy, str]] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., experiment_name: _Optional[str] = ..., model_name: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    augment: bool
+    def __init__(self, dataset: _Optional[str] = ..., architecture: _Optional[str] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., seed: _Optional[int] = ..., train_subset: _Optional[int] = ..., search_space: _Optional[_Mapping[str, ParameterSpace]] = ..., objective_metric: _Optional[str] = ..., direction: _Optional[_Union[ObjectiveDirection, str]] = ..., max_trials: _Optional[int] = ..., parallelism: _Optional[int] = ..., strategy: _Optional[_Union[SearchStrategy, str]] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., experiment_name: _Optional[str] = ..., model_name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., augment: _Optional[bool] = ...) -> None: ...
 
 class SubmitSweepResponse(_message.Message):
     __slots__ = ("sweep",)

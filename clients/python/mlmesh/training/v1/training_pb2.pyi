@@ -30,18 +30,20 @@ JOB_STATE_CANCELLED: JobState
 JOB_STATE_PRUNED: JobState
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("epochs", "learning_rate", "batch_size", "optimizer", "seed")
+    __slots__ = ("epochs", "learning_rate", "batch_size", "optimizer", "seed", "augment")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    AUGMENT_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     learning_rate: float
     batch_size: int
     optimizer: str
     seed: int
-    def __init__(self, epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    augment: bool
+    def __init__(self, epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., seed: _Optional[int] = ..., augment: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("epoch", "total_epochs", "fraction")
@@ -107,7 +109,7 @@ class TrainingJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., dataset: _Optional[str] = ..., architecture: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., experiment_name: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., mlflow_run_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., submitted_by: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., attempts: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker: _Optional[str] = ..., sweep_id: _Optional[str] = ..., trial_number: _Optional[int] = ...) -> None: ...
 
 class SubmitTrainingJobRequest(_message.Message):
-    __slots__ = ("dataset", "architecture", "epochs", "learning_rate", "batch_size", "optimizer", "seed", "experiment_name", "model_name", "idempotency_key", "train_subset")
+    __slots__ = ("dataset", "architecture", "epochs", "learning_rate", "batch_size", "optimizer", "seed", "experiment_name", "model_name", "idempotency_key", "train_subset", "augment")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +121,7 @@ class SubmitTrainingJobRequest(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SUBSET_FIELD_NUMBER: _ClassVar[int]
+    AUGMENT_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     architecture: str
     epochs: int
@@ -130,7 +133,8 @@ class SubmitTrainingJobRequest(_message.Message):
     model_name: str
     idempotency_key: str
     train_subset: int
-    def __init__(self, dataset: _Optional[str] = ..., architecture: _Optional[str] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., seed: _Optional[int] = ..., experiment_name: _Optional[str] = ..., model_name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., train_subset: _Optional[int] = ...) -> None: ...
+    augment: bool
+    def __init__(self, dataset: _Optional[str] = ..., architecture: _Optional[str] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., seed: _Optional[int] = ..., experiment_name: _Optional[str] = ..., model_name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., train_subset: _Optional[int] = ..., augment: _Optional[bool] = ...) -> None: ...
 
 class SubmitTrainingJobResponse(_message.Message):
     __slots__ = ("job",)
