@@ -564,46 +564,50 @@ def register_model(settings: Settings, train_images: int, work_dir: Path) -> Mod
     from mlmesh_client.client import Client
     from services.training.ml.data import load_dataset
     from services.training.ml.train import TrainSpec, train
+    from services.training.params import JobParams
 
     spec = TrainSpec(
         job_id=f"bench-{secrets.token_hex(4)}",
-        dataset="mnist",
-        architecture="cnn",
-        epochs=1,
-        learning_rate=1e-3,
-        batch_size=128,
-        optimizer="adam",
-        seed=42,
-        train_subset=train_images,
-        experiment_name="bench-predict",
-        model_name=settings.default_model_name,
+        params=JobParams(
+            dataset="mnist",
+            architecture="cnn",
+            epochs=1,
+            learning_rate=1e-3,
+            batch_size=128,
+            optimizer="adam",
+            seed=42,
+            train_subset=train_images,
+            experiment_name="bench-predict",
+            model_name=settings.default_model_name,
+        ),
         tracking_uri=settings.mlflow_tracking_uri,
         data_dir=str(settings.data_dir) if settings.data_dir else None,
         client="bench",
         attempt=1,
     )
+    model_name = spec.params.model_name
     started = time.monotonic()
     result = train(spec, emit=lambda event: None, should_stop=lambda: False)
     print(
-        f"trained and registered {spec.model_name} v{result.model_version} in "
+        f"trained and registered {model_name} v{result.model_version} in "
         f"{time.monotonic() - started:.0f} s (test accuracy {result.metrics['test_accuracy']:.4f})",
         flush=True,
     )
     _, key = settings.api_keys.split(",")[0].split("=", 1)
     gateway = f"{settings.gateway_host}:{settings.gateway_port}"
     with Client(gateway, api_key=key) as sdk:
-        sdk.promote(spec.model_name, result.model_version)
-    print(f"promoted {spec.model_name} v{result.model_version} to Production", flush=True)
+        sdk.promote(model_name, result.model_version)
+    print(f"promoted {model_name} v{result.model_version} to Production", flush=True)
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     local = mlflow.artifacts.download_artifacts(
-        f"models:/{spec.model_name}/{result.model_version}", dst_path=str(work_dir / "model")
+        f"models:/{model_name}/{result.model_version}", dst_path=str(work_dir / "model")
     )
     dataset = load_dataset("mnist", spec.data_dir)
     image = dataset.test.images[0].numpy().astype(np.float32).copy()
     image[:VARIED] = 0.0  # the pixels the load varies; 0 in every MNIST image anyway
     return Model(
-        spec.model_name,
+        model_name,
         result.model_version,
         Path(local),
         image,

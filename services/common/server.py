@@ -113,10 +113,12 @@ class GrpcServer:
         address: str,
         registrations: Sequence[Registration],
         limiter: RateLimiter | None = None,
+        health_address: str = "",
     ) -> None:
         self._settings = settings
         self._address = address
-        self._health_address = settings.health_address(address)
+        # Its own health port by default; a test serving on port 0 asks for port 0 here too.
+        self._health_address = health_address or settings.health_address(address)
         self._registrations = registrations
         self._health = health.aio.HealthServicer()
         limit = settings.grpc_max_message_bytes

@@ -295,7 +295,10 @@ class Settings(BaseSettings):
         description="Where the launcher keeps logs, config, private databases, artifacts.",
     )
     default_model_name: str = Field(
-        "mnist-classifier", description="Registered model used when a request names none."
+        "mnist-classifier",
+        description="Registered model a prediction uses when it names none. (A training job "
+        "or sweep that names none registers under its dataset's: `mnist-classifier`, "
+        "`fashion-mnist-classifier`.)",
     )
     log_level: str = Field("INFO", description="Log level of every process.")
 

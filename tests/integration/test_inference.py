@@ -456,8 +456,10 @@ def test_a_model_registered_by_other_means_serves_on_torch_without_a_drift_score
     module = Probabilities(build_model("mlp")).eval()
     mlflow.set_tracking_uri(mesh.settings.mlflow_tracking_uri)
     try:
-        mlflow.set_experiment(name)
-        with mlflow.start_run():
+        # An experiment of its own, named in start_run: set_experiment would leave it active
+        # (and in MLFLOW_EXPERIMENT_ID) for every later test of this process.
+        experiment_id = MlflowClient(mesh.settings.mlflow_tracking_uri).create_experiment(name)
+        with mlflow.start_run(experiment_id=experiment_id):
             mlflow.log_param("dataset", "mnist")
             mlflow.pytorch.log_model(
                 module,
