@@ -48,7 +48,7 @@ import httpx
 import numpy as np
 
 from services.common import db
-from services.common.settings import Settings, split_address
+from services.common.settings import Settings
 from services.launcher.mesh import API_KEY_HEADER, Mesh, http_ok
 from services.launcher.process import Child, ChildSpec, Command, LaunchError, port_open
 
@@ -89,8 +89,10 @@ THREAD_RANGE = 1_000_000
 MAX_LOADGEN_THREADS = ROW_RANGE // THREAD_RANGE
 
 # mlmesh's row paths (the MNIST ones keep the names earlier results used).
-PREDICT_GRPC = "gRPC direct (Inference port)"
-OIP_GRPC = "gRPC direct, OIP ModelInfer raw"
+# The services take only mutual TLS from the gateway (the front door): gRPC rows go through
+# Envoy too, h2c with the key, as clients call.
+PREDICT_GRPC = "gRPC through Envoy"
+OIP_GRPC = "gRPC through Envoy, OIP ModelInfer raw"
 PREDICT_REST = "REST through Envoy"
 OIP_REST = "REST through Envoy, /v2 infer JSON"
 OIP_REST_BINARY = "REST through Envoy, /v2 infer binary"
@@ -895,33 +897,37 @@ def register_mnist(settings: Settings, train_images: int, work_dir: Path) -> Mod
     """Train a CNN for one epoch with the jobs' own code, register it, promote to Production."""
     from services.training.ml.data import load_dataset
     from services.training.ml.train import TrainSpec, train
+    from services.training.params import JobParams
 
     spec = TrainSpec(
         job_id=f"bench-{secrets.token_hex(4)}",
-        dataset="mnist",
-        architecture="cnn",
-        epochs=1,
-        learning_rate=1e-3,
-        batch_size=128,
-        optimizer="adam",
-        seed=42,
-        train_subset=train_images,
-        experiment_name="bench-predict",
-        model_name=settings.default_model_name,
+        params=JobParams(
+            dataset="mnist",
+            architecture="cnn",
+            epochs=1,
+            learning_rate=1e-3,
+            batch_size=128,
+            optimizer="adam",
+            seed=42,
+            train_subset=train_images,
+            experiment_name="bench-predict",
+            model_name=settings.default_model_name,
+        ),
         tracking_uri=settings.mlflow_tracking_uri,
         data_dir=str(settings.data_dir) if settings.data_dir else None,
         client="bench",
         attempt=1,
     )
+    model_name = spec.params.model_name
     started = time.monotonic()
     result = train(spec, emit=lambda event: None, should_stop=lambda: False)
     accuracy = result.metrics["test_accuracy"]
     print(
-        f"trained and registered {spec.model_name} v{result.model_version} in "
+        f"trained and registered {model_name} v{result.model_version} in "
         f"{time.monotonic() - started:.0f} s (test accuracy {accuracy:.4f})",
         flush=True,
     )
-    local = promote_and_download(settings, spec.model_name, result.model_version, work_dir)
+    local = promote_and_download(settings, model_name, result.model_version, work_dir)
     dataset = load_dataset("mnist", spec.data_dir)
     image = dataset.test.images[0].numpy().astype(np.float32).reshape(1, PIXELS).copy()
     image[0, :VARIED] = 0.0  # the pixels the load varies; 0 in every MNIST image anyway
@@ -929,11 +935,11 @@ def register_mnist(settings: Settings, train_images: int, work_dir: Path) -> Mod
     return Model(
         key="mnist",
         title="MNIST CNN",
-        name=spec.model_name,
+        name=model_name,
         version=result.model_version,
         local_dir=local,
         about=(
-            f"`{spec.model_name}` v{result.model_version}: the CNN trained 1 epoch on "
+            f"`{model_name}` v{result.model_version}: the CNN trained 1 epoch on "
             f"{train_images} MNIST images with the jobs' code (test accuracy {accuracy:.4f}), "
             "logged in MLflow's pytorch flavor (pt2) with its ONNX export; input `input-0` "
             "FP32 [-1, 784], output `output-0` FP32 [-1, 10]. mlmesh runs the ONNX export on "
@@ -1084,7 +1090,8 @@ def wait_for_model(settings: Settings, model: Model, timeout_s: float) -> str | 
     else why not."""
     from mlmesh.oip.v2 import grpc_predict_v2_pb2 as oip
 
-    host, port = split_address(settings.inference_address)
+    host, port = settings.gateway_host, settings.gateway_port
+    auth = {API_KEY_HEADER: settings.api_keys.split(",")[0].split("=", 1)[1]}
     if not (ROOT / "services" / "inference").is_dir():
         return "services/inference/ does not exist yet (no Inference service in this tree)"
     message = model_infer_raw(model.name, model.tensors)
@@ -1092,11 +1099,11 @@ def wait_for_model(settings: Settings, model: Model, timeout_s: float) -> str | 
     last = "nothing answered"
     while time.monotonic() < deadline:
         if not port_open(host, port):
-            last = f"nothing listens at {settings.inference_address}"
+            last = f"nothing listens at {host}:{port} (the gateway)"
         else:
             try:
                 reply = oip.ModelInferResponse.FromString(
-                    grpc_call(host, port, MODEL_INFER_PATH, message, {})
+                    grpc_call(host, port, MODEL_INFER_PATH, message, auth)
                 )
             except grpc.RpcError as exc:
                 last = f"ModelInfer answered {exc.code().name}: {exc.details()}"
@@ -1122,7 +1129,7 @@ def h2load_rows(
     """Pre-flight ``target`` (which stores the answer), then load it: per cache, "uncached"
     with ``cache-control: no-cache``, "cached" as it is, "none" for servers without a cache."""
     try:
-        grpc_call(target.host, target.port, target.path, target.message, {})
+        grpc_call(target.host, target.port, target.path, target.message, target.headers)
     except grpc.RpcError as exc:
         bench.skip(
             f"{model.key} {system} {path}", f"pre-flight failed: {exc.code().name}: {exc.details()}"
@@ -1215,16 +1222,17 @@ def mlmesh_rows(
     if why:
         bench.skip(f"{model.key}: mlmesh rows", why)
         return
-    host, port = split_address(settings.inference_address)
+    host, port = settings.gateway_host, settings.gateway_port  # gRPC too goes through Envoy
     _, key = settings.api_keys.split(",")[0].split("=", 1)
+    auth = {API_KEY_HEADER: key}
     probe = partial(scrape, f"http://127.0.0.1:{settings.inference_ops_port}/metrics")
     mnist = model.key == "mnist"
     # MNIST keeps its issue-4 rows (cached and uncached): ModelInfer, Predict, POST /predict.
     caches = ("uncached", "cached") if mnist else ("uncached",)
     fixed = model.inputs(bench.next_range())
-    # gRPC direct, h2load: one fixed message, raw little-endian contents (as tritonclient).
+    # gRPC, h2load: one fixed message, raw little-endian contents (as tritonclient).
     target = GrpcTarget(
-        "infer", host, port, MODEL_INFER_PATH, model_infer_raw(model.name, fixed), 0
+        "infer", host, port, MODEL_INFER_PATH, model_infer_raw(model.name, fixed), 0, auth
     )
     if forward is not None:
         checked = GrpcTarget(
@@ -1234,7 +1242,7 @@ def mlmesh_rows(
             MODEL_INFER_PATH,
             target.message,
             0,
-            {"cache-control": "no-cache"},
+            {**auth, "cache-control": "no-cache"},
         )
         try:
             answer = grpc_call(host, port, MODEL_INFER_PATH, checked.message, checked.headers)
@@ -1261,7 +1269,7 @@ def mlmesh_rows(
                 )
     h2load_rows(bench, h2, model, "mlmesh", OIP_GRPC, target, caches, probe=probe)
     # REST through Envoy, wrk: every uncached request a new input.
-    api_key = {API_KEY_HEADER: key}
+    api_key = auth
     infer_url = f"{settings.gateway_url}/v2/models/{model.name}/infer"
     oip = HttpTarget("oip", infer_url, oip_json_body(model.tensors, model.varied), api_key)
     wrk_rows(bench, wrk, model, "mlmesh", OIP_REST, oip, ("uncached",), probe=probe)
@@ -1274,7 +1282,7 @@ def mlmesh_rows(
     if not mnist:
         return
     message = inference_pb2.PredictRequest(image=fixed[0].array.ravel().tolist())
-    target = GrpcTarget("predict", host, port, PREDICT_PATH, message.SerializeToString(), 0)
+    target = GrpcTarget("predict", host, port, PREDICT_PATH, message.SerializeToString(), 0, auth)
     h2load_rows(bench, h2, model, "mlmesh", PREDICT_GRPC, target, caches, probe=probe)
     body = Body.from_json(
         json_with({"image": "@data@"}, {"@data@": array_json(fixed[0].array.ravel(), range(4))}),

@@ -133,6 +133,25 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE audit_events ADD COLUMN note TEXT NOT NULL DEFAULT '';
         """,
     ),
+    (
+        5,
+        """
+        -- A job's parameters as one JSON object, as services/training/params.py defines
+        -- them: a new parameter needs no new column (records without it get its default).
+        ALTER TABLE training_jobs ADD COLUMN params JSONB;
+        UPDATE training_jobs SET params = jsonb_build_object(
+            'dataset', dataset, 'architecture', architecture, 'epochs', epochs,
+            'learning_rate', learning_rate, 'batch_size', batch_size, 'optimizer', optimizer,
+            'seed', seed, 'train_subset', train_subset, 'experiment_name', experiment_name,
+            'model_name', model_name);
+        ALTER TABLE training_jobs
+            ALTER COLUMN params SET NOT NULL,
+            DROP COLUMN dataset, DROP COLUMN architecture, DROP COLUMN epochs,
+            DROP COLUMN learning_rate, DROP COLUMN batch_size, DROP COLUMN optimizer,
+            DROP COLUMN seed, DROP COLUMN train_subset, DROP COLUMN experiment_name,
+            DROP COLUMN model_name;
+        """,
+    ),
 ]
 
 # Any fixed number works; it only has to be the same in every process that migrates.

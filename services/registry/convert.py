@@ -55,7 +55,12 @@ def run(r: Run) -> pb.Run:
         artifact_uri=info.artifact_uri or "",
         lifecycle_stage=info.lifecycle_stage,
         params=dict(r.data.params),
-        metrics=[pb.Metric(key=k, value=v, step=0) for k, v in sorted(r.data.metrics.items())],
+        # data.metrics maps each key to its latest value only; the Metric objects (with step
+        # and time) are what the run's proto carries.
+        metrics=[
+            metric(Metric.from_proto(m))
+            for m in sorted(r.data.to_proto().metrics, key=lambda m: m.key)
+        ],
         tags=dict(r.data.tags),
     )
 

@@ -1,7 +1,9 @@
 """The training process: one per job attempt, spawned by the worker.
 
 It runs ``services.training.ml.train.train`` and reports back through a queue, so the
-worker's event loop keeps heartbeating, cancelling and relaying events while torch works.
+worker's event loop keeps heartbeating, cancelling and relaying events while torch works:
+the job's events as training says them (``events.JobStarted``, ``BatchProgress``,
+``EpochCompleted``), then one last message, the ``TrainResult`` or an ``Ended``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,21 @@ import multiprocessing.synchronize
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from multiprocessing.queues import Queue
 
 _PR_SET_PDEATHSIG = 1
+CANCELLED, PRUNED, TRANSIENT, FAILED = "cancelled", "pruned", "transient", "failed"
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How the training process ended when it has no result to give."""
+
+    outcome: str  # CANCELLED, PRUNED, TRANSIENT (MLflow unreachable: retry later) or FAILED
+    message: str
+    epoch: int = 0  # pruned: the last epoch trained
+    value: float = 0.0  # pruned: its objective
 
 
 def _die_with_parent(parent: int) -> None:
@@ -44,31 +58,13 @@ def run(
     try:
         result = train(spec, events.put, stop.is_set)
     except Cancelled:
-        events.put({"type": "outcome", "outcome": "cancelled", "message": "cancelled"})
+        events.put(Ended(CANCELLED, "cancelled"))
     except Pruned as exc:
-        events.put(
-            {
-                "type": "outcome",
-                "outcome": "pruned",
-                "message": str(exc),
-                "epoch": exc.epoch,
-                "value": exc.value,
-            }
-        )
+        events.put(Ended(PRUNED, str(exc), exc.epoch, exc.value))
     except TransientError as exc:
-        events.put({"type": "outcome", "outcome": "transient", "message": str(exc)})
+        events.put(Ended(TRANSIENT, str(exc)))
     except Exception as exc:  # reported to the worker, which fails the job with this message
         logging.exception("training failed")
-        message = f"{type(exc).__name__}: {exc}"
-        events.put({"type": "outcome", "outcome": "failed", "message": message})
+        events.put(Ended(FAILED, f"{type(exc).__name__}: {exc}"))
     else:
-        events.put(
-            {
-                "type": "outcome",
-                "outcome": "succeeded",
-                "mlflow_run_id": result.mlflow_run_id,
-                "model_version": result.model_version,
-                "metrics": result.metrics,
-                "model_uri": result.model_uri,
-            }
-        )
+        events.put(result)

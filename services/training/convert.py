@@ -4,19 +4,23 @@ submissions."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mlmesh.training.v1 import sweep_pb2 as sweep_pb
 from mlmesh.training.v1 import training_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.training.jobs import Job, JobEvent
+from services.training.eventlog import EventRecord
+from services.training.events import Event, JobEvent, SweepEvent
+from services.training.jobs import Job
 from services.training.ml import search
 from services.training.ml.search import Choice, Domain, FloatRange, IntRange, PrunerSpec
-from services.training.sweep_spec import SweepSubmission
-from services.training.sweeps import Sweep, SweepEvent, Trial
-from services.training.validation import Submission
+from services.training.params import PARAMS, JobParams, Submission
+from services.training.sweeps.records import Sweep, Trial
+from services.training.sweeps.spec import SweepSubmission
 
 STATE_TO_PB = {
     "queued": pb.JOB_STATE_QUEUED,
@@ -37,42 +41,41 @@ def ts(when: datetime | None) -> Timestamp | None:
     return ts
 
 
+def given_params(req: Message) -> dict[str, Any]:
+    """The parameters a request gives, by name: a field with presence that is set, any other
+    that is not its zero value ("" or 0); the rest take their defaults."""
+    fields = req.DESCRIPTOR.fields_by_name
+    given: dict[str, Any] = {}
+    for p in PARAMS:
+        value = getattr(req, p.name)
+        if req.HasField(p.name) if fields[p.name].has_presence else value:
+            given[p.name] = value
+    return given
+
+
+def set_params(message: Message, params: JobParams, *nested: Message) -> None:
+    """Report ``params`` on a response message: each in the field of its name, in
+    ``message`` or else in one of the ``nested`` messages (a message without such a field
+    does not report that parameter)."""
+    for p in PARAMS:
+        for target in (message, *nested):
+            if p.name in target.DESCRIPTOR.fields_by_name:
+                setattr(target, p.name, getattr(params, p.name))
+                break
+
+
 def submission(req: pb.SubmitTrainingJobRequest) -> Submission:
-    return Submission(
-        dataset=req.dataset,
-        architecture=req.architecture,
-        epochs=req.epochs if req.HasField("epochs") else None,
-        learning_rate=req.learning_rate if req.HasField("learning_rate") else None,
-        batch_size=req.batch_size if req.HasField("batch_size") else None,
-        optimizer=req.optimizer,
-        seed=req.seed if req.HasField("seed") else None,
-        train_subset=req.train_subset,
-        experiment_name=req.experiment_name,
-        model_name=req.model_name,
-        idempotency_key=req.idempotency_key,
-    )
+    return Submission(given_params(req), req.idempotency_key)
 
 
 def job(j: Job) -> pb.TrainingJob:
-    p = j.params
-    return pb.TrainingJob(
+    out = pb.TrainingJob(
         job_id=j.job_id,
         state=STATE_TO_PB[j.state],
-        dataset=p.dataset,
-        architecture=p.architecture,
-        hyperparameters=pb.Hyperparameters(
-            epochs=p.epochs,
-            learning_rate=p.learning_rate,
-            batch_size=p.batch_size,
-            optimizer=p.optimizer,
-            seed=p.seed,
-        ),
-        experiment_name=p.experiment_name,
-        model_name=p.model_name,
         model_version=j.model_version,
         mlflow_run_id=j.mlflow_run_id,
         progress=pb.Progress(
-            epoch=j.progress_epoch, total_epochs=p.epochs, fraction=j.progress_fraction
+            epoch=j.progress_epoch, total_epochs=j.params.epochs, fraction=j.progress_fraction
         ),
         metrics=j.metrics,
         error=j.error,
@@ -86,53 +89,33 @@ def job(j: Job) -> pb.TrainingJob:
         sweep_id=j.sweep_id,
         trial_number=j.trial_number,
     )
-
-
-def event(e: JobEvent) -> pb.WatchTrainingJobResponse:
-    out = pb.WatchTrainingJobResponse(job_id=e.job_id, sequence=e.sequence, time=ts(e.time))
-    data = e.event
-    kind = data["type"]
-    if kind == "queued":
-        out.queued.SetInParent()
-    elif kind == "started":
-        out.started.CopyFrom(
-            pb.JobStarted(
-                attempt=data["attempt"], mlflow_run_id=data["mlflow_run_id"], device=data["device"]
-            )
-        )
-    elif kind == "epoch":
-        out.epoch_completed.CopyFrom(
-            pb.EpochCompleted(
-                epoch=data["epoch"], total_epochs=data["total_epochs"], metrics=data["metrics"]
-            )
-        )
-    elif kind == "batch":
-        out.batch_progress.CopyFrom(
-            pb.BatchProgress(
-                epoch=data["epoch"],
-                batch=data["batch"],
-                total_batches=data["total_batches"],
-                train_loss=data["train_loss"],
-            )
-        )
-    elif kind == "succeeded":
-        out.succeeded.CopyFrom(
-            pb.JobSucceeded(
-                mlflow_run_id=data["mlflow_run_id"],
-                model_name=data["model_name"],
-                model_version=data["model_version"],
-                metrics=data["metrics"],
-            )
-        )
-    elif kind == "failed":
-        out.failed.CopyFrom(pb.JobFailed(error=data["error"]))
-    elif kind == "cancelled":
-        out.cancelled.CopyFrom(pb.JobCancelled(cancelled_by=data.get("cancelled_by", "")))
-    elif kind == "pruned":
-        out.pruned.CopyFrom(pb.JobPruned(epoch=data["epoch"], value=data["value"]))
-    else:
-        raise ValueError(f"unknown training event type {kind!r}")
+    set_params(out, j.params, out.hyperparameters)
     return out
+
+
+def _event_into(out: Message, event: Event) -> Message:
+    """``out`` (a Watch*Response) with ``event`` in its oneof field ``event.oneof``, whose
+    message has the event's fields. The event log keeps enums by their short names
+    ("complete") and parameters as plain values."""
+    target = getattr(out, event.oneof)
+    fields = target.DESCRIPTOR.fields_by_name
+    values = event.to_record()
+    del values["type"]
+    for name, value in values.items():
+        field = fields[name]
+        if field.enum_type is not None:
+            values[name] = _ENUM_VALUES[field.enum_type.full_name][value]
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            if field.message_type.fields_by_name["value"].message_type is not None:
+                values[name] = _params(value)  # map<string, google.protobuf.Value>
+    target.SetInParent()
+    target.MergeFrom(type(target)(**values))
+    return out
+
+
+def event(e: EventRecord[JobEvent]) -> pb.WatchTrainingJobResponse:
+    out = pb.WatchTrainingJobResponse(job_id=e.owner, sequence=e.sequence, time=ts(e.time))
+    return _event_into(out, e.event)
 
 
 # -- sweeps ---------------------------------------------------------------------------------
@@ -151,6 +134,8 @@ TRIAL_STATE_TO_PB = {
     "failed": sweep_pb.TRIAL_STATE_FAILED,
     "cancelled": sweep_pb.TRIAL_STATE_CANCELLED,
 }
+# Enum fields of events, from the short names the event log stores.
+_ENUM_VALUES = {sweep_pb.TrialState.DESCRIPTOR.full_name: TRIAL_STATE_TO_PB}
 _STRATEGIES = {
     sweep_pb.SEARCH_STRATEGY_UNSPECIFIED: "",
     sweep_pb.SEARCH_STRATEGY_GRID: search.GRID,
@@ -221,23 +206,13 @@ def sweep_submission(req: sweep_pb.SubmitSweepRequest) -> SweepSubmission:
         )
     return SweepSubmission(
         space={name: _domain(name, s) for name, s in sorted(req.search_space.items())},
-        dataset=req.dataset,
-        architecture=req.architecture,
-        epochs=req.epochs if req.HasField("epochs") else None,
-        learning_rate=req.learning_rate if req.HasField("learning_rate") else None,
-        batch_size=req.batch_size if req.HasField("batch_size") else None,
-        optimizer=req.optimizer,
-        seed=req.seed if req.HasField("seed") else None,
-        train_subset=req.train_subset,
+        fixed=Submission(given_params(req), req.idempotency_key),
         objective_metric=req.objective_metric,
         direction=_enum(req.direction, _DIRECTIONS, "direction"),
         max_trials=req.max_trials,
         parallelism=req.parallelism,
         strategy=_enum(req.strategy, _STRATEGIES, "strategy"),
         pruner=pruner,
-        experiment_name=req.experiment_name,
-        model_name=req.model_name,
-        idempotency_key=req.idempotency_key,
     )
 
 
@@ -275,27 +250,17 @@ def trial(t: Trial) -> sweep_pb.Trial:
 
 
 def sweep(s: Sweep) -> sweep_pb.Sweep:
-    spec, base = s.spec, s.spec.base
+    spec = s.spec
     best = s.trial(s.best_trial)
     out = sweep_pb.Sweep(
         sweep_id=s.sweep_id,
         state=SWEEP_STATE_TO_PB[s.state],
-        dataset=base.dataset,
-        architecture=base.architecture,
-        epochs=base.epochs,
-        learning_rate=base.learning_rate,
-        batch_size=base.batch_size,
-        optimizer=base.optimizer,
-        seed=base.seed,
-        train_subset=base.train_subset,
         search_space={name: _space_pb(d) for name, d in spec.space.items()},
         objective_metric=spec.objective_metric,
         direction={v: k for k, v in _DIRECTIONS.items()}[spec.direction],
         strategy={v: k for k, v in _STRATEGIES.items()}[spec.strategy],
         max_trials=spec.max_trials,
         parallelism=spec.parallelism,
-        experiment_name=base.experiment_name,
-        model_name=base.model_name,
         mlflow_run_id=s.mlflow_run_id,
         trials=[trial(t) for t in s.trials],
         model_version=s.model_version,
@@ -307,6 +272,7 @@ def sweep(s: Sweep) -> sweep_pb.Sweep:
         create_time=ts(s.create_time),
         end_time=ts(s.end_time),
     )
+    set_params(out, spec.base)
     if spec.pruner is not None:
         p = spec.pruner
         out.early_stopping.CopyFrom(
@@ -325,62 +291,6 @@ def sweep(s: Sweep) -> sweep_pb.Sweep:
     return out
 
 
-def sweep_event(e: SweepEvent) -> sweep_pb.WatchSweepResponse:
-    out = sweep_pb.WatchSweepResponse(sweep_id=e.sweep_id, sequence=e.sequence, time=ts(e.time))
-    d = e.event
-    kind = d["type"]
-    if kind == "queued":
-        out.queued.SetInParent()
-    elif kind == "trial_started":
-        out.trial_started.CopyFrom(
-            sweep_pb.TrialStarted(
-                trial_number=d["trial_number"],
-                job_id=d["job_id"],
-                params=_params(d["params"]),
-                attempt=d["attempt"],
-                mlflow_run_id=d["mlflow_run_id"],
-            )
-        )
-    elif kind == "trial_epoch":
-        out.trial_epoch.CopyFrom(
-            sweep_pb.TrialEpoch(
-                trial_number=d["trial_number"],
-                epoch=d["epoch"],
-                total_epochs=d["total_epochs"],
-                value=d["value"],
-            )
-        )
-    elif kind == "trial_ended":
-        out.trial_ended.CopyFrom(
-            sweep_pb.TrialEnded(
-                trial_number=d["trial_number"],
-                state=TRIAL_STATE_TO_PB[d["state"]],
-                value=d.get("value"),
-                epochs_completed=d["epochs_completed"],
-                error=d.get("error", ""),
-            )
-        )
-    elif kind == "new_best":
-        out.new_best.CopyFrom(
-            sweep_pb.NewBest(
-                trial_number=d["trial_number"], value=d["value"], params=_params(d["params"])
-            )
-        )
-    elif kind == "succeeded":
-        out.succeeded.CopyFrom(
-            sweep_pb.SweepSucceeded(
-                best_trial=d["best_trial"],
-                best_value=d["best_value"],
-                best_params=_params(d["best_params"]),
-                model_name=d["model_name"],
-                model_version=d["model_version"],
-                metrics=d["metrics"],
-            )
-        )
-    elif kind == "failed":
-        out.failed.CopyFrom(sweep_pb.SweepFailed(error=d["error"]))
-    elif kind == "cancelled":
-        out.cancelled.CopyFrom(sweep_pb.SweepCancelled(cancelled_by=d.get("cancelled_by", "")))
-    else:
-        raise ValueError(f"unknown sweep event type {kind!r}")
-    return out
+def sweep_event(e: EventRecord[SweepEvent]) -> sweep_pb.WatchSweepResponse:
+    out = sweep_pb.WatchSweepResponse(sweep_id=e.owner, sequence=e.sequence, time=ts(e.time))
+    return _event_into(out, e.event)

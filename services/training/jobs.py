@@ -8,13 +8,12 @@ row, so concurrent writers (the service cancelling, a worker reporting) never co
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -22,50 +21,37 @@ from typing import Any, TypeVar
 import asyncpg
 from redis.asyncio import Redis
 
-from services.common.pagination import Page, decode_token, encode_token
-from services.training import eventlog
+from services.common.errors import FailedPrecondition
+from services.common.pagination import Page
+from services.training.eventlog import EventLog, EventRecord
+from services.training.events import (
+    CANCELLED,
+    FAILED,
+    PRUNED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Cancelled,
+    JobEvent,
+    Queued,
+    parse_job_event,
+)
+from services.training.params import JobParams
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PRUNED = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "pruned",  # a sweep trial that early stopping ended between epochs
-)
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PRUNED)
 TERMINAL_STATES = (SUCCEEDED, FAILED, CANCELLED, PRUNED)
-# The event types that end a job's stream, by the state they end it in.
-TERMINAL_EVENTS = {
-    "succeeded": SUCCEEDED,
-    "failed": FAILED,
-    "cancelled": CANCELLED,
-    "pruned": PRUNED,
-}
-
-
-def events_channel(job_id: str) -> str:
-    """Redis channel on which a job's live events are announced."""
-    return f"mlmesh:training:job-events:{job_id}"
-
-
-@dataclass(frozen=True)
-class JobParams:
-    """What a job trains: validated, defaults resolved."""
-
-    dataset: str
-    architecture: str
-    epochs: int
-    learning_rate: float
-    batch_size: int
-    optimizer: str
-    seed: int
-    train_subset: int
-    experiment_name: str
-    model_name: str
+JOB_LOG: EventLog[JobEvent] = EventLog(
+    table="training_jobs",
+    events_table="training_job_events",
+    key_column="job_id",
+    channel_prefix="mlmesh:training:job-events:",
+    parse=parse_job_event,
+    terminal_states=TERMINAL_STATES,
+)
 
 
 @dataclass(frozen=True)
@@ -95,45 +81,11 @@ class Job:
     model_uri: str = ""  # a sweep trial's logged (not yet registered) model
 
 
-@dataclass(frozen=True)
-class JobEvent:
-    """One event of a job: ``event`` is {"type": ..., **payload}."""
-
-    job_id: str
-    sequence: int
-    time: datetime
-    event: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def terminal(self) -> bool:
-        return self.event.get("type") in TERMINAL_EVENTS
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "job_id": self.job_id,
-                "sequence": self.sequence,
-                "time": self.time.isoformat(),
-                "event": self.event,
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> JobEvent:
-        data = json.loads(text)
-        return cls(
-            data["job_id"], data["sequence"], datetime.fromisoformat(data["time"]), data["event"]
-        )
-
-
-_PARAM_COLUMNS = tuple(f.name for f in dataclasses.fields(JobParams))
-
-
 def _job(row: asyncpg.Record) -> Job:
     return Job(
         job_id=row["job_id"],
         state=row["state"],
-        params=JobParams(**{c: row[c] for c in _PARAM_COLUMNS}),
+        params=JobParams.from_record(json.loads(row["params"])),
         model_version=row["model_version"],
         mlflow_run_id=row["mlflow_run_id"],
         progress_epoch=row["progress_epoch"],
@@ -203,14 +155,12 @@ class JobStore:
     ) -> tuple[Job, bool]:
         """Record a queued job; with a known idempotency key return that job (created=False)."""
         job_id = uuid.uuid4().hex
-        columns = ", ".join(_PARAM_COLUMNS)
-        values = ", ".join(f"${i}" for i in range(7, 7 + len(_PARAM_COLUMNS)))
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                f"""
+                """
                 INSERT INTO training_jobs (job_id, state, submitted_by, idempotency_key,
-                                           sweep_id, trial_number, {columns})
-                VALUES ($1, $2, $3, $4, $5, $6, {values})
+                                           sweep_id, trial_number, params)
+                VALUES ($1, $2, $3, $4, $5, $6, $7)
                 ON CONFLICT (submitted_by, idempotency_key) DO NOTHING
                 RETURNING *
                 """,
@@ -220,7 +170,7 @@ class JobStore:
                 idempotency_key or None,
                 sweep_id,
                 trial_number,
-                *(getattr(params, c) for c in _PARAM_COLUMNS),
+                json.dumps(params.to_record()),
             )
             if row is None:
                 existing = await conn.fetchrow(
@@ -229,7 +179,7 @@ class JobStore:
                     idempotency_key,
                 )
                 return _job(existing), False
-            event = await self._append(conn, job_id, {"type": "queued"})
+            event = await JOB_LOG.write(conn, job_id, Queued(), {})
         await self._announce(event)
         return _job(row), True
 
@@ -239,25 +189,8 @@ class JobStore:
 
     async def list(self, state: str, page_size: int, page_token: str) -> Page[Job]:
         """Jobs newest first, optionally in one state."""
-        after = decode_token("jobs", page_token) if page_token else None
-        rows = await self._pool.fetch(
-            """
-            SELECT * FROM training_jobs
-            WHERE ($1 = '' OR state = $1)
-              AND ($2::timestamptz IS NULL OR (create_time, job_id) < ($2, $3))
-            ORDER BY create_time DESC, job_id DESC
-            LIMIT $4
-            """,
-            state,
-            datetime.fromisoformat(after[0]) if after else None,
-            after[1] if after else "",
-            page_size + 1,
-        )
-        jobs = [_job(r) for r in rows[:page_size]]
-        token = ""
-        if len(rows) > page_size:
-            token = encode_token("jobs", [jobs[-1].create_time.isoformat(), jobs[-1].job_id])
-        return Page(jobs, token)
+        rows = await JOB_LOG.page(self._pool, state, page_size, page_token)
+        return Page([_job(r) for r in rows.items], rows.next_page_token)
 
     async def queued_or_running(self) -> list[str]:
         """Ids of every job that is not finished, oldest first."""
@@ -268,39 +201,26 @@ class JobStore:
         return [r["job_id"] for r in rows]
 
     async def request_cancel(self, job_id: str, client: str) -> Job | None:
-        """Cancel a queued job at once; ask a running one to stop. Terminal jobs are unchanged."""
+        """Cancel a queued job at once; ask a running one to stop. None when there is no such
+        job; FailedPrecondition when it has ended (and it stays as it ended)."""
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT * FROM training_jobs WHERE job_id = $1 FOR UPDATE", job_id
             )
-            if row is None or row["state"] in TERMINAL_STATES:
-                return _job(row) if row else None
-            if row["state"] == QUEUED:
-                row = await conn.fetchrow(
-                    """
-                    UPDATE training_jobs SET state = $2, cancel_requested = true,
-                        cancelled_by = $3, end_time = now()
-                    WHERE job_id = $1 RETURNING *
-                    """,
-                    job_id,
-                    CANCELLED,
-                    client,
+            if row is None:
+                return None
+            if row["state"] in TERMINAL_STATES:
+                raise FailedPrecondition(
+                    f"training job {job_id} has already ended ({row['state']}); only queued or "
+                    "running jobs can be cancelled"
                 )
-                event = await self._append(
-                    conn, job_id, {"type": "cancelled", "cancelled_by": client}
-                )
-            else:
-                row = await conn.fetchrow(
-                    """
-                    UPDATE training_jobs SET cancel_requested = true, cancelled_by = $2
-                    WHERE job_id = $1 RETURNING *
-                    """,
-                    job_id,
-                    client,
-                )
-                event = None
-        if event:
-            await self._announce(event)
+            # A queued job ends at once (its terminal event sets the state); a running one
+            # is asked to stop, and its worker records how it ended.
+            event = Cancelled(client) if row["state"] == QUEUED else None
+            changes = {"cancel_requested": True, "cancelled_by": client}
+            saved = await JOB_LOG.write(conn, job_id, event, changes)
+            row = await conn.fetchrow("SELECT * FROM training_jobs WHERE job_id = $1", job_id)
+        await self._announce(saved)
         return _job(row)
 
     async def start_attempt(self, job_id: str, lease_s: float, worker: str) -> Job | None:
@@ -353,54 +273,26 @@ class JobStore:
             RUNNING,
         )
 
-    async def record(self, job_id: str, event: dict[str, Any], **changes: Any) -> JobEvent:
+    async def record(self, job_id: str, event: JobEvent, **changes: Any) -> EventRecord:
         """Append an event and apply column changes to the job in one transaction.
 
         A terminal event also sets the matching state and the end time.
         """
         return await self._patiently(
-            f"recording {event['type']} of job {job_id}",
+            f"recording {event.kind} of job {job_id}",
             partial(self._record, job_id, event, changes),
         )
 
-    async def _record(
-        self, job_id: str, event: dict[str, Any], changes: dict[str, Any]
-    ) -> JobEvent:
-        if event["type"] in TERMINAL_EVENTS:
-            changes = {**changes, "state": TERMINAL_EVENTS[event["type"]]}
+    async def _record(self, job_id: str, event: JobEvent, changes: dict[str, Any]) -> EventRecord:
         async with self._pool.acquire() as conn, conn.transaction():
-            if changes:
-                names = list(changes)
-                sets = ", ".join(f"{n} = ${i}" for i, n in enumerate(names, start=2))
-                if "state" in changes and changes["state"] in TERMINAL_STATES:
-                    sets += ", end_time = now()"
-                values = [json.dumps(v) if n == "metrics" else v for n, v in changes.items()]
-                await conn.execute(
-                    f"UPDATE training_jobs SET {sets} WHERE job_id = $1", job_id, *values
-                )
-            saved = await self._append(conn, job_id, event)
+            saved = await JOB_LOG.write(conn, job_id, event, changes)
         await self._announce(saved)
         return saved
 
-    async def events_after(self, job_id: str, sequence: int) -> list[JobEvent]:
-        rows = await self._pool.fetch(
-            """
-            SELECT * FROM training_job_events WHERE job_id = $1 AND sequence > $2
-            ORDER BY sequence
-            """,
-            job_id,
-            sequence,
-        )
-        return [
-            JobEvent(r["job_id"], r["sequence"], r["time"], json.loads(r["event"])) for r in rows
-        ]
+    def follow(self, job_id: str, poll_s: float = 1.0) -> AsyncIterator[EventRecord[JobEvent]]:
+        """The job's events from the first, then live ones, until a terminal event."""
+        return JOB_LOG.follow(self._redis, self._pool, job_id, poll_s)
 
-    @staticmethod
-    async def _append(conn: asyncpg.Connection, job_id: str, event: dict[str, Any]) -> JobEvent:
-        sequence, time = await eventlog.append(
-            conn, "training_jobs", "training_job_events", "job_id", job_id, event
-        )
-        return JobEvent(job_id, sequence, time, event)
-
-    async def _announce(self, event: JobEvent) -> None:
-        await eventlog.announce(self._redis, events_channel(event.job_id), event.to_json())
+    async def _announce(self, event: EventRecord | None) -> None:
+        if event is not None:
+            await JOB_LOG.announce(self._redis, event)

@@ -12,19 +12,15 @@ from services.training.jobs import JobStore
 from services.training.ml.search import storage_url
 from services.training.service import Training
 from services.training.servicer import TrainingServicer
-from services.training.sweeps import Sweeps, SweepStore
+from services.training.sweeps.orchestrator import Sweeps
+from services.training.sweeps.store import SweepStore
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
 
 def build(backends: Backends) -> ServiceParts:
     s = backends.settings
-    training = Training(
-        JobStore(backends.pool, backends.redis),
-        backends.redis,
-        s.training_queue,
-        s.default_model_name,
-    )
+    training = Training(JobStore(backends.pool, backends.redis), backends.redis, s.training_queue)
     sweeps = Sweeps(
         SweepStore(backends.pool, backends.redis),
         training,

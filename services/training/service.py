@@ -11,26 +11,15 @@ from redis.exceptions import RedisError
 
 from services.common.errors import InvalidArgument, NotFound, check_page_size
 from services.common.pagination import Page
-from services.training import eventlog
-from services.training.jobs import (
-    CANCELLED,
-    FAILED,
-    PRUNED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    Job,
-    JobEvent,
-    JobParams,
-    JobStore,
-    events_channel,
-)
-from services.training.validation import Submission, validate
+from services.training.eventlog import EventRecord
+from services.training.events import JobEvent
+from services.training.jobs import STATES, Job, JobStore
+from services.training.metrics import JOBS_SUBMITTED
+from services.training.params import Submission
 
 log = logging.getLogger(__name__)
 
 RUN_JOB = "run_training_job"  # the worker's ARQ function
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PRUNED)
 
 
 def arq_job_id(job_id: str) -> str:
@@ -41,13 +30,10 @@ def arq_job_id(job_id: str) -> str:
 class Training:
     """What the Training service does, over the job store and the ARQ queue."""
 
-    def __init__(
-        self, store: JobStore, queue: ArqRedis, queue_name: str, default_model_name: str
-    ) -> None:
+    def __init__(self, store: JobStore, queue: ArqRedis, queue_name: str) -> None:
         self._store = store
         self._queue = queue
         self._queue_name = queue_name
-        self._default_model_name = default_model_name
 
     @property
     def store(self) -> JobStore:
@@ -57,19 +43,12 @@ class Training:
     def queue(self) -> ArqRedis:
         return self._queue
 
-    @property
-    def default_model_name(self) -> str:
-        return self._default_model_name
-
-    def validate(self, submission: Submission) -> JobParams:
-        """A submission's job parameters, defaults resolved; InvalidArgument names a bad field."""
-        return validate(submission, self._default_model_name)
-
     async def submit(self, submission: Submission, client: str) -> Job:
         """Validate, record and enqueue a job; a repeated idempotency key returns the first."""
-        params = self.validate(submission)
+        params = submission.validate()
         job, created = await self._store.create(params, client, submission.idempotency_key)
         if created:
+            JOBS_SUBMITTED.labels(client).inc()
             await self.enqueue(job.job_id)
         return job
 
@@ -90,8 +69,6 @@ class Training:
     async def get(self, job_id: str) -> Job:
         if not job_id.strip():
             raise InvalidArgument("job_id is required")
-        if "\x00" in job_id:  # PostgreSQL text cannot hold it, so no job has it
-            raise NotFound(f"training job {job_id!r} does not exist")
         job = await self._store.get(job_id)
         if job is None:
             raise NotFound(f"training job {job_id!r} does not exist")
@@ -103,22 +80,17 @@ class Training:
         return await self._store.list(state, check_page_size(page_size), page_token)
 
     async def cancel(self, job_id: str, client: str) -> Job:
+        """Cancel a queued job, or ask a running one to stop; FailedPrecondition once ended."""
         await self.get(job_id)
         job = await self._store.request_cancel(job_id, client)
         assert job is not None  # it existed a moment ago and jobs are never deleted
         return job
 
-    async def watch(self, job_id: str, poll_s: float = 1.0) -> AsyncIterator[JobEvent]:
+    async def watch(self, job_id: str, poll_s: float = 1.0) -> AsyncIterator[EventRecord[JobEvent]]:
         """The job's events from the first, then live ones, until a terminal event."""
         await self.get(job_id)
-
-        async def after(sequence: int) -> list[JobEvent]:
-            return await self._store.events_after(job_id, sequence)
-
-        async for event in eventlog.follow(
-            self._queue, events_channel(job_id), after, JobEvent.from_json, poll_s
-        ):
-            yield event
+        async for record in self._store.follow(job_id, poll_s):
+            yield record
 
     async def reconcile_forever(self, interval_s: float) -> None:
         """Re-queue unfinished jobs, so jobs Redis lost (restart, outage) still run."""

@@ -12,7 +12,7 @@ from mlmesh.training.v1 import training_pb2_grpc
 from services.common.interceptors import current_client
 from services.training import convert
 from services.training.service import Training
-from services.training.sweeps import Sweeps
+from services.training.sweeps.orchestrator import Sweeps
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):

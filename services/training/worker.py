@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -36,11 +35,21 @@ from services.common.ops import OpsServer, mlflow_check, postgres_check, redis_c
 from services.common.server import configure_logging, configure_mlflow_client
 from services.common.settings import Settings
 from services.training import child
+from services.training.events import (
+    BatchProgress,
+    Cancelled,
+    EpochCompleted,
+    Failed,
+    JobPruned,
+    JobStarted,
+    JobSucceeded,
+)
 from services.training.jobs import TERMINAL_STATES, Job, JobStore
 from services.training.ml.search import storage_url
 from services.training.ml.train import TrainResult, TrainSpec
 from services.training.service import RUN_JOB, Training
-from services.training.sweeps import Sweeps, SweepStore
+from services.training.sweeps.orchestrator import Sweeps
+from services.training.sweeps.store import SweepStore
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +71,11 @@ WAIT_FOR_POSTGRES_S = 120.0
 
 
 class _Outcome(Exception):
-    """The training process ended without a result: cancelled, transient failure or error."""
+    """The attempt ended without a result: cancelled, pruned, transient failure or error."""
 
-    def __init__(self, outcome: str, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.outcome = outcome
-        self.details = details or {}
+    def __init__(self, ended: child.Ended) -> None:
+        super().__init__(ended.message)
+        self.ended = ended
 
 
 async def run_training_job(ctx: dict[str, Any], job_id: str) -> str:
@@ -84,11 +92,8 @@ async def _attempt(ctx: dict[str, Any], job_id: str) -> str:
     settings: Settings = ctx["settings"]
     store: JobStore = ctx["store"]
     if ctx["job_try"] > settings.job_max_tries:
-        await store.record(
-            job_id,
-            {"type": "failed", "error": f"gave up after {settings.job_max_tries} attempts"},
-            error=f"gave up after {settings.job_max_tries} attempts",
-        )
+        error = f"gave up after {settings.job_max_tries} attempts"
+        await store.record(job_id, Failed(error), error=error)
         return "gave up"
     job = await store.start_attempt(job_id, settings.worker_lease_s, WORKER_ID)
     if job is None:
@@ -99,7 +104,7 @@ async def _attempt(ctx: dict[str, Any], job_id: str) -> str:
     ctx["running"] += 1
     try:
         if job.cancel_requested:
-            raise _Outcome("cancelled", "cancelled before it started")
+            raise _Outcome(child.Ended(child.CANCELLED, "cancelled before it started"))
         if job.mlflow_run_id:  # a previous attempt died mid-run: close its MLflow run
             await asyncio.to_thread(_close_abandoned_run, settings, job.mlflow_run_id)
         trial = None
@@ -108,32 +113,30 @@ async def _attempt(ctx: dict[str, Any], job_id: str) -> str:
             sweeps: Sweeps = ctx["sweeps"]
             trial = await sweeps.trial_spec(job)
             if trial is None:
-                raise _Outcome("failed", f"sweep {job.sweep_id} has no trial {job.trial_number}")
+                missing = f"sweep {job.sweep_id} has no trial {job.trial_number}"
+                raise _Outcome(child.Ended(child.FAILED, missing))
 
-            async def relay(event: dict[str, Any], job: Job = job) -> None:
+            async def relay(event: JobStarted | EpochCompleted, job: Job = job) -> None:
                 await sweeps.on_trial_event(job, event)
 
         spec = TrainSpec(
             job_id=job_id,
-            **dataclasses.asdict(job.params),
+            params=job.params,
             tracking_uri=settings.mlflow_tracking_uri,
             data_dir=str(settings.data_dir) if settings.data_dir else None,
             client=job.submitted_by,
             attempt=job.attempts,
             trial=trial,
         )
-        result = await _train_in_process(
-            settings, store, job_id, job.attempts, spec, stop, ctx["running"], relay
-        )
+        result = await _train_in_process(settings, store, spec, stop, ctx["running"], relay)
         await store.record(
             job_id,
-            {
-                "type": "succeeded",
-                "mlflow_run_id": result.mlflow_run_id,
-                "model_name": job.params.model_name,
-                "model_version": result.model_version,
-                "metrics": result.metrics,
-            },
+            JobSucceeded(
+                mlflow_run_id=result.mlflow_run_id,
+                model_name=job.params.model_name,
+                model_version=result.model_version,
+                metrics=result.metrics,
+            ),
             mlflow_run_id=result.mlflow_run_id,
             model_version=result.model_version,
             metrics=result.metrics,
@@ -143,27 +146,26 @@ async def _attempt(ctx: dict[str, Any], job_id: str) -> str:
         JOBS_FINISHED.labels("succeeded").inc()
         return f"succeeded: version {result.model_version}"
     except _Outcome as outcome:
-        if outcome.outcome == "transient" and ctx["job_try"] < settings.job_max_tries:
+        ended = outcome.ended
+        if ended.outcome == child.TRANSIENT and ctx["job_try"] < settings.job_max_tries:
             delay = min(60, 5 * ctx["job_try"])
             await store.requeue(job_id, f"waiting to retry in {delay}s: {outcome}")
             log.warning(
                 "job %s hit a transient failure, retrying in %ds: %s", job_id, delay, outcome
             )
             raise Retry(defer=delay) from outcome
-        if outcome.outcome == "pruned":
-            epoch, value = outcome.details["epoch"], outcome.details["value"]
+        if ended.outcome == child.PRUNED:
             await store.record(
-                job_id, {"type": "pruned", "epoch": epoch, "value": value}, progress_epoch=epoch
+                job_id, JobPruned(ended.epoch, ended.value), progress_epoch=ended.epoch
             )
             JOBS_FINISHED.labels("pruned").inc()
-            return f"pruned after epoch {epoch}"
-        if outcome.outcome == "cancelled":
+            return f"pruned after epoch {ended.epoch}"
+        if ended.outcome == child.CANCELLED:
             current = await store.get(job_id)
-            cancelled_by = current.cancelled_by if current else ""
-            await store.record(job_id, {"type": "cancelled", "cancelled_by": cancelled_by})
+            await store.record(job_id, Cancelled(current.cancelled_by if current else ""))
             JOBS_FINISHED.labels("cancelled").inc()
             return "cancelled"
-        await store.record(job_id, {"type": "failed", "error": str(outcome)}, error=str(outcome))
+        await store.record(job_id, Failed(str(outcome)), error=str(outcome))
         JOBS_FINISHED.labels("failed").inc()
         return f"failed: {outcome}"
     except Retry:
@@ -171,7 +173,7 @@ async def _attempt(ctx: dict[str, Any], job_id: str) -> str:
     except Exception as exc:  # a bug or an unexpected failure: fail the job, keep the worker
         log.exception("job %s failed", job_id)
         message = f"{type(exc).__name__}: {exc}"
-        await store.record(job_id, {"type": "failed", "error": message}, error=message)
+        await store.record(job_id, Failed(message), error=message)
         JOBS_FINISHED.labels("failed").inc()
         return f"failed: {message}"
     except asyncio.CancelledError:
@@ -210,68 +212,53 @@ async def _hold_lease(ctx: dict[str, Any], job_id: str, stop: Any) -> None:
 async def _train_in_process(
     settings: Settings,
     store: JobStore,
-    job_id: str,
-    attempt: int,
     spec: TrainSpec,
     stop: Any,
     running: int,
-    relay: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    relay: Callable[[JobStarted | EpochCompleted], Awaitable[None]] | None = None,
 ) -> TrainResult:
     """Run one attempt in a spawned process, relaying its events into the job's record (and,
     for a sweep's trial, its start and epochs to ``relay``)."""
     mp = multiprocessing.get_context("spawn")
-    events = mp.Queue()
+    messages = mp.Queue()
     # A job alone gets every core; one that starts beside others shares them.
     threads = settings.worker_torch_threads or max(1, (os.cpu_count() or 1) // running)
     proc = mp.Process(
-        target=child.run, args=(spec, events, stop, threads, os.getpid()), daemon=True
+        target=child.run, args=(spec, messages, stop, threads, os.getpid()), daemon=True
     )
     proc.start()
-    total = spec.epochs
+    job_id, total = spec.job_id, spec.params.epochs
     try:
         while True:
             try:
-                event = await asyncio.to_thread(events.get, True, 0.5)
+                message = await asyncio.to_thread(messages.get, True, 0.5)
             except queue.Empty:
                 if not proc.is_alive():
-                    raise _Outcome(
-                        "failed", f"the training process exited with code {proc.exitcode}"
-                    ) from None
+                    exited = f"the training process exited with code {proc.exitcode}"
+                    raise _Outcome(child.Ended(child.FAILED, exited)) from None
                 continue
-            kind = event["type"]
-            if kind == "started":
+            if isinstance(message, JobStarted):
+                await store.record(job_id, message, mlflow_run_id=message.mlflow_run_id)
+            elif isinstance(message, BatchProgress):
+                done = (message.epoch - 1 + message.batch / message.total_batches) / total
+                await store.record(
+                    job_id, message, progress_epoch=message.epoch, progress_fraction=done
+                )
+            elif isinstance(message, EpochCompleted):
+                EPOCH_SECONDS.observe(message.metrics.get("epoch_seconds", 0.0))
                 await store.record(
                     job_id,
-                    {"type": "started", "attempt": attempt, **_without_type(event)},
-                    mlflow_run_id=event["mlflow_run_id"],
+                    message,
+                    progress_epoch=message.epoch,
+                    progress_fraction=message.epoch / total,
+                    metrics=message.metrics,
                 )
-                if relay is not None:
-                    await relay({**event, "attempt": attempt})
-            elif kind == "batch":
-                done = (event["epoch"] - 1 + event["batch"] / event["total_batches"]) / total
-                await store.record(
-                    job_id, event, progress_epoch=event["epoch"], progress_fraction=done
-                )
-            elif kind == "epoch":
-                EPOCH_SECONDS.observe(event["metrics"].get("epoch_seconds", 0.0))
-                await store.record(
-                    job_id,
-                    {**event, "type": "epoch"},
-                    progress_epoch=event["epoch"],
-                    progress_fraction=event["epoch"] / total,
-                    metrics=event["metrics"],
-                )
-                if relay is not None:
-                    await relay(event)
-            elif kind == "outcome":
-                if event["outcome"] == "succeeded":
-                    return TrainResult(
-                        event["mlflow_run_id"],
-                        event["model_version"],
-                        event["metrics"],
-                        event.get("model_uri", ""),
-                    )
-                raise _Outcome(event["outcome"], event["message"], event)
+            elif isinstance(message, TrainResult):
+                return message
+            elif isinstance(message, child.Ended):
+                raise _Outcome(message)
+            if relay is not None and isinstance(message, JobStarted | EpochCompleted):
+                await relay(message)
     finally:
         if proc.is_alive():
             stop.set()
@@ -279,11 +266,7 @@ async def _train_in_process(
         if proc.is_alive():
             proc.kill()
             await asyncio.to_thread(proc.join, 5)
-        events.close()
-
-
-def _without_type(event: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in event.items() if k != "type"}
+        messages.close()
 
 
 def _close_abandoned_run(settings: Settings, run_id: str) -> None:
@@ -307,9 +290,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["pool"] = await db.connect_pool(settings.database_url)
     # A job training across a PostgreSQL restart waits to record its progress and its end.
     ctx["store"] = JobStore(ctx["pool"], ctx["redis"], patience_s=WAIT_FOR_POSTGRES_S)
-    training = Training(
-        ctx["store"], ctx["redis"], settings.training_queue, settings.default_model_name
-    )
+    training = Training(ctx["store"], ctx["redis"], settings.training_queue)
     ctx["sweeps"] = Sweeps(
         SweepStore(ctx["pool"], ctx["redis"]),
         training,

@@ -19,6 +19,7 @@ from mlmesh.training.v1 import sweep_pb2 as spb
 from mlmesh.training.v1 import training_pb2 as pb
 from mlmesh.training.v1 import training_pb2_grpc
 from services.launcher.mesh import Mesh
+from tests.conftest import metric_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -269,3 +270,111 @@ def test_grid_search_needs_finite_domains(training, auth) -> None:
     with pytest.raises(grpc.RpcError) as err:
         training.GetSweep(spb.GetSweepRequest(sweep_id="nope"), metadata=auth)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def submitted_sweeps(mesh: Mesh) -> float:
+    text = httpx.get(f"http://127.0.0.1:{mesh.settings.training_ops_port}/metrics").text
+    return metric_sample(text, "training_sweeps_submitted_total", client="alice")
+
+
+def test_trials_that_train_every_epoch_are_complete_not_pruned(
+    mesh: Mesh, training, auth, rest: httpx.Client, keys: dict[str, str]
+) -> None:
+    # The grid of the pruning test above, one epoch each: the absurd rates score far below the
+    # sane one, but they trained their only epoch, so they are complete, not pruned.
+    request = spb.SubmitSweepRequest(
+        search_space={"learning_rate": choice(0.002, 9.0, 10.0)},
+        dataset="fashion_mnist",
+        architecture="mlp",
+        epochs=1,
+        train_subset=300,
+        parallelism=1,
+        seed=5,
+        strategy=spb.SEARCH_STRATEGY_GRID,
+        early_stopping=spb.EarlyStopping(pruner=spb.PRUNER_MEDIAN, startup_trials=1),
+        experiment_name="it-sweeps-fashion",
+    )
+    before = submitted_sweeps(mesh)
+    sweep = training.SubmitSweep(request, metadata=auth).sweep
+    assert submitted_sweeps(mesh) - before == 1
+    assert sweep.model_name == "fashion-mnist-classifier"  # its dataset's, none named
+    done = wait_for(sweep.sweep_id, training, auth)
+    assert done.state == spb.SWEEP_STATE_SUCCEEDED, done.error
+    rates = [t.params["learning_rate"].number_value for t in done.trials]
+    assert rates[0] == 0.002, rates  # the sane rate first, so the others had a median to fail
+    assert [(t.state, t.epochs_completed) for t in done.trials] == [
+        (spb.TRIAL_STATE_COMPLETE, 1)
+    ] * 3
+    for t in done.trials:
+        job = training.GetTrainingJob(pb.GetTrainingJobRequest(job_id=t.job_id), metadata=auth)
+        assert job.job.state == pb.JOB_STATE_SUCCEEDED
+    assert done.best_trial == 0
+
+    client = mlflow.MlflowClient(tracking_uri=mesh.settings.mlflow_tracking_uri)
+    version = client.get_model_version("fashion-mnist-classifier", str(done.model_version))
+    assert version.run_id == done.trials[0].mlflow_run_id
+    parent = client.get_run(done.mlflow_run_id)
+    assert parent.info.run_name == "sweep-fashion_mnist-grid-3-trials"
+    assert parent.data.tags["mlmesh.sweep_id"] == done.sweep_id
+    assert parent.data.params["seed"] == "5"
+    for t in done.trials:
+        run = client.get_run(t.mlflow_run_id)
+        lr = t.params["learning_rate"].number_value
+        assert run.info.run_name == f"trial-{t.number}-mlp-adam-lr{lr:.2g}-bs128-e1"
+        assert run.data.tags["mlmesh.job_id"] == t.job_id
+        assert run.data.tags["mlflow.parentRunId"] == done.mlflow_run_id
+        assert "mlmesh.trial_state" not in run.data.tags
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # An ended sweep cannot be cancelled, and says so.
+    with pytest.raises(grpc.RpcError) as err:
+        training.CancelSweep(spb.CancelSweepRequest(sweep_id=done.sweep_id), metadata=auth)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already ended" in err.value.details() and "succeeded" in err.value.details()
+    resp = rest.post(
+        f"/v1/training/sweeps/{done.sweep_id}:cancel",
+        json={},
+        headers={"x-api-key": keys["alice"]},
+    )
+    assert resp.status_code == 400 and "already ended" in resp.json()["message"], resp.text
+    again = training.GetSweep(spb.GetSweepRequest(sweep_id=done.sweep_id), metadata=auth).sweep
+    assert again.state == spb.SWEEP_STATE_SUCCEEDED and not again.cancelled_by
+
+
+def test_a_sweep_without_a_seed_draws_one_and_records_it(mesh: Mesh, training, auth) -> None:
+    def submit(**seed: int) -> spb.Sweep:
+        request = spb.SubmitSweepRequest(
+            search_space={"learning_rate": choice(0.001, 0.002)},
+            epochs=1,
+            max_trials=1,
+            parallelism=1,
+            strategy=spb.SEARCH_STRATEGY_RANDOM,
+            model_name="it-sweep-seeds",
+            **{**SMALL, "train_subset": 200, "experiment_name": "it-sweeps-seeds"},
+            **seed,
+        )
+        return training.SubmitSweep(request, metadata=auth).sweep
+
+    first, second, given = submit(), submit(), submit(seed=1234)
+    assert first.seed != second.seed  # the second does not replay the first
+    assert given.seed == 1234
+    client = mlflow.MlflowClient(tracking_uri=mesh.settings.mlflow_tracking_uri)
+    for submitted in (first, second, given):
+        deadline = time.monotonic() + 120
+        while True:
+            sweep = training.GetSweep(
+                spb.GetSweepRequest(sweep_id=submitted.sweep_id), metadata=auth
+            ).sweep
+            if sweep.mlflow_run_id:
+                break
+            assert time.monotonic() < deadline, f"no parent run: {sweep}"
+            time.sleep(0.5)
+        assert sweep.seed == submitted.seed
+        assert client.get_run(sweep.mlflow_run_id).data.params["seed"] == str(submitted.seed)
+    for submitted in (first, second, given):
+        try:
+            training.CancelSweep(spb.CancelSweepRequest(sweep_id=submitted.sweep_id), metadata=auth)
+        except grpc.RpcError as err:  # it ended already
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+        assert wait_for(submitted.sweep_id, training, auth, timeout_s=120).state in ENDED

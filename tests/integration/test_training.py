@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,11 +20,14 @@ import httpx
 import mlflow
 import numpy as np
 import pytest
+from mlflow.entities import LoggedModelStatus
 from redis import Redis
 
+from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 from mlmesh.training.v1 import training_pb2 as pb
 from mlmesh.training.v1 import training_pb2_grpc
 from services.launcher.mesh import Mesh, child_env
+from tests.conftest import metric_sample
 
 SMALL = {"train_subset": 2000, "epochs": 1, "experiment_name": "it-training"}
 
@@ -250,6 +254,125 @@ def test_cancel_a_queued_job_and_unknown_jobs(training, auth) -> None:
     with pytest.raises(grpc.RpcError) as err:
         training.GetTrainingJob(pb.GetTrainingJobRequest(job_id="nope"), metadata=auth)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# -- a job on Fashion-MNIST that names no model, as a newcomer's first one might ------------------
+# These run before the SIGKILL test below: the worker it kills may be the mesh's only one.
+
+
+@dataclass(frozen=True)
+class FirstJob:
+    submitted: pb.TrainingJob
+    done: pb.TrainingJob
+    submissions_counted: float  # training_jobs_submitted_total{client="alice"}, after - before
+
+
+def submitted_jobs(mesh: Mesh) -> float:
+    text = httpx.get(f"http://127.0.0.1:{mesh.settings.training_ops_port}/metrics").text
+    return metric_sample(text, "training_jobs_submitted_total", client="alice")
+
+
+@pytest.fixture(scope="module")
+def fashion_job(mesh: Mesh, training, auth) -> FirstJob:
+    before = submitted_jobs(mesh)
+    request = pb.SubmitTrainingJobRequest(
+        dataset="fashion_mnist",
+        architecture="mlp",
+        epochs=2,
+        train_subset=300,
+        experiment_name="it-training-fashion",
+    )
+    submitted = training.SubmitTrainingJob(request, metadata=auth).job
+    counted = submitted_jobs(mesh) - before
+    done = wait_for(submitted.job_id, training, auth, TERMINAL)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    return FirstJob(submitted, done, counted)
+
+
+def test_a_job_naming_no_model_registers_under_its_datasets_model(
+    mesh: Mesh, fashion_job: FirstJob
+) -> None:
+    assert fashion_job.submitted.model_name == "fashion-mnist-classifier"
+    done = fashion_job.done
+    assert done.model_name == "fashion-mnist-classifier" and done.model_version >= 1
+    client = mlflow.MlflowClient(tracking_uri=mesh.settings.mlflow_tracking_uri)
+    version = client.get_model_version("fashion-mnist-classifier", str(done.model_version))
+    assert version.run_id == done.mlflow_run_id
+    assert not client.search_model_versions(
+        f"name = 'mnist-classifier' and run_id = '{done.mlflow_run_id}'"
+    )
+
+
+def test_the_logged_model_belongs_to_the_runs_experiment(mesh: Mesh, fashion_job: FirstJob) -> None:
+    client = mlflow.MlflowClient(tracking_uri=mesh.settings.mlflow_tracking_uri)
+    run = client.get_run(fashion_job.done.mlflow_run_id)
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    mine = [m for m in logged if m.source_run_id == run.info.run_id]
+    assert len(mine) == 1, logged
+    assert mine[0].experiment_id == run.info.experiment_id and mine[0].name == "model"
+    assert mine[0].status == LoggedModelStatus.READY
+    assert [o.model_id for o in run.outputs.model_outputs] == [mine[0].model_id]
+    # None of the job's models went to "Default" (where other tests' own models may be).
+    in_default = client.search_logged_models(experiment_ids=["0"])
+    assert [m for m in in_default if m.source_run_id == run.info.run_id] == []
+
+
+def test_the_run_is_named_by_what_it_trained_and_tagged_with_the_job(
+    mesh: Mesh, fashion_job: FirstJob
+) -> None:
+    client = mlflow.MlflowClient(tracking_uri=mesh.settings.mlflow_tracking_uri)
+    run = client.get_run(fashion_job.done.mlflow_run_id)
+    assert run.info.run_name == "mlp-fashion_mnist-adam-lr0.001-bs128-e2"
+    assert run.data.tags["mlmesh.job_id"] == fashion_job.done.job_id
+
+
+def test_the_experiment_is_marked_as_model_training(mesh: Mesh, fashion_job: FirstJob) -> None:
+    client = mlflow.MlflowClient(tracking_uri=mesh.settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name("it-training-fashion")
+    assert experiment is not None
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_registry_reports_each_metric_at_its_step(
+    mesh: Mesh, gateway_channel: grpc.Channel, rest: httpx.Client, fashion_job: FirstJob
+) -> None:
+    run_id = fashion_job.done.mlflow_run_id
+    client = mlflow.MlflowClient(tracking_uri=mesh.settings.mlflow_tracking_uri)
+    last = client.get_metric_history(run_id, "val_accuracy")[-1]
+    assert last.step == 2  # two epochs
+    registry = registry_pb2_grpc.RegistryServiceStub(gateway_channel)
+    got = registry.GetRun(registry_pb2.GetRunRequest(run_id=run_id)).run
+    experiment_id = got.experiment_id
+    listed = registry.ListRuns(registry_pb2.ListRunsRequest(experiment_ids=[experiment_id])).runs
+    (listed_run,) = [r for r in listed if r.run_id == run_id]
+    for run in (got, listed_run):
+        metrics = {m.key: m for m in run.metrics}
+        assert metrics["val_accuracy"].step == last.step
+        assert metrics["val_accuracy"].value == pytest.approx(last.value)
+        assert metrics["val_accuracy"].time.ToMilliseconds() == last.timestamp
+    body = rest.get(f"/v1/runs/{run_id}").json()["run"]
+    (val,) = [m for m in body["metrics"] if m["key"] == "val_accuracy"]
+    assert int(val["step"]) == last.step
+
+
+def test_cancelling_an_ended_job_says_it_has_ended(
+    rest: httpx.Client, keys: dict[str, str], training, auth, fashion_job: FirstJob
+) -> None:
+    job_id = fashion_job.done.job_id
+    with pytest.raises(grpc.RpcError) as err:
+        training.CancelTrainingJob(pb.CancelTrainingJobRequest(job_id=job_id), metadata=auth)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already ended" in err.value.details() and "succeeded" in err.value.details()
+    resp = rest.post(
+        f"/v1/training/jobs/{job_id}:cancel", json={}, headers={"x-api-key": keys["alice"]}
+    )
+    assert resp.status_code == 400 and "already ended" in resp.json()["message"], resp.text
+    job = training.GetTrainingJob(pb.GetTrainingJobRequest(job_id=job_id), metadata=auth).job
+    assert job.state == pb.JOB_STATE_SUCCEEDED  # left as it ended
+
+
+def test_the_training_process_counts_submissions_by_client(fashion_job: FirstJob) -> None:
+    assert fashion_job.submissions_counted == 1
 
 
 @pytest.fixture()

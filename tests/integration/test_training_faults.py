@@ -22,8 +22,8 @@ from services.common import db
 from services.common.settings import Settings
 from services.launcher.mesh import Mesh, child_env
 from services.training.jobs import Job, JobStore
+from services.training.params import Submission
 from services.training.service import Training
-from services.training.validation import Submission
 from tests.conftest import free_port
 
 
@@ -65,8 +65,9 @@ async def _submit(settings: Settings) -> str:
     pool = await db.connect_pool(settings.database_url)
     redis = ArqRedis.from_url(settings.redis_url)
     try:
-        training = Training(JobStore(pool, redis), redis, settings.training_queue, "it-outage")
-        sub = Submission(train_subset=1000, epochs=1, experiment_name="it-outage")
+        training = Training(JobStore(pool, redis), redis, settings.training_queue)
+        params = {"train_subset": 1000, "epochs": 1}
+        sub = Submission(params | {"experiment_name": "it-outage", "model_name": "it-outage"})
         return (await training.submit(sub, "tester")).job_id
     finally:
         await redis.aclose()

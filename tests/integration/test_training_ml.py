@@ -19,8 +19,11 @@ from mlflow.entities import Run
 from PIL import Image
 
 from services.launcher.mesh import Mesh
+from services.training.events import BatchProgress, EpochCompleted, Event, JobStarted
 from services.training.ml import report
+from services.training.ml.tracking import RunTracker
 from services.training.ml.train import Cancelled, TrainResult, TrainSpec, train
+from services.training.params import PARAM_NAMES, JobParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -46,9 +49,9 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "train_seconds", "epo
 
 
 def a_spec(mesh: Mesh, **overrides: object) -> TrainSpec:
+    """A small job's spec; ``overrides`` are parameters (JobParams) or the attempt's fields."""
     tag = secrets.token_hex(3)
-    values: dict[str, object] = {
-        "job_id": f"it-job-{tag}",
+    params: dict[str, object] = {
         "dataset": "mnist",
         "architecture": "cnn",
         "epochs": 1,
@@ -59,13 +62,17 @@ def a_spec(mesh: Mesh, **overrides: object) -> TrainSpec:
         "train_subset": 2000,
         "experiment_name": f"it-training-{tag}",
         "model_name": f"it-mnist-{tag}",
+    }
+    attempt: dict[str, object] = {
+        "job_id": f"it-job-{tag}",
         "tracking_uri": mesh.settings.mlflow_tracking_uri,
         "data_dir": None,
         "client": "alice",
         "attempt": 1,
     }
-    values.update(overrides)
-    return TrainSpec(**values)  # type: ignore[arg-type]
+    for name, value in overrides.items():
+        (params if name in PARAM_NAMES else attempt)[name] = value
+    return TrainSpec(params=JobParams(**params), **attempt)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -83,7 +90,7 @@ def tracking_uri(uri: str) -> Iterator[None]:
 class Trained:
     spec: TrainSpec
     result: TrainResult
-    events: list[dict]
+    events: list[Event]
     run: Run
     client: MlflowClient
 
@@ -91,7 +98,7 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(mesh: Mesh) -> Trained:
     spec = a_spec(mesh)
-    events: list[dict] = []
+    events: list[Event] = []
     result = train(spec, events.append, lambda: False)
     client = MlflowClient(tracking_uri=spec.tracking_uri)
     return Trained(spec, result, events, client.get_run(result.mlflow_run_id), client)
@@ -99,21 +106,19 @@ def trained(mesh: Mesh) -> Trained:
 
 def test_events_come_in_order(trained: Trained) -> None:
     events = trained.events
-    types = [event["type"] for event in events]
-    assert types[0] == "started"
-    assert types[-1] == "epoch"
-    assert "batch" in types
-    assert set(types) == {"started", "batch", "epoch"}
-    assert events[0]["mlflow_run_id"] == trained.result.mlflow_run_id
-    assert events[0]["device"] in ("cpu", "cuda:0")
-    batches = [event for event in events if event["type"] == "batch"]
-    assert batches[0]["batch"] == 1
-    assert all(event["epoch"] == 1 and event["total_batches"] == 16 for event in batches)
-    assert all(np.isfinite(event["train_loss"]) for event in batches)
-    epoch = events[-1]
-    assert (epoch["epoch"], epoch["total_epochs"]) == (1, 1)
-    assert set(epoch["metrics"]) == set(EPOCH_METRICS)
-    pickle.dumps(events)  # they cross a process boundary
+    started, *middle, epoch = events
+    assert isinstance(started, JobStarted) and isinstance(epoch, EpochCompleted)
+    assert {type(event) for event in middle} == {BatchProgress}
+    assert started.mlflow_run_id == trained.result.mlflow_run_id
+    assert started.attempt == 1
+    assert started.device in ("cpu", "cuda:0")
+    batches = [event for event in events if isinstance(event, BatchProgress)]
+    assert batches[0].batch == 1
+    assert all(event.epoch == 1 and event.total_batches == 16 for event in batches)
+    assert all(np.isfinite(event.train_loss) for event in batches)
+    assert (epoch.epoch, epoch.total_epochs) == (1, 1)
+    assert set(epoch.metrics) == set(EPOCH_METRICS)
+    assert pickle.loads(pickle.dumps(events)) == events  # they cross a process boundary
 
 
 def test_the_run_holds_every_param_metric_and_tag(trained: Trained) -> None:
@@ -122,7 +127,7 @@ def test_the_run_holds_every_param_metric_and_tag(trained: Trained) -> None:
     params = run.data.params
     assert set(HYPERPARAMETERS + SIZES_AND_DATA) <= set(params)
     assert params["architecture"] == "cnn"
-    assert float(params["learning_rate"]) == spec.learning_rate
+    assert float(params["learning_rate"]) == spec.params.learning_rate
     assert (params["train_size"], params["val_size"], params["test_size"]) == (
         "2000",
         "10000",
@@ -168,12 +173,13 @@ def test_the_run_holds_every_artifact(trained: Trained, tmp_path: Path) -> None:
 
 def test_the_model_is_registered_and_serves_probabilities(trained: Trained) -> None:
     spec, result = trained.spec, trained.result
-    version = trained.client.get_model_version(spec.model_name, str(result.model_version))
+    version = trained.client.get_model_version(spec.params.model_name, str(result.model_version))
     assert version.status == "READY"
     assert version.run_id == result.mlflow_run_id
     assert version.tags["mlmesh.job_id"] == spec.job_id
     with tracking_uri(spec.tracking_uri):
-        model = mlflow.pyfunc.load_model(f"models:/{spec.model_name}/{result.model_version}")
+        uri = f"models:/{spec.params.model_name}/{result.model_version}"
+        model = mlflow.pyfunc.load_model(uri)
     signature = model.metadata.signature
     assert signature is not None
     (tensor,) = signature.inputs.inputs
@@ -197,16 +203,17 @@ def test_a_cancelled_job_ends_its_run_killed(mesh: Mesh) -> None:
         polls += 1
         return polls > 3
 
-    events: list[dict] = []
+    events: list[Event] = []
     with pytest.raises(Cancelled):
         train(spec, events.append, stop_after_a_few_batches)
     assert polls == 4  # stopped at the first poll that said so
-    assert events[0]["type"] == "started"
-    assert "epoch" not in {event["type"] for event in events}
+    started = events[0]
+    assert isinstance(started, JobStarted)
+    assert not any(isinstance(event, EpochCompleted) for event in events)
     client = MlflowClient(tracking_uri=spec.tracking_uri)
-    run = client.get_run(events[0]["mlflow_run_id"])
+    run = client.get_run(started.mlflow_run_id)
     assert run.info.status == "KILLED"
-    assert client.search_model_versions(f"name = '{spec.model_name}'") == []
+    assert client.search_model_versions(f"name = '{spec.params.model_name}'") == []
 
 
 def test_a_failed_job_ends_its_run_failed(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -215,8 +222,27 @@ def test_a_failed_job_ends_its_run_failed(mesh: Mesh, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(report, "write_confusion_matrix", broken)
     spec = a_spec(mesh, train_subset=256, architecture="mlp")
-    events: list[dict] = []
+    events: list[Event] = []
     with pytest.raises(RuntimeError, match="plotting broke"):
         train(spec, events.append, lambda: False)
     client = MlflowClient(tracking_uri=spec.tracking_uri)
-    assert client.get_run(events[0]["mlflow_run_id"]).info.status == "FAILED"
+    started = events[0]
+    assert isinstance(started, JobStarted)
+    assert client.get_run(started.mlflow_run_id).info.status == "FAILED"
+
+
+def test_an_experiment_without_a_kind_is_marked_as_model_training(mesh: Mesh) -> None:
+    uri = mesh.settings.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri)
+    name = f"it-untagged-{secrets.token_hex(3)}"
+    experiment_id = client.create_experiment(name)  # as made before mlmesh marked them
+    assert "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags
+    RunTracker.open(uri, name, "first", {}).end("FINISHED")
+    tags = client.get_experiment(experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    # A kind someone chose by hand stays.
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "genai_development")
+    RunTracker.open(uri, name, "second", {}).end("FINISHED")
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == (
+        "genai_development"
+    )

@@ -46,6 +46,9 @@ KNOWN_METRICS = frozenset(
         "model_input_drift_psi",
         "model_input_drift_window_images",
         "inference_models_loaded",
+        # training service
+        "training_jobs_submitted_total",
+        "training_sweeps_submitted_total",
         # training worker
         "training_jobs_active",
         "training_jobs_total",

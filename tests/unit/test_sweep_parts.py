@@ -12,17 +12,20 @@ from mlmesh_client.cli import SweepTable, UsageError, parse_space
 from services.common.errors import InvalidArgument
 from services.training.ml import search
 from services.training.ml.search import Choice, FloatRange, IntRange, PrunerSpec
-from services.training.sweep_spec import SweepSpec, SweepSubmission, validate_sweep
+from services.training.params import PARAM_NAMES, Submission
+from services.training.sweeps.spec import SweepSpec, SweepSubmission, validate_sweep
 
 
 def sub(**fields) -> SweepSubmission:
-    return SweepSubmission(**{"space": {"learning_rate": FloatRange(1e-4, 1e-2, True)}, **fields})
+    """A sweep of learning_rate; ``fields`` are the sweep's own or fixed parameters."""
+    fixed = {k: fields.pop(k) for k in list(fields) if k in PARAM_NAMES}
+    space = fields.pop("space", {"learning_rate": FloatRange(1e-4, 1e-2, True)})
+    return SweepSubmission(space, Submission(fixed), **fields)
 
 
 def test_defaults_and_round_trip() -> None:
     spec = validate_sweep(
-        sub(space={"optimizer": Choice(("Adam", "sgd")), "batch_size": IntRange(32, 128, 32)}),
-        "m",
+        sub(space={"optimizer": Choice(("Adam", "sgd")), "batch_size": IntRange(32, 128, 32)})
     )
     assert spec.space["optimizer"] == Choice(("adam", "sgd"))  # normalized like a job's
     assert (spec.strategy, spec.direction, spec.objective_metric) == (
@@ -32,14 +35,14 @@ def test_defaults_and_round_trip() -> None:
     )
     assert (spec.max_trials, spec.parallelism, spec.base.experiment_name) == (10, 2, "mnist-sweeps")
     assert SweepSpec.from_json(spec.to_json()) == spec
-    assert validate_sweep(sub(objective_metric="val_loss"), "m").direction == "minimize"
+    assert validate_sweep(sub(objective_metric="val_loss")).direction == "minimize"
     assert spec.trial_params({"optimizer": "sgd", "batch_size": 64}).batch_size == 64
 
 
 def test_grid_budget_is_the_grid() -> None:
     space = {"optimizer": Choice(("adam", "sgd")), "epochs": IntRange(1, 3)}
-    assert validate_sweep(sub(space=space, strategy="grid"), "m").max_trials == 6
-    assert validate_sweep(sub(space=space, strategy="grid", max_trials=4), "m").max_trials == 4
+    assert validate_sweep(sub(space=space, strategy="grid")).max_trials == 6
+    assert validate_sweep(sub(space=space, strategy="grid", max_trials=4)).max_trials == 4
     assert len(search.grid_points(space)) == 6
 
 
@@ -66,7 +69,7 @@ def test_grid_budget_is_the_grid() -> None:
 )
 def test_invalid_sweeps_name_the_problem(fields: dict, named: str) -> None:
     with pytest.raises(InvalidArgument) as err:
-        validate_sweep(sub(**fields), "m")
+        validate_sweep(sub(**fields))
     assert named in str(err.value)
 
 
@@ -124,3 +127,50 @@ def test_sweep_table_follows_the_events() -> None:
     assert lines[1].startswith("*")  # the best
     assert "registered m v3" in lines[-1]
     assert "registered m v3" in out.getvalue()
+
+
+def test_a_sweep_without_a_seed_draws_one_and_a_given_seed_is_kept() -> None:
+    drawn = {validate_sweep(sub()).base.seed for _ in range(5)}
+    assert len(drawn) == 5  # not a fixed default: each sweep searches afresh
+    assert all(0 <= seed < 2**32 for seed in drawn)
+    spec = validate_sweep(sub(seed=1234))
+    assert spec.base.seed == 1234
+    assert SweepSpec.from_json(spec.to_json()).base.seed == 1234  # recorded with the sweep
+
+
+def test_a_sweep_registers_under_its_datasets_model_unless_named() -> None:
+    assert validate_sweep(sub()).base.model_name == "mnist-classifier"
+    assert validate_sweep(sub(dataset="fashion_mnist")).base.model_name == (
+        "fashion-mnist-classifier"
+    )
+    named = validate_sweep(sub(dataset="fashion_mnist", model_name="mine"))
+    assert named.base.model_name == "mine"
+
+
+def test_a_trial_that_trained_its_last_epoch_is_never_pruned(tmp_path) -> None:
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    name = search.study_name("unit")
+    study = search.load_study(url, name, search.MAXIMIZE)
+    good = study.ask()
+    good.report(0.9, 1)
+    study.tell(good, 0.9)
+    poor = study.ask()
+    spec = search.TrialSpec(
+        sweep_id="unit",
+        number=poor.number,
+        storage_url=url,
+        study_name=name,
+        direction=search.MAXIMIZE,
+        objective_metric="val_accuracy",
+        pruner=PrunerSpec(startup_trials=1),
+        parent_run_id="",
+    )
+    reporter = search.TrialReporter(spec)
+    # The same poor objective: pruned before its last epoch, complete after it.
+    assert reporter.report(1, {"val_accuracy": 0.1}, last=False) is True
+    assert reporter.report(2, {"val_accuracy": 0.1}, last=True) is False
+    frozen = study._storage.get_trial(poor._trial_id)
+    assert frozen.state == optuna.trial.TrialState.RUNNING
+    assert frozen.intermediate_values == {1: 0.1, 2: 0.1}

@@ -18,6 +18,7 @@ from services.training.ml.catalog import ARCHITECTURES, CLASS_NAMES, DATASETS, O
 from services.training.ml.data import DataNotFound, load_dataset, read_idx, write_idx
 from services.training.ml.tracking import is_transient
 from services.training.ml.train import Cancelled, TrainSpec, TransientError, train
+from services.training.params import PARAM_NAMES, InvalidParameter, JobParams
 
 # sha256 of MNIST's uint8 pixels and labels (60,000 train + 10,000 test), whatever the copy.
 MNIST_DIGEST = "ecc5afacb8ba3706084074fe0ed7225d5d5b106c79f1c90cb9739d992069cd23"
@@ -25,8 +26,8 @@ FASHION_DIR = data.DEBIAN_DIRS["fashion_mnist"]
 
 
 def a_spec(**overrides: object) -> TrainSpec:
-    values: dict[str, object] = {
-        "job_id": "job-1",
+    """A small job's spec; ``overrides`` are parameters (JobParams) or the attempt's fields."""
+    params: dict[str, object] = {
         "dataset": "mnist",
         "architecture": "cnn",
         "epochs": 1,
@@ -37,13 +38,17 @@ def a_spec(**overrides: object) -> TrainSpec:
         "train_subset": 256,
         "experiment_name": "unit",
         "model_name": "unit-model",
+    }
+    attempt: dict[str, object] = {
+        "job_id": "job-1",
         "tracking_uri": "http://127.0.0.1:1",
         "data_dir": None,
         "client": "alice",
         "attempt": 1,
     }
-    values.update(overrides)
-    return TrainSpec(**values)  # type: ignore[arg-type]
+    for name, value in overrides.items():
+        (params if name in PARAM_NAMES else attempt)[name] = value
+    return TrainSpec(params=JobParams(**params), **attempt)  # type: ignore[arg-type]
 
 
 # -- catalog and models -------------------------------------------------------------------
@@ -204,15 +209,22 @@ def test_unknown_dataset_is_named() -> None:
     ],
 )
 def test_a_bad_spec_raises_value_error_naming_the_field(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=rf"^{field} "):
+    # A bad parameter is the service's own InvalidParameter, which is a ValueError too.
+    expected = InvalidParameter if field in PARAM_NAMES else ValueError
+    with pytest.raises(expected, match=rf"^{field} "):
         a_spec(**{field: value})
 
 
-def test_train_checks_a_spec_that_skipped_construction() -> None:
+@pytest.mark.parametrize("where", ["spec", "params"])
+def test_train_checks_a_spec_that_skipped_construction(where: str) -> None:
     # Unpickling (the worker's spawn) does not run __post_init__; train() checks again.
     spec = a_spec()
-    object.__setattr__(spec, "batch_size", 0)
-    with pytest.raises(ValueError, match=r"^batch_size "):
+    if where == "params":
+        object.__setattr__(spec.params, "batch_size", 0)
+    else:
+        object.__setattr__(spec, "attempt", 0)
+    field = "batch_size" if where == "params" else "attempt"
+    with pytest.raises(ValueError, match=rf"^{field} "):
         train(spec, lambda event: None, lambda: False)
 
 

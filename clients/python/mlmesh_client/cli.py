@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from mlmesh.registry.v1 import registry_pb2
 from mlmesh.training.v1 import sweep_pb2, training_pb2
@@ -20,7 +22,7 @@ class UsageError(Exception):
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.gateway, api_key=args.api_key)
+    return Client(args.gateway, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file)
 
 
 def _experiments(args: argparse.Namespace) -> None:
@@ -175,24 +177,72 @@ class Progress:
         self._out.flush()
 
 
+# The options of `mlmesh train` and `mlmesh sweep` are their request's fields: names, types
+# and enum choices come from the messages (a new field is a new option), and defaults and
+# bounds stay the service's, which names a bad value in its INVALID_ARGUMENT. Declared here
+# only: the shorter flags some fields also take.
+SHORT_FLAGS = {
+    "learning_rate": "--lr",
+    "experiment_name": "--experiment",
+    "model_name": "--model",
+    "max_trials": "--trials",
+    "objective_metric": "--objective",
+}
+_OPTION_TYPES = {
+    FieldDescriptor.CPPTYPE_INT32: (int, "N"),
+    FieldDescriptor.CPPTYPE_INT64: (int, "N"),
+    FieldDescriptor.CPPTYPE_UINT32: (int, "N"),
+    FieldDescriptor.CPPTYPE_UINT64: (int, "N"),
+    FieldDescriptor.CPPTYPE_DOUBLE: (float, "X"),
+    FieldDescriptor.CPPTYPE_FLOAT: (float, "X"),
+    FieldDescriptor.CPPTYPE_STRING: (str, "TEXT"),
+}
+
+
+def _enum_prefix(field: FieldDescriptor) -> str:
+    # Every enum's value 0 is <ENUM>_UNSPECIFIED (buf lint), so that names the prefix.
+    return field.enum_type.values_by_number[0].name.removesuffix("UNSPECIFIED")
+
+
+def _option_fields(message: type[Message]) -> list[FieldDescriptor]:
+    """The fields of ``message`` an option sets: scalars and enums (not lists, maps or
+    messages, which a command spells its own way)."""
+    return [f for f in message.DESCRIPTOR.fields if f.message_type is None and not f.is_repeated]
+
+
+def add_field_options(parser: argparse.ArgumentParser, message: type[Message]) -> None:
+    """An option for each scalar or enum field of ``message``: --field-name (and its short
+    flag), of the field's type; an enum's choices are its values' short names."""
+    for field in _option_fields(message):
+        flags = [f"--{field.name.replace('_', '-')}"]
+        if field.name in SHORT_FLAGS:
+            flags.append(SHORT_FLAGS[field.name])
+        if field.enum_type is not None:
+            prefix = _enum_prefix(field)
+            choices = [v.name.removeprefix(prefix).lower() for v in field.enum_type.values[1:]]
+            parser.add_argument(*flags, dest=field.name, type=str.lower, choices=choices)
+        elif field.cpp_type == FieldDescriptor.CPPTYPE_BOOL:
+            parser.add_argument(*flags, dest=field.name, action="store_true", default=None)
+        else:
+            kind, metavar = _OPTION_TYPES[field.cpp_type]
+            parser.add_argument(*flags, dest=field.name, type=kind, metavar=metavar)
+
+
+def field_values(args: argparse.Namespace, message: type[Message]) -> dict[str, object]:
+    """The fields of ``message`` the command line gave (enums by their full names)."""
+    values: dict[str, object] = {}
+    for field in _option_fields(message):
+        value = getattr(args, field.name, None)
+        if value is None:
+            continue
+        if field.enum_type is not None:
+            value = _enum_prefix(field) + str(value).upper()
+        values[field.name] = value
+    return values
+
+
 def _train(args: argparse.Namespace) -> None:
-    fields = {
-        k: v
-        for k, v in {
-            "dataset": args.dataset,
-            "architecture": args.architecture,
-            "epochs": args.epochs,
-            "learning_rate": args.lr,
-            "batch_size": args.batch_size,
-            "optimizer": args.optimizer,
-            "seed": args.seed,
-            "train_subset": args.train_subset,
-            "experiment_name": args.experiment,
-            "model_name": args.model,
-            "idempotency_key": args.idempotency_key,
-        }.items()
-        if v is not None
-    }
+    fields = field_values(args, training_pb2.SubmitTrainingJobRequest)
     with _client(args) as mesh:
         job = mesh.train(on_event=Progress(), **fields)
     if job.state != training_pb2.JOB_STATE_SUCCEEDED:
@@ -318,36 +368,13 @@ class SweepTable:
 def _sweep(args: argparse.Namespace) -> None:
     if not args.param:
         raise UsageError("give at least one --param NAME=SPEC to search")
-    space = dict(parse_space(p) for p in args.param)
-    fields = {
-        k: v
-        for k, v in {
-            "dataset": args.dataset,
-            "architecture": args.architecture,
-            "epochs": args.epochs,
-            "learning_rate": args.lr,
-            "batch_size": args.batch_size,
-            "optimizer": args.optimizer,
-            "seed": args.seed,
-            "train_subset": args.train_subset,
-            "experiment_name": args.experiment,
-            "model_name": args.model,
-            "idempotency_key": args.idempotency_key,
-            "objective_metric": args.objective,
-            "max_trials": args.trials,
-            "parallelism": args.parallelism,
-            "strategy": f"SEARCH_STRATEGY_{args.strategy.upper()}",
-            "search_space": space,
-        }.items()
-        if v is not None
-    }
-    if args.direction:
-        fields["direction"] = f"OBJECTIVE_DIRECTION_{args.direction.upper()}"
+    fields = field_values(args, sweep_pb2.SubmitSweepRequest)
+    fields["search_space"] = dict(parse_space(p) for p in args.param)
     if args.prune != "none":
+        stopping = {"warmup_epochs": args.warmup_epochs, "startup_trials": args.startup_trials}
         fields["early_stopping"] = {
             "pruner": f"PRUNER_{args.prune.upper()}",
-            "warmup_epochs": args.warmup_epochs,
-            "startup_trials": args.startup_trials,
+            **{k: v for k, v in stopping.items() if v is not None},
         }
     table = SweepTable()
     with _client(args) as mesh:
@@ -368,6 +395,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--gateway", help="gateway host:port (default $MLMESH_GATEWAY or 127.0.0.1:8000)"
     )
     parser.add_argument("--api-key", help="API key (default $MLMESH_API_KEY)")
+    parser.add_argument(
+        "--tls", action="store_true", help="the gateway speaks TLS (trust the system's CAs)"
+    )
+    parser.add_argument(
+        "--ca-file",
+        help="PEM CA to trust for the gateway's TLS (implies --tls; default "
+        "$MLMESH_GATEWAY_CA_FILE)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("up", help="start the whole mesh locally until Ctrl-C").set_defaults(
@@ -382,52 +417,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = commands.add_parser("versions", help="list a model's versions")
     p.add_argument("name")
     p.set_defaults(run=_versions)
-    p = commands.add_parser("train", help="train a model and follow it live (needs an API key)")
-    p.add_argument("--dataset", help="mnist (default) or fashion_mnist")
-    p.add_argument("--architecture", help="cnn (default) or mlp")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", help="adam (default), adamw or sgd")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--train-subset", type=int, help="train on the first N images only")
-    p.add_argument("--experiment", help="MLflow experiment (default mnist)")
-    p.add_argument("--model", help="registered model (default mnist-classifier)")
-    p.add_argument("--idempotency-key")
+    p = commands.add_parser(
+        "train",
+        help="train a model and follow it live (needs an API key)",
+        description="Train a model and follow it live. Each option sets the "
+        "SubmitTrainingJobRequest field of its name (--lr: learning_rate, --experiment: "
+        "experiment_name, --model: model_name); the service gives the rest its defaults and "
+        "names a value out of bounds. Example: --epochs 1 --train-subset 5000",
+    )
+    add_field_options(p, training_pb2.SubmitTrainingJobRequest)
     p.set_defaults(run=_train)
     p = commands.add_parser(
         "sweep",
         help="search hyperparameters, trials spread over the workers (needs an API key)",
         description="Run a hyperparameter sweep with a live table of its trials; the best "
-        "trial's model is registered. Example: --param learning_rate=log:1e-4:1e-2 "
-        "--param optimizer=adam,sgd --param batch_size=int:32:256:32",
+        "trial's model is registered. Each option sets the SubmitSweepRequest field of its "
+        "name (--trials: max_trials, --objective: objective_metric, and as for train); "
+        "--param adds to search_space, --prune and the two after it set early_stopping. "
+        "Example: --param learning_rate=log:1e-4:1e-2 --param optimizer=adam,sgd "
+        "--param batch_size=int:32:256:32",
     )
     p.add_argument(
         "--param",
         action="append",
         metavar="NAME=SPEC",
-        help="a searched hyperparameter (learning_rate, batch_size, epochs, optimizer, "
-        "architecture): a,b,c | log:LOW:HIGH | range:LOW:HIGH | int:LOW:HIGH[:STEP]",
+        help="a searched parameter: NAME=a,b,c | log:LOW:HIGH | range:LOW:HIGH | "
+        "int:LOW:HIGH[:STEP]",
     )
-    p.add_argument("--trials", type=int, help="trial budget (default 10; grid: its size)")
-    p.add_argument("--parallelism", type=int, help="trials at once (default 2)")
-    p.add_argument("--strategy", choices=("tpe", "random", "grid"), default="tpe")
-    p.add_argument("--objective", help="val_accuracy (default), val_loss or train_loss")
-    p.add_argument("--direction", choices=("maximize", "minimize"))
     p.add_argument("--prune", choices=("median", "successive_halving", "none"), default="median")
-    p.add_argument("--warmup-epochs", type=int, default=0, help="epochs before pruning")
-    p.add_argument("--startup-trials", type=int, default=1, help="trials before pruning")
-    p.add_argument("--dataset", help="mnist (default) or fashion_mnist")
-    p.add_argument("--architecture", help="cnn (default) or mlp")
-    p.add_argument("--epochs", type=int, help="epochs per trial (default 3)")
-    p.add_argument("--lr", type=float, help="learning rate, when not searched")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--train-subset", type=int, help="train on the first N images only")
-    p.add_argument("--experiment", help="MLflow experiment (default mnist-sweeps)")
-    p.add_argument("--model", help="registered model (default mnist-classifier)")
-    p.add_argument("--idempotency-key")
+    p.add_argument("--warmup-epochs", type=int, help="epochs before pruning")
+    p.add_argument("--startup-trials", type=int, help="trials before pruning")
+    add_field_options(p, sweep_pb2.SubmitSweepRequest)
     p.set_defaults(run=_sweep)
     p = commands.add_parser("promote", help="move a version to a stage (needs an API key)")
     p.add_argument("name")

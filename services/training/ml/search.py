@@ -231,12 +231,17 @@ class TrialReporter:
         )
         self._trial = optuna.trial.Trial(study, trial_id)
 
-    def report(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Record the epoch's objective; True when the trial should stop here."""
+    def report(self, epoch: int, metrics: dict[str, float], *, last: bool) -> bool:
+        """Record the epoch's objective; True when the trial should stop here.
+
+        Never after the ``last`` epoch: a trial that trained every epoch is complete, however
+        its objective compares (the pruner would say "prune" to a poor one, and a one-epoch
+        trial was then labelled pruned after finishing).
+        """
         value = metrics[self.spec.objective_metric]
         if self._trial.study._storage.get_trial(self._trial._trial_id).state != (
             TrialState.RUNNING
         ):
             return False  # told already (a retried attempt after its sweep moved on)
         self._trial.report(value, epoch)
-        return self.spec.pruner is not None and self._trial.should_prune()
+        return self.spec.pruner is not None and not last and bool(self._trial.should_prune())

@@ -29,6 +29,7 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import Schema, TensorSpec
 
+from services.common.model_contract import ONNX_FILE
 from services.training.ml.catalog import IMAGE_PIXELS, NUM_CLASSES
 
 if TYPE_CHECKING:
@@ -37,11 +38,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL_NAME_IN_RUN = "model"
-# The ONNX export logged inside the model's directory (MLflow puts extra files under
-# extra_files/); the inference service runs it with ONNX Runtime.
-ONNX_FILE = "model.onnx"
-ONNX_PATH_IN_MODEL = f"extra_files/{ONNX_FILE}"
 REGISTRATION_TIMEOUT_S = 300.0
+# MLflow 3's experiment tag for what an experiment holds, and its value for model training
+# (the UI's "Machine learning" kind, as opposed to "genai_development"; see
+# mlflow/server/js's ExperimentKind).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 _HTTP_5XX = re.compile(r"\berror code 5\d\d\b|\bstatus code 5\d\d\b|\b5\d\d Server Error\b")
 _CONNECTION_ERRORS = (
     requests.ConnectionError,
@@ -56,6 +58,30 @@ SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_PIXELS))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
 )
+
+
+def run_name(
+    architecture: str,
+    dataset: str,
+    optimizer: str,
+    learning_rate: float,
+    batch_size: int,
+    epochs: int,
+    trial: int | None = None,
+) -> str:
+    """A training run's name in MLflow's UI, saying what it trained (its job id is the tag
+    ``mlmesh.job_id``): ``cnn-mnist-adam-lr0.001-bs128-e3``; a sweep's trial, under the
+    sweep's run that names the dataset, ``trial-3-cnn-adam-lr0.0013-bs224-e3``."""
+    hyperparameters = f"{optimizer}-lr{learning_rate:.2g}-bs{batch_size}-e{epochs}"
+    if trial is None:
+        return f"{architecture}-{dataset}-{hyperparameters}"
+    return f"trial-{trial}-{architecture}-{hyperparameters}"
+
+
+def sweep_run_name(dataset: str, strategy: str, max_trials: int) -> str:
+    """A sweep's parent run's name (its sweep id is the tag ``mlmesh.sweep_id``):
+    ``sweep-mnist-tpe-10-trials``."""
+    return f"sweep-{dataset}-{strategy}-{max_trials}-trials"
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -133,7 +159,7 @@ class RunTracker:
 
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray) -> ModelInfo:
         """Log ``model`` (CPU, eval mode, outputs probabilities) in torch.export's pt2 format,
-        with an ONNX export of it beside (``ONNX_PATH_IN_MODEL``) for serving.
+        with an ONNX export of it beside (model_contract.ONNX_PATH_IN_MODEL) for serving.
 
         pt2 rather than pickle: MLflow 3.17 refuses to unpickle models unless
         MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set, while a pt2 archive loads anywhere with
@@ -145,11 +171,23 @@ class RunTracker:
         with tempfile.TemporaryDirectory(prefix="mlmesh-onnx-") as tmp:
             onnx_path = Path(tmp) / ONNX_FILE
             export_onnx(model, input_example, onnx_path)
+            # The LoggedModel is created here, in the run's experiment: left to log_model, MLflow
+            # files it under the fluent API's active experiment, which is experiment 0
+            # ("Default") in a process that never called set_experiment, and the run's page
+            # then lists no logged model.
+            run = self.client.get_run(self.run_id)
+            logged = self.client.create_logged_model(
+                run.info.experiment_id,
+                name=MODEL_NAME_IN_RUN,
+                source_run_id=self.run_id,
+                params=run.data.params,
+            )
             with _global_tracking_uri(self.tracking_uri):
                 return mlflow.pytorch.log_model(
                     model,
                     name=MODEL_NAME_IN_RUN,
                     run_id=self.run_id,
+                    model_id=logged.model_id,
                     signature=SIGNATURE,
                     input_example=input_example,
                     serialization_format="pt2",
@@ -224,10 +262,11 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created when missing, marked as model training."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         except RestException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -239,5 +278,9 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
         raise ValueError(
             f"experiment_name {name!r} names a deleted MLflow experiment; restore it or pick "
             "another name"
+        )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before mlmesh set it, or by hand
+        client.set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
         )
     return experiment.experiment_id

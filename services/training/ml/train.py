@@ -1,7 +1,8 @@
 """One training job, end to end: data, model, the epoch loop, evaluation, MLflow, registration.
 
 ``train`` is what the worker's training process runs (``services/training/child.py``). It
-reports through ``emit`` (plain, picklable dicts) and polls ``should_stop`` every batch. The
+reports through ``emit`` (the job's typed events, picklable) and polls ``should_stop`` every
+batch. The
 loop itself lives in ``loop`` and knows nothing of MLflow, so the benchmark times exactly the
 code jobs run.
 """
@@ -9,18 +10,18 @@ code jobs run.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from services.training.events import BatchProgress, EpochCompleted, JobStarted
 from services.training.ml import report
-from services.training.ml.catalog import ARCHITECTURES, CLASS_NAMES, DATASETS, OPTIMIZERS
+from services.training.ml.catalog import CLASS_NAMES
 from services.training.ml.data import Dataset, Split, load_dataset
 from services.training.ml.loop import (
     LR_DECAY_PER_EPOCH,
@@ -37,21 +38,16 @@ from services.training.ml.loop import (
 )
 from services.training.ml.models import Probabilities
 from services.training.ml.search import TrialReporter, TrialSpec
-from services.training.ml.tracking import RunTracker, is_transient
+from services.training.ml.tracking import RunTracker, is_transient, run_name
+from services.training.params import JobParams
 
 __all__ = ["Cancelled", "Pruned", "TrainResult", "TrainSpec", "TransientError", "train"]
 
 # At most this many "batch" events per second; never one per batch.
 BATCH_EVENTS_PER_S = 2.0
 INPUT_EXAMPLE_ROWS = 5
-# The same bounds the service validates submissions against (services/training/validation.py).
-MAX_EPOCHS = 100
-MAX_LEARNING_RATE = 10.0
-MAX_BATCH_SIZE = 4096
-MAX_SEED = 2**32 - 1
-MAX_TRAIN_SUBSET = 10_000_000
 
-Emit = Callable[[dict], None]
+Emit = Callable[[JobStarted | BatchProgress | EpochCompleted], None]
 
 
 class TransientError(Exception):
@@ -69,20 +65,12 @@ class Pruned(Exception):
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Everything one attempt of one training job needs. Constructing a bad one raises
-    ValueError naming the field; ``train`` checks again (unpickling skips __post_init__)."""
+    """Everything one attempt of one training job needs: the job's parameters and what the
+    worker adds for this attempt. Constructing a bad one raises ValueError naming the field;
+    ``train`` checks again (unpickling skips __post_init__)."""
 
     job_id: str
-    dataset: str
-    architecture: str
-    epochs: int
-    learning_rate: float
-    batch_size: int
-    optimizer: str
-    seed: int
-    train_subset: int  # 0 = the whole training split; else the first N training images
-    experiment_name: str
-    model_name: str  # registered model to add a version to
+    params: JobParams  # what to train (checked by params.py, the service's own validator)
     tracking_uri: str  # MLflow server
     data_dir: str | None  # an IDX directory that overrides the offline sources, or None
     client: str  # API-key client that submitted the job (a tag)
@@ -96,41 +84,17 @@ class TrainSpec:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        for field in ("job_id", "experiment_name", "model_name", "tracking_uri"):
+        for field in ("job_id", "tracking_uri"):
             value = getattr(self, field)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{field} must be a non-empty string, got {value!r}")
         if not isinstance(self.client, str):
             raise ValueError(f"client must be a string, got {self.client!r}")
-        for field, allowed in (
-            ("dataset", DATASETS),
-            ("architecture", ARCHITECTURES),
-            ("optimizer", OPTIMIZERS),
-        ):
-            if getattr(self, field) not in allowed:
-                raise ValueError(
-                    f"{field} must be one of {', '.join(allowed)}, got {getattr(self, field)!r}"
-                )
-        for field, low, high in (
-            ("epochs", 1, MAX_EPOCHS),
-            ("batch_size", 1, MAX_BATCH_SIZE),
-            ("seed", 0, MAX_SEED),
-            ("train_subset", 0, MAX_TRAIN_SUBSET),
-            ("attempt", 1, None),
-        ):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{field} must be an integer, got {value!r}")
-            if value < low or (high is not None and value > high):
-                bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-                raise ValueError(f"{field} must be {bound}, got {value}")
-        lr = self.learning_rate
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
-            raise ValueError(f"learning_rate must be a finite number, got {lr!r}")
-        if not 0 < lr <= MAX_LEARNING_RATE:
-            raise ValueError(
-                f"learning_rate must be above 0 and at most {MAX_LEARNING_RATE:g}, got {lr!r}"
-            )
+        if not isinstance(self.params, JobParams):
+            raise ValueError(f"params must be JobParams, got {self.params!r}")
+        self.params.check()  # InvalidParameter, a ValueError naming the parameter
+        if isinstance(self.attempt, bool) or not isinstance(self.attempt, int) or self.attempt < 1:
+            raise ValueError(f"attempt must be an integer, at least 1, got {self.attempt!r}")
         if self.data_dir is not None and (not isinstance(self.data_dir, str) or not self.data_dir):
             raise ValueError(f"data_dir must be None or a directory path, got {self.data_dir!r}")
 
@@ -174,39 +138,45 @@ class _Prepared:
 
 
 def _prepare(spec: TrainSpec) -> _Prepared:
-    dataset = load_dataset(spec.dataset, spec.data_dir)
-    if spec.train_subset > len(dataset.train):
+    p = spec.params
+    dataset = load_dataset(p.dataset, spec.data_dir)
+    if p.train_subset > len(dataset.train):
         raise ValueError(
             f"train_subset must be at most the {len(dataset.train)} training images of "
-            f"{spec.dataset}, got {spec.train_subset}"
+            f"{p.dataset}, got {p.train_subset}"
         )
-    train_split = dataset.train.head(spec.train_subset) if spec.train_subset else dataset.train
+    train_split = dataset.train.head(p.train_subset) if p.train_subset else dataset.train
     device = pick_device()
-    setup = set_up(
-        spec.architecture, spec.optimizer, spec.learning_rate, spec.seed, train_split, device
-    )
+    setup = set_up(p.architecture, p.optimizer, p.learning_rate, p.seed, train_split, device)
     return _Prepared(dataset, train_split, device, setup)
 
 
 def _train(spec: TrainSpec, emit: Emit, should_stop: ShouldStop) -> TrainResult:
-    job = _prepare(spec)
+    job, p = _prepare(spec), spec.params
     tags = {
         "mlmesh.job_id": spec.job_id,
         "mlmesh.client": spec.client,
         "mlmesh.attempt": str(spec.attempt),
     }
-    run_name = spec.job_id
+    name = run_name(
+        p.architecture,
+        p.dataset,
+        p.optimizer,
+        p.learning_rate,
+        p.batch_size,
+        p.epochs,
+        trial=spec.trial.number if spec.trial is not None else None,
+    )
     reporter = None
     if spec.trial is not None:
         reporter = TrialReporter(spec.trial)
-        run_name = f"trial-{spec.trial.number}"
         tags |= {
             "mlflow.parentRunId": spec.trial.parent_run_id,
             "mlmesh.sweep_id": spec.trial.sweep_id,
             "mlmesh.trial_number": str(spec.trial.number),
         }
-    tracker = RunTracker.open(spec.tracking_uri, spec.experiment_name, run_name, tags)
-    emit({"type": "started", "mlflow_run_id": tracker.run_id, "device": str(job.device)})
+    tracker = RunTracker.open(spec.tracking_uri, p.experiment_name, name, tags)
+    emit(JobStarted(spec.attempt, tracker.run_id, str(job.device)))
     try:
         result = _run(spec, job, tracker, emit, should_stop, reporter)
     except Cancelled:
@@ -231,10 +201,10 @@ def _run(
     should_stop: ShouldStop,
     reporter: TrialReporter | None,
 ) -> TrainResult:
-    dataset, model = job.dataset, job.setup.model
+    dataset, model, p = job.dataset, job.setup.model, spec.params
     tracker.log_params(
         {
-            **{k: v for k, v in asdict(spec).items() if k in _HYPERPARAMETERS},
+            **p.hyperparameters(),
             "train_size": len(job.train),
             "val_size": len(dataset.val),
             "test_size": len(dataset.test),
@@ -244,7 +214,7 @@ def _run(
             "pixel_mean": round(job.setup.pixel_mean, 6),
             "pixel_std": round(job.setup.pixel_std, 6),
             "lr_decay_per_epoch": LR_DECAY_PER_EPOCH,
-            **({"momentum": SGD_MOMENTUM} if spec.optimizer == "sgd" else {}),
+            **({"momentum": SGD_MOMENTUM} if p.optimizer == "sgd" else {}),
         }
     )
     sizes = {"train": len(job.train), "val": len(dataset.val), "test": len(dataset.test)}
@@ -252,28 +222,20 @@ def _run(
 
     train_on = job.train.to(job.device)
     val_on = dataset.val.to(job.device)
-    generator = torch.Generator().manual_seed(spec.seed)
+    generator = torch.Generator().manual_seed(p.seed)
     throttle = Throttle(1.0 / BATCH_EVENTS_PER_S)
     history: list[dict[str, float]] = []
-    for epoch in range(1, spec.epochs + 1):
+    for epoch in range(1, p.epochs + 1):
 
         def progress(batch: int, total: int, loss: float, epoch: int = epoch) -> None:
-            emit(
-                {
-                    "type": "batch",
-                    "epoch": epoch,
-                    "batch": batch,
-                    "total_batches": total,
-                    "train_loss": loss,
-                }
-            )
+            emit(BatchProgress(epoch, batch, total, loss))
 
         started = time.perf_counter()
         train_loss = train_epoch(
             model,
             job.setup.optimizer,
             train_on,
-            batch_size=spec.batch_size,
+            batch_size=p.batch_size,
             generator=generator,
             should_stop=should_stop,
             on_progress=progress,
@@ -293,14 +255,14 @@ def _run(
         }
         history.append(metrics)
         tracker.log_metrics(metrics, step=epoch)
-        emit({"type": "epoch", "epoch": epoch, "total_epochs": spec.epochs, "metrics": metrics})
-        if reporter is not None and reporter.report(epoch, metrics):
+        emit(EpochCompleted(epoch, p.epochs, metrics))
+        if reporter is not None and reporter.report(epoch, metrics, last=epoch == p.epochs):
             raise Pruned(epoch, metrics[reporter.spec.objective_metric])
 
     check_stop(should_stop)
     test_loss, test_accuracy, predictions = evaluate(model, dataset.test.to(job.device))
     final = {"test_accuracy": test_accuracy, "test_loss": test_loss}
-    tracker.log_metrics(final, step=spec.epochs)
+    tracker.log_metrics(final, step=p.epochs)
 
     with tempfile.TemporaryDirectory(prefix="mlmesh-train-") as tmp:
         directory = Path(tmp)
@@ -315,7 +277,7 @@ def _run(
     version = 0
     if spec.trial is None:
         version = tracker.register(
-            model_info.model_uri, spec.model_name, {"mlmesh.job_id": spec.job_id}
+            model_info.model_uri, p.model_name, {"mlmesh.job_id": spec.job_id}
         )
     return TrainResult(
         mlflow_run_id=tracker.run_id,
@@ -323,18 +285,6 @@ def _run(
         metrics={**final, **history[-1]},
         model_uri=model_info.model_uri,
     )
-
-
-_HYPERPARAMETERS = (
-    "dataset",
-    "architecture",
-    "epochs",
-    "learning_rate",
-    "batch_size",
-    "optimizer",
-    "seed",
-    "train_subset",
-)
 
 
 def _write_artifacts(

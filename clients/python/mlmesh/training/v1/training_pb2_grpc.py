@@ -114,7 +114,8 @@ class TrainingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelTrainingJob(self, request, context):
-        """CancelTrainingJob stops a queued or running job.
+        """CancelTrainingJob stops a queued or running job; a job that has ended is
+        FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,7 +151,8 @@ class TrainingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelSweep(self, request, context):
-        """CancelSweep stops a sweep: no new trials, and its running trials are cancelled.
+        """CancelSweep stops a sweep: no new trials, and its running trials are cancelled; a sweep
+        that has ended is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

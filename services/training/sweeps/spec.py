@@ -1,23 +1,23 @@
-"""Validation of a sweep submission: defaults resolved, every bad value named.
+"""What a sweep is: its submission, its validated spec, and the validation between them.
 
-A sweep searches some of a training job's hyperparameters; the rest are fixed for all its
-trials. Every candidate a space can produce must be a valid training job, so bounds are the
-training validator's own (``validation.validate``): a bad one is INVALID_ARGUMENT naming
+A sweep searches some of a training job's parameters (those ``params.py`` marks searchable);
+the rest are fixed for all its trials. Every candidate a space can produce must be a valid
+training job, so the fixed part and every value of the space go through the jobs' own
+validator (``params.validate``): a bad value is INVALID_ARGUMENT naming
 ``search_space.<parameter>``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidArgument
-from services.training.jobs import JobParams
 from services.training.ml import search
 from services.training.ml.search import Choice, Domain, FloatRange, IntRange, PrunerSpec
-from services.training.validation import Submission, validate
+from services.training.params import BY_NAME, SEARCHABLE, JobParams, Param, Submission, validate
 
 OBJECTIVES = ("val_accuracy", "val_loss", "train_loss")
 DEFAULT_OBJECTIVE = "val_accuracy"
@@ -26,38 +26,21 @@ DEFAULT_MAX_TRIALS = 10
 MAX_TRIALS = 500
 DEFAULT_PARALLELISM = 2
 MAX_PARALLELISM = 64
-# Searchable hyperparameters and the type of their values.
-SEARCHABLE: dict[str, type] = {
-    "learning_rate": float,
-    "batch_size": int,
-    "epochs": int,
-    "optimizer": str,
-    "architecture": str,
-}
 
 
 @dataclass(frozen=True)
 class SweepSubmission:
-    """A sweep as the caller sent it: None or "" means "use the default"."""
+    """A sweep as the caller sent it: the space, the fixed parameters it gave (with its
+    idempotency key), and how to search; 0 or "" means "use the default"."""
 
     space: dict[str, Domain]
-    dataset: str = ""
-    architecture: str = ""
-    epochs: int | None = None
-    learning_rate: float | None = None
-    batch_size: int | None = None
-    optimizer: str = ""
-    seed: int | None = None
-    train_subset: int = 0
+    fixed: Submission = field(default_factory=Submission)
     objective_metric: str = ""
     direction: str = ""
     max_trials: int = 0
     parallelism: int = 0
     strategy: str = ""
     pruner: PrunerSpec | None = None
-    experiment_name: str = ""
-    model_name: str = ""
-    idempotency_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,7 +62,7 @@ class SweepSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "base": dataclasses.asdict(self.base),
+            "base": self.base.to_record(),
             "space": {name: _domain_json(d) for name, d in self.space.items()},
             "objective_metric": self.objective_metric,
             "direction": self.direction,
@@ -92,7 +75,7 @@ class SweepSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SweepSpec:
         return cls(
-            base=JobParams(**data["base"]),
+            base=JobParams.from_record(data["base"]),
             space={name: _domain_from_json(d) for name, d in data["space"].items()},
             objective_metric=data["objective_metric"],
             direction=data["direction"],
@@ -123,49 +106,41 @@ def _bad(name: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"search_space.{name}: {message}")
 
 
-def _check_value(name: str, value: Any, base: Submission, default_model_name: str) -> Any:
-    """``value`` as the parameter's type, checked by the training validator."""
-    kind = SEARCHABLE[name]
-    if kind is str:
-        if not isinstance(value, str):
-            raise _bad(name, f"values must be strings, got {value!r}")
-    elif isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad(name, f"values must be numbers, got {value!r}")
-    elif not math.isfinite(value):
-        raise _bad(name, f"values must be finite, got {value!r}")
-    elif kind is int:
-        if value != int(value):
-            raise _bad(name, f"values must be integers, got {value!r}")
-        value = int(value)
-    else:
-        value = float(value)
+def _check_value(p: Param, value: Any, fixed: Submission, defaults: dict[str, Any]) -> Any:
+    """``value`` as a trial would take it: checked, and normalized ("Adam" -> "adam"), by
+    the jobs' validator, with the sweep's fixed parameters beside it."""
     try:
-        params = validate(dataclasses.replace(base, **{name: value}), default_model_name)
+        params = validate({**fixed.params, p.name: p.coerce(value)}, defaults)
     except InvalidArgument as err:
-        raise _bad(name, str(err)) from None
-    return getattr(params, name)  # strings come back normalized ("Adam" -> "adam")
+        raise _bad(p.name, str(err)) from None
+    return getattr(params, p.name)
 
 
-def _check_domain(name: str, domain: Domain, base: Submission, default_model_name: str) -> Domain:
+def _kinds(kind: type) -> str:
+    return " and ".join(name for name in SEARCHABLE if BY_NAME[name].kind is kind)
+
+
+def _check_domain(p: Param, domain: Domain, fixed: Submission, defaults: dict[str, Any]) -> Domain:
+    name = p.name
     if isinstance(domain, Choice):
         if not domain.values:
             raise _bad(name, "a choice needs at least one value")
-        values = tuple(_check_value(name, v, base, default_model_name) for v in domain.values)
+        values = tuple(_check_value(p, v, fixed, defaults) for v in domain.values)
         if len(set(values)) != len(values):
             raise _bad(name, f"choice values repeat: {list(values)}")
         return Choice(values)
     if isinstance(domain, FloatRange):
-        if SEARCHABLE[name] is not float:
-            raise _bad(name, "a continuous range is only for learning_rate; use int_range")
-        low = _check_value(name, domain.low, base, default_model_name)
-        high = _check_value(name, domain.high, base, default_model_name)
+        if p.kind is not float:
+            raise _bad(name, f"a continuous range is only for {_kinds(float)}; use int_range")
+        low = _check_value(p, domain.low, fixed, defaults)
+        high = _check_value(p, domain.high, fixed, defaults)
         if not low < high:
             raise _bad(name, f"range low must be below high, got {low:g} and {high:g}")
         return FloatRange(low, high, domain.log)
-    if SEARCHABLE[name] is not int:
-        raise _bad(name, "an integer range is only for batch_size and epochs")
-    low = _check_value(name, domain.low, base, default_model_name)
-    high = _check_value(name, domain.high, base, default_model_name)
+    if p.kind is not int:
+        raise _bad(name, f"an integer range is only for {_kinds(int)}")
+    low = _check_value(p, domain.low, fixed, defaults)
+    high = _check_value(p, domain.high, fixed, defaults)
     step = domain.step or 1
     if step < 1:
         raise _bad(name, f"int_range step must be at least 1, got {step}")
@@ -178,31 +153,28 @@ def _check_domain(name: str, domain: Domain, base: Submission, default_model_nam
     return IntRange(low, high, step, domain.log)
 
 
-def validate_sweep(sub: SweepSubmission, default_model_name: str) -> SweepSpec:
-    """Resolve defaults and check every field; InvalidArgument names the first bad one."""
-    base = Submission(
-        dataset=sub.dataset,
-        architecture=sub.architecture,
-        epochs=sub.epochs,
-        learning_rate=sub.learning_rate,
-        batch_size=sub.batch_size,
-        optimizer=sub.optimizer,
-        seed=sub.seed,
-        train_subset=sub.train_subset,
-        experiment_name=sub.experiment_name or DEFAULT_SWEEP_EXPERIMENT,
-        model_name=sub.model_name,
-        idempotency_key=sub.idempotency_key,
-    )
-    params = validate(base, default_model_name)
+def validate_sweep(sub: SweepSubmission) -> SweepSpec:
+    """Resolve defaults and check every field; InvalidArgument names the first bad one.
+
+    A sweep given no seed draws one (recorded in its spec, so passing it again repeats the
+    sweep): with a fixed default, every such sweep would replay the same trials. A job keeps
+    its fixed default seed, since repeatable training is what a job's seed is for.
+    """
+    # A sweep's own defaults: a seed drawn within the definition's bounds, an experiment.
+    defaults = {
+        "seed": secrets.randbelow(int(BY_NAME["seed"].high) + 1),  # type: ignore[arg-type]
+        "experiment_name": DEFAULT_SWEEP_EXPERIMENT,
+    }
+    params = sub.fixed.validate(defaults)
     if not sub.space:
         raise InvalidArgument("search_space must name at least one of " + ", ".join(SEARCHABLE))
     space: dict[str, Domain] = {}
     for name, domain in sub.space.items():
         if name not in SEARCHABLE:
             raise _bad(name, "not a searchable hyperparameter; one of " + ", ".join(SEARCHABLE))
-        if getattr(base, name) not in (None, ""):
+        if sub.fixed.params.get(name) not in (None, ""):
             raise _bad(name, f"also given as the fixed {name}; give one or the other")
-        space[name] = _check_domain(name, domain, base, default_model_name)
+        space[name] = _check_domain(BY_NAME[name], domain, sub.fixed, defaults)
 
     objective = sub.objective_metric.strip() or DEFAULT_OBJECTIVE
     if objective not in OBJECTIVES:
