@@ -47,7 +47,7 @@ demo: install  ## start the mesh, exercise it end to end, stop it
 soak: install  ## mixed load through the gateway for 5 min (not a test): writes bench/results/soak.md
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
-bench: install  ## prediction serving benchmark (not a test, ~6 min): writes bench/results/predict.md
+bench: install  ## prediction serving benchmark, three models (not a test, ~20 min): writes bench/results/predict.md
 	scripts/install-system-packages.sh  # wrk and h2load, if an older install lacks them
 	$(PY) -m bench.predict $(BENCH_ARGS)
 

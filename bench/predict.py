@@ -1,38 +1,21 @@
-"""Single-image prediction serving: mlmesh (gRPC direct, REST through Envoy) against the
-servers a user would otherwise pick, and the in-process forward pass as the ceiling.
+"""Prediction serving: mlmesh against the servers a user would otherwise pick, for three kinds
+of model, and the in-process forward pass as the ceiling.
 
-    .venv/bin/python -m bench.predict [--duration S] [--warm-up S] [--concurrency 1,8,32]
+    .venv/bin/python -m bench.predict [--models mnist,resnet,sklearn] [--skip PART,...]
+        [--duration S] [--warm-up S] [--concurrency 1,8,32] [--inference-threads N]
     make bench
 
-One run starts a private mesh (free ports, databases of its own, as the tests do), trains and
-registers a small CNN with the training code jobs run, promotes it to Production, and puts the
-same load on each server of that one model version:
-
-* mlmesh, gRPC straight to the Inference service (h2load, h2c): its own ``Predict`` and the
-  Open Inference Protocol's ``ModelInfer`` with raw FP32 contents; and REST ``POST /predict``
-  through the Envoy gateway with ``x-api-key`` (wrk); each uncached and cached;
-* ``mlflow models serve`` (``POST /invocations``, wrk), MLflow's own scoring server;
-* Seldon MLServer with its MLflow runtime (V2 ``/v2/models/<m>/infer``, wrk; and its gRPC
-  ``ModelInfer`` with the same raw request as mlmesh's OIP rows, h2load), installed into a
-  venv of its own under ``.bench/`` (skipped, with the reason, when that fails);
-* the forward pass in this process (ONNX Runtime on the model's ONNX export, as the service
-  runs it; its PyTorch fallback; ``mlflow.pyfunc``) at batch 1 and 32: no server at all.
-
-``--skip mlmesh,mlflow,mlserver,forward`` leaves parts out; ``.bench/predict/`` keeps the last
-run's logs, load scripts and h2load per-request logs.
-
-Every load row is closed-loop: ``concurrency`` connections, one request in flight on each, a
-warm-up run and then a fixed-duration measured run, one load generator process on loopback.
-wrk (HTTP/1.1, Lua) sends every row over HTTP; it varies four top-row pixels per request from
-a counter, so every "uncached" REST request is an image never seen before (a true cache miss).
-h2load sends the gRPC rows (unary gRPC over h2c: one framed request message); it cannot vary the
-body, so its "uncached" rows send ``cache-control: no-cache`` (the service skips the cache
-read, computes, and still stores the answer) and say so.
-
-The targets (issue 4): uncached REST through Envoy at concurrency 32 at least 5x the
-requests/s of ``mlflow models serve`` with p99 under 50 ms; cached REST p50 at concurrency 1
-under 2 ms; requests/s at concurrency 32 at least 3x concurrency 1. They are reported, never
-enforced: the script exits 0 whatever they say. Results: ``bench/results/predict.md``.
+One run starts a private mesh (free ports, databases of its own, as the tests do), registers
+and promotes three models in it the way a user would (``mnist``: a CNN trained by the jobs'
+code; ``resnet``: torchvision's ResNet-18 exported to ONNX and logged with
+``mlflow.onnx.log_model``; ``sklearn``: a wine pipeline logged with ``mlflow.sklearn``), and
+puts the same closed-loop load, one input per request, on each server of each version: mlmesh
+over the Open Inference Protocol (gRPC ``ModelInfer`` straight to the Inference service, REST
+``/v2/models/NAME/infer`` through Envoy; MNIST also over its own ``Predict`` and ``/predict``),
+``mlflow models serve`` and Seldon MLServer; and times the forward pass in this process, with
+interleaved checks of mlmesh against it. The method, what is fair and how, and the targets
+(reported, never enforced: the script exits 0) are in ``bench/README.md``. Results:
+``bench/results/predict.md``; ``.bench/predict/`` keeps the last run's logs and load scripts.
 """
 
 from __future__ import annotations
@@ -54,7 +37,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -65,7 +48,7 @@ import httpx
 import numpy as np
 
 from services.common import db
-from services.common.settings import Settings, split_address
+from services.common.settings import Settings
 from services.launcher.mesh import API_KEY_HEADER, Mesh, http_ok
 from services.launcher.process import Child, ChildSpec, Command, LaunchError, port_open
 
@@ -77,23 +60,45 @@ PREDICT_PATH = "/mlmesh.inference.v1.InferenceService/Predict"
 MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 CONCURRENCY = (1, 8, 32)
 PIXELS = 784
+MODELS = ("mnist", "resnet", "sklearn")
+RESNET_BATCHES = (1, 4, 8, 16, 32)
+RESNET_CLASSES = 1000
 
-# Targets of issue 4, reported (never enforced).
+# Targets of issue 4 (MNIST), reported (never enforced).
 TARGET_VS_MLFLOW = 5.0
 TARGET_P99_MS = 50.0
 TARGET_CACHED_P50_MS = 2.0
 TARGET_SCALING = 3.0
+# Targets of "Serve any model", reported (never enforced).
+TARGET_VS_PEERS = 2.0  # MNIST and sklearn: mlmesh req/s at the highest concurrency
+TARGET_OF_CEILING = 0.90  # ResNet: mlmesh images/s vs the in-process best batch
+TARGET_P50_OVER_FORWARD_MS = 1.5  # every model: p50 at c=1 minus the batch-1 forward pass
 
 # MLServer 1.7's inference workers need uvloop 0.21 (later ones break its worker start-up).
+MLSERVER = "Seldon MLServer 1.7.1"
 MLSERVER_PACKAGES = ("mlserver==1.7.1", "mlserver-mlflow==1.7.1", "uvloop==0.21.0")
 MLSERVER_INSTALL_TIMEOUT_S = 300.0
-# Requests of one row's counter range: far more than any row sends (uncached images unique).
-# Four top-row pixels (0 in every MNIST image) spell a counter in base 255: 255**4 images.
+MLFLOW_SERVE = "mlflow models serve"
+# Requests of one row's counter range: far more than any row sends (uncached inputs unique).
+# Four input values spell a counter in base 255 (255**4 inputs): MNIST's four top-row pixels
+# (0 in every image), the ResNet's first four values, the first four wine columns.
 VARIED = 4
 COUNTER_SPACE = 255**VARIED
 ROW_RANGE = 10_000_000
 THREAD_RANGE = 1_000_000
 MAX_LOADGEN_THREADS = ROW_RANGE // THREAD_RANGE
+
+# mlmesh's row paths (the MNIST ones keep the names earlier results used).
+# The services take only mutual TLS from the gateway (the front door): gRPC rows go through
+# Envoy too, h2c with the key, as clients call.
+PREDICT_GRPC = "gRPC through Envoy"
+OIP_GRPC = "gRPC through Envoy, OIP ModelInfer raw"
+PREDICT_REST = "REST through Envoy"
+OIP_REST = "REST through Envoy, /v2 infer JSON"
+OIP_REST_BINARY = "REST through Envoy, /v2 infer binary"
+MLSERVER_REST = "REST /v2 infer JSON"
+MLSERVER_GRPC = "gRPC OIP ModelInfer raw"
+INVOCATIONS = "REST /invocations"
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -114,14 +119,166 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def varied_pixels(counter: int) -> list[float]:
-    """``VARIED`` intensities (multiples of 1/255) that spell ``counter`` in base 255; the Lua
-    script computes the same, so images differ as float32 and as uint8 alike."""
-    return [(counter // 255**i % 255) / 255.0 for i in range(VARIED)]
+def digits(counter: int) -> list[int]:
+    """``counter`` in base 255, ``VARIED`` digits, least significant first (the Lua script
+    computes the same)."""
+    return [counter // 255**i % 255 for i in range(VARIED)]
 
 
-def fmt_pixel(value: float) -> str:
-    return f"{value:.6f}".rstrip("0").rstrip(".")  # valid JSON: "1", "0", "0.5"
+def fmt_number(value: float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".")  # valid JSON: "1", "0", "0.5", "-0.25"
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Tensor:
+    """One input tensor of a request, as the Open Inference Protocol names it."""
+
+    name: str
+    datatype: str  # FP32 or FP64
+    array: np.ndarray  # with the request's shape (a batch of one)
+
+
+HOLE = "\x00"  # where a varied value goes in a body's text (JSON never holds a NUL)
+
+
+def array_json(array: np.ndarray, holes: Sequence[int] = ()) -> str:
+    """``array`` as JSON nested lists (its shape), HOLE at the flat indices ``holes``."""
+    items = [fmt_number(v) for v in array.ravel().tolist()]
+    for i in holes:
+        items[i] = HOLE
+    for size in reversed(array.shape[1:]):
+        items = ["[" + ",".join(items[i : i + size]) + "]" for i in range(0, len(items), size)]
+    return "[" + ",".join(items) + "]"
+
+
+def json_with(document: dict, arrays: dict[str, str]) -> str:
+    """Compact JSON of ``document`` whose string values named in ``arrays`` are replaced by
+    that JSON text (arrays written by array_json)."""
+    text = json.dumps(document, separators=(",", ":"))
+    for placeholder, value in arrays.items():
+        quoted = json.dumps(placeholder)
+        if text.count(quoted) != 1:
+            raise ValueError(f"placeholder {placeholder} is not in the document once")
+        text = text.replace(quoted, value)
+    return text
+
+
+@dataclass
+class Body:
+    """An HTTP request body around ``VARIED`` varied values: parts[0] v0 parts[1] ... v3
+    parts[4]. JSON bodies write each value as its base plus digit/255 ("%.6f"); binary bodies
+    (the binary tensor extension) write the digit as the lowest byte of a little-endian float,
+    so the value moves in its last bits and stays finite."""
+
+    parts: list[bytes]
+    bases: list[float]
+    binary: bool = False
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. the binary JSON's length
+
+    @classmethod
+    def from_json(cls, text: str, bases: Sequence[float]) -> Body:
+        parts = [p.encode() for p in text.split(HOLE)]
+        if len(parts) != VARIED + 1 or len(bases) != VARIED:
+            raise ValueError(f"a body varies {VARIED} values; this one has {len(parts) - 1}")
+        return cls(parts, list(bases))
+
+    def render(self, counter: int) -> bytes:
+        out = [self.parts[0]]
+        for base, digit, part in zip(self.bases, digits(counter), self.parts[1:], strict=True):
+            out.append(bytes([digit]) if self.binary else f"{base + digit / 255:.6f}".encode())
+            out.append(part)
+        return b"".join(out)
+
+
+def vary(
+    tensors: Sequence[Tensor], varied: Sequence[tuple[int, int]], counter: int
+) -> list[Tensor]:
+    """The tensors with their varied values (tensor index, flat index) set from ``counter``
+    as a JSON body would carry them (base + digit/255)."""
+    out = [Tensor(t.name, t.datatype, t.array.copy()) for t in tensors]
+    for (t, i), digit in zip(varied, digits(counter), strict=True):
+        flat = out[t].array.reshape(-1)
+        flat[i] = float(f"{float(tensors[t].array.reshape(-1)[i]) + digit / 255:.6f}")
+    return out
+
+
+def oip_json_body(tensors: Sequence[Tensor], varied: Sequence[tuple[int, int]]) -> Body:
+    """``POST /v2/models/NAME/infer`` in JSON: each tensor's data flat, row-major."""
+    holes: dict[int, list[int]] = {}
+    for t, i in varied:
+        holes.setdefault(t, []).append(i)
+    arrays = {
+        f"@data{k}@": array_json(t.array.ravel(), holes.get(k, ())) for k, t in enumerate(tensors)
+    }
+    document = {
+        "inputs": [
+            {
+                "name": t.name,
+                "shape": list(t.array.shape),
+                "datatype": t.datatype,
+                "data": f"@data{k}@",
+            }
+            for k, t in enumerate(tensors)
+        ]
+    }
+    bases = [float(tensors[t].array.reshape(-1)[i]) for t, i in varied]
+    return Body.from_json(json_with(document, arrays), bases)
+
+
+def oip_binary_body(tensors: Sequence[Tensor], varied: Sequence[tuple[int, int]]) -> Body:
+    """``POST /v2/models/NAME/infer`` with the binary tensor extension (as tritonclient.http
+    sends it): the JSON names each tensor and its byte size, the raw little-endian elements
+    follow, and the answer's outputs come back binary too."""
+    raws = [t.array.astype(t.array.dtype.newbyteorder("<")).tobytes() for t in tensors]
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": t.name,
+                    "shape": list(t.array.shape),
+                    "datatype": t.datatype,
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+                for t, raw in zip(tensors, raws, strict=True)
+            ],
+            "parameters": {"binary_data_output": True},
+        },
+        separators=(",", ":"),
+    ).encode()
+    data = header + b"".join(raws)
+    starts = np.cumsum([len(header)] + [len(r) for r in raws])
+    offsets = [int(starts[t]) + i * tensors[t].array.itemsize for t, i in varied]
+    parts, at = [], 0
+    for offset in offsets:  # the lowest byte of each varied value (little-endian: the first)
+        parts.append(data[at:offset])
+        at = offset + 1
+    parts.append(data[at:])
+    return Body(
+        parts,
+        [0.0] * VARIED,
+        binary=True,
+        content_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+
+
+def model_infer_raw(model_name: str, tensors: Sequence[Tensor]) -> bytes:
+    """A serialized Open Inference Protocol ModelInferRequest, raw little-endian contents."""
+    from mlmesh.oip.v2 import grpc_predict_v2_pb2 as oip
+
+    request = oip.ModelInferRequest(model_name=model_name)
+    for t in tensors:
+        request.inputs.add(name=t.name, datatype=t.datatype, shape=list(t.array.shape))
+        request.raw_input_contents.append(t.array.astype(t.array.dtype.newbyteorder("<")).tobytes())
+    return request.SerializeToString()
 
 
 # -- the load generators ------------------------------------------------------------------------
@@ -140,6 +297,7 @@ class LoadResult:
     loadgen_cpu: float = 0.0  # load generator CPU seconds / wall seconds (1.0 = one core)
     machine_busy: float = math.nan  # share of all CPUs' time busy during the run
     detail: str = ""
+    latencies: list[float] = field(default_factory=list, repr=False)  # ms, sorted (h2load)
 
     @property
     def rps(self) -> float:
@@ -184,22 +342,36 @@ def run_measured(
     return proc.returncode, out_path.read_text(errors="replace"), cpu, machine
 
 
-WRK_LUA = r"""-- Written by bench/predict.py: POST one JSON image per request.
--- mode "vary": four top-row pixels spell a per-request counter (every image is new);
--- mode "fixed": the same image every time.
-local prefix = [==[%(prefix)s]==]
-local suffix = [==[%(suffix)s]==]
+WRK_LUA = r"""-- Written by bench/predict.py: POST one request body per request.
+-- The body is parts[1] v1 parts[2] ... v4 parts[5] (the parts are files beside this script);
+-- mode "vary": the four values spell a per-request counter (every input is new);
+-- mode "fixed": the same body every time.
+local dir = [==[%(dir)s]==]
+local binary = %(binary)s
+local bases = {%(bases)s}
 local mode = "%(mode)s"
 local first = %(first)d
+local parts = {}
+for i = 1, %(nparts)d do
+  local f = assert(io.open(dir .. "/part-" .. i, "rb"))
+  parts[i] = f:read("*a")
+  f:close()
+end
 local threads = {}
 answers, cached = 0, 0
 
-local function pix(c)
-  local p = {}
-  for i = 0, 3 do
-    p[i + 1] = string.format("%%.6f", (math.floor(c / 255 ^ i) %% 255) / 255)
+local function body(c)
+  local t = {parts[1]}
+  for i = 1, #parts - 1 do
+    local d = math.floor(c / 255 ^ (i - 1)) %% 255
+    if binary then
+      t[2 * i] = string.char(d)
+    else
+      t[2 * i] = string.format("%%.6f", bases[i] + d / 255)
+    end
+    t[2 * i + 1] = parts[i + 1]
   end
-  return table.concat(p, ",")
+  return table.concat(t)
 end
 
 function setup(thread)
@@ -210,16 +382,15 @@ end
 function init(args)
   counter = first + tid * %(thread_range)d
   wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/json"
 %(headers)s  if mode == "fixed" then
-    wrk.body = prefix .. pix(first) .. suffix
+    wrk.body = body(first)
   end
 end
 
 if mode == "vary" then
   function request()
     counter = counter + 1
-    return wrk.format(nil, nil, nil, prefix .. pix(counter) .. suffix)
+    return wrk.format(nil, nil, nil, body(counter))
   end
 end
 
@@ -249,17 +420,25 @@ end
 
 @dataclass
 class HttpTarget:
-    """A JSON endpoint wrk loads: body = prefix + the varied pixels + suffix."""
+    """An endpoint wrk loads with ``body`` (its varied values from a counter)."""
 
     name: str
     url: str
-    prefix: str
-    suffix: str
+    body: Body
     headers: dict[str, str] = field(default_factory=dict)
     says_cached: bool = False  # its answers carry mlmesh's "cached" flag
 
-    def body(self, counter: int) -> str:
-        return self.prefix + ",".join(f"{p:.6f}" for p in varied_pixels(counter)) + self.suffix
+    def all_headers(self) -> dict[str, str]:
+        return {"content-type": self.body.content_type, **self.body.headers, **self.headers}
+
+    def post(self, counter: int, timeout_s: float = 60.0) -> httpx.Response:
+        """One request, as wrk sends it (the pre-flight)."""
+        return httpx.post(
+            self.url,
+            content=self.body.render(counter),
+            headers=self.all_headers(),
+            timeout=timeout_s,
+        )
 
 
 class LoadGenerator:
@@ -288,16 +467,25 @@ class Wrk(LoadGenerator):
     version_pattern = r"wrk\s+(\S+)"
 
     def script(self, target: HttpTarget, mode: str, first: int) -> Path:
-        headers = "".join(f'  wrk.headers["{k}"] = "{v}"\n' for k, v in target.headers.items())
+        stem = f"wrk-{target.name}-{mode}-{first}"
+        parts_dir = self.work_dir / stem
+        parts_dir.mkdir(exist_ok=True)
+        for i, part in enumerate(target.body.parts, start=1):
+            (parts_dir / f"part-{i}").write_bytes(part)
+        headers = "".join(
+            f'  wrk.headers["{k}"] = "{v}"\n' for k, v in target.all_headers().items()
+        )
         text = WRK_LUA % {
-            "prefix": target.prefix,
-            "suffix": target.suffix,
+            "dir": parts_dir,
+            "binary": "true" if target.body.binary else "false",
+            "bases": ", ".join(repr(float(b)) for b in target.body.bases),
+            "nparts": len(target.body.parts),
             "mode": mode,
             "first": first,
             "thread_range": THREAD_RANGE,
             "headers": headers,
         }
-        path = self.work_dir / f"wrk-{target.name}-{mode}-{first}.lua"
+        path = self.work_dir / f"{stem}.lua"
         path.write_text(text)
         return path
 
@@ -357,7 +545,11 @@ class H2load(LoadGenerator):
     version_argv = ("h2load", "--version")
     version_pattern = r"nghttp2/(\S+)"
 
-    def run(self, target: GrpcTarget, concurrency: int, seconds: float) -> LoadResult:
+    def run(
+        self, target: GrpcTarget, concurrency: int, seconds: float, warm_up: float = 0.0
+    ) -> LoadResult:
+        """Load ``target`` for ``seconds`` (after ``warm_up`` seconds on the same connections,
+        not counted: h2load's --warm-up-time)."""
         tag = f"{target.name}-c{concurrency}-{secrets.token_hex(3)}"
         body = self.work_dir / f"h2load-{tag}.bin"
         body.write_bytes(b"\x00" + struct.pack(">I", len(target.message)) + target.message)
@@ -369,10 +561,12 @@ class H2load(LoadGenerator):
         argv = ["h2load", f"-c{concurrency}", f"-t{threads}", "-m1", f"-D{max(1, round(seconds))}"]
         for k, v in headers.items():
             argv += ["-H", f"{k}: {v}"]
+        if warm_up > 0:
+            argv.append(f"--warm-up-time={warm_up:g}s")
         argv += ["-d", str(body), "--log-file", str(log_file)]
         argv.append(f"http://{target.host}:{target.port}{target.path}")
         out = self.work_dir / f"h2load-{tag}.out"
-        code, text, cpu, busy = run_measured(argv, out, seconds + 60)
+        code, text, cpu, busy = run_measured(argv, out, seconds + warm_up + 60)
         finished = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
         counts = re.search(
             r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
@@ -385,7 +579,7 @@ class H2load(LoadGenerator):
         latencies = []
         for line in log_file.read_text().splitlines():
             parts = line.split("\t")
-            if len(parts) >= 3 and parts[1] == "200":
+            if len(parts) >= 3 and parts[1] == "200":  # the measured requests only
                 latencies.append(int(parts[2]) / 1e3)
         latencies.sort()
         done, succeeded = int(counts.group(3)), int(counts.group(4))
@@ -394,13 +588,15 @@ class H2load(LoadGenerator):
         ok = min(succeeded, round(int(traffic.group(1)) / target.response_bytes))
         return LoadResult(
             requests=done,
-            seconds=float(finished.group(1)),
+            # Its counts are the measured requests', its "finished in" the warm-up's time too.
+            seconds=float(finished.group(1)) - warm_up,
             p50_ms=percentile(latencies, 50),
             p99_ms=percentile(latencies, 99),
             errors=done - ok,
             loadgen_cpu=cpu,
             machine_busy=busy,
             detail=f"max {latencies[-1]:.1f} ms" if latencies else "",
+            latencies=latencies,
         )
 
 
@@ -409,6 +605,7 @@ class H2load(LoadGenerator):
 
 @dataclass
 class Row:
+    model: str  # mnist, resnet, sklearn
     system: str
     path: str
     tool: str
@@ -416,16 +613,21 @@ class Row:
     concurrency: int
     result: LoadResult | None
     note: str = ""
+    load: float = math.nan  # the machine's 1-min load average when the row began
 
 
 @dataclass
 class ForwardRow:
+    model: str
     runtime: str
     batch: int
     passes: int
     seconds: float
     p50_ms: float
     p99_ms: float
+    service: bool = False  # the runtime the Inference service runs for this model
+    cpu_s: float = 0.0  # this process's CPU time meanwhile (every thread)
+    latencies: list[float] = field(default_factory=list, repr=False)  # ms per pass, sorted
 
     @property
     def images_per_s(self) -> float:
@@ -440,8 +642,10 @@ class Bench:
     rows: list[Row] = field(default_factory=list)
     forward: list[ForwardRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    model: str = ""
+    models: dict[str, Model] = field(default_factory=dict)  # by key, in run order
     counter: int = 0  # next unused counter range (each uncached row gets its own)
+    loads: list[float] = field(default_factory=list)  # 1-min load average before each row
+    checks: list[Check] = field(default_factory=list)
 
     def next_range(self) -> int:
         first = self.counter
@@ -457,20 +661,25 @@ class Bench:
         self.rows.append(row)
         r = row.result
         if r is None:
-            print(f"  {row.system} {row.path} {row.cache} c={row.concurrency}: {row.note}")
+            print(
+                f"  {row.model} {row.system} {row.path} {row.cache} c={row.concurrency}: {row.note}"
+            )
             return
         hits = "" if r.cached is None else f", cached answers {r.cached}/{r.requests}"
         print(
-            f"  {row.system:<22} {row.path:<28} {row.cache:<10} c={row.concurrency:<3} "
-            f"{r.rps:9.1f} req/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  "
-            f"errors {r.errors}{hits}  load-gen CPU {r.loadgen_cpu:.0%}  "
-            f"machine CPU busy {r.machine_busy:.0%}",
+            f"  {row.model:<7} {row.system:<22} {row.path:<36} {row.cache:<8} "
+            f"c={row.concurrency:<3} {r.rps:8.1f} req/s  p50 {r.p50_ms:7.2f} ms  "
+            f"p99 {r.p99_ms:7.2f} ms  errors {r.errors}{hits}  load-gen CPU "
+            f"{r.loadgen_cpu:.0%}  machine CPU busy {r.machine_busy:.0%}",
             flush=True,
         )
 
-    def find(self, system: str, path: str, cache: str, concurrency: int) -> LoadResult | None:
+    def find(
+        self, model: str, system: str, path: str, cache: str, concurrency: int
+    ) -> LoadResult | None:
         for row in self.rows:
-            if (row.system, row.path, row.cache, row.concurrency) == (
+            if (row.model, row.system, row.path, row.cache, row.concurrency) == (
+                model,
                 system,
                 path,
                 cache,
@@ -479,33 +688,108 @@ class Bench:
                 return row.result
         return None
 
+    def concurrencies(self, model: str) -> list[int]:
+        """MNIST at every --concurrency, the other models at the lowest and highest."""
+        levels = self.args.concurrency
+        return list(levels) if model == "mnist" else sorted({min(levels), max(levels)})
+
 
 def load_rows(
     bench: Bench,
+    model: str,
     system: str,
     path: str,
     cache: str,
     run: Callable[[int, float], LoadResult],
     note: str = "",
+    probe: Callable[[], dict[str, float]] | None = None,
 ) -> None:
-    """Warm up, then measure, at each concurrency; a failure becomes a row that says so."""
+    """Warm up, then measure, at each concurrency; a failure becomes a row that says so.
+    ``probe`` (mlmesh's rows) reads the service's own timings before and after the measured
+    run, which the row's notes then give."""
     tool = "h2load" if path.startswith("gRPC") else "wrk"
-    for c in bench.args.concurrency:
+    for c in bench.concurrencies(model):
+        load = load_average()
+        bench.loads.append(load)
         try:
-            run(c, bench.args.warm_up)
+            warm = run(c, bench.args.warm_up)
+            # The warm-up's load generator leaves requests in flight when it stops; a server
+            # may still compute them (the peers do; mlmesh drops requests whose caller went).
+            # Let it drain, so the measured run does not pay for them.
+            settle = 0.0 if math.isnan(warm.p99_ms) else warm.p99_ms / 1e3
+            time.sleep(min(10.0, settle))
+            before = probe() if probe else {}
             result = run(c, bench.args.duration)
+            if probe:
+                itself = server_side(metrics_delta(before, probe()))
+                result.detail = "; ".join(x for x in (itself, result.detail) if x)
         except Exception as exc:  # keep going: one broken row must not lose the others
-            log.warning("%s %s c=%d failed: %s", system, path, c, exc)
+            log.warning("%s %s %s c=%d failed: %s", model, system, path, c, exc)
             why = " ".join(str(exc).split()).replace("|", "/")[:300]
-            bench.add(Row(system, path, tool, cache, c, None, f"failed: {why}"))
+            bench.add(Row(model, system, path, tool, cache, c, None, f"failed: {why}", load))
             continue
-        bench.add(Row(system, path, tool, cache, c, result, note))
+        bench.add(Row(model, system, path, tool, cache, c, result, note, load))
 
 
-# -- the mesh and the model ---------------------------------------------------------------------
+# The Inference service's own timings (its /metrics), summed over what a row sent.
+SERVER_METRICS = {
+    "handler": "model_prediction_duration_seconds",  # a request in the service, per method
+    "forward": "inference_forward_duration_seconds",  # one forward pass
+    "batch": "inference_batch_size",  # rows per forward pass
+}
+ROWS_ANSWERED = "model_predictions_total"
 
 
-def bench_settings(state_dir: Path, rate_limits: str = "predictions=1000000/s:1000000") -> Settings:
+def scrape(url: str) -> dict[str, float]:
+    """The sums and counts of SERVER_METRICS' histograms and the rows answered (all labels
+    added up), and when it was read ("wall", monotonic seconds)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    found: dict[str, float] = {"wall": time.monotonic()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == ROWS_ANSWERED:
+                found["rows"] = found.get("rows", 0.0) + sample.value
+            for key, metric in SERVER_METRICS.items():
+                for suffix in ("_sum", "_count"):
+                    if sample.name == metric + suffix:
+                        found[key + suffix] = found.get(key + suffix, 0.0) + sample.value
+    return found
+
+
+def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What happened between two scrapes (the wall time between them included)."""
+    return {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+
+
+def server_side(delta: dict[str, float]) -> str:
+    """What the service measured of itself (a metrics_delta): mean time in the service per
+    request, mean forward pass and rows per pass, and the share of the wall time the forward
+    thread was busy (near 100%: the model is the limit)."""
+
+    def mean(key: str, scale: float) -> float:
+        count = delta.get(key + "_count", 0)
+        return delta.get(key + "_sum", 0) / count * scale if count else math.nan
+
+    handler, forward, rows = mean("handler", 1e3), mean("forward", 1e3), mean("batch", 1)
+    if math.isnan(handler):
+        return ""
+    if math.isnan(forward):
+        return f"in the service {handler:.2f} ms/request, no forward pass (all from the cache)"
+    busy = delta.get("forward_sum", 0) / delta["wall"] if delta.get("wall") else math.nan
+    return (
+        f"in the service {handler:.2f} ms/request, forward {forward:.2f} ms/pass of "
+        f"{rows:.1f} rows, forward thread busy {busy:.0%}"
+    )
+
+
+# -- the mesh and the models --------------------------------------------------------------------
+
+
+def bench_settings(
+    state_dir: Path, rate_limits: str = "predictions=1000000/s:1000000", threads: int = 1
+) -> Settings:
     """Settings for a private mesh: free ports, databases and a model name of its own.
 
     PostgreSQL and Redis are the configured servers (MLMESH_* or the defaults; the launcher
@@ -529,6 +813,7 @@ def bench_settings(state_dir: Path, rate_limits: str = "predictions=1000000/s:10
         # Limits are checked (a Redis call per request, as in production) but never reached:
         # the load generators are one client each.
         "rate_limits": rate_limits,
+        "inference_threads": threads,
     }
     # Every port and address setting, including those of services added later.
     for name in Settings.model_fields:
@@ -549,19 +834,67 @@ def drop_databases(settings: Settings) -> None:
 
 @dataclass
 class Model:
-    name: str
+    """A registered, promoted model version and the requests every server gets for it."""
+
+    key: str  # mnist, resnet, sklearn (MLServer's name for it too)
+    title: str
+    name: str  # the registered model
     version: int
     local_dir: Path  # the downloaded MLflow model directory
-    image: np.ndarray  # (784,) float32, the image every request sends (first pixels varied)
-    accuracy: float
-    train_images: int
+    about: str  # what it is, for the report
+    tensors: list[Tensor]  # one request's inputs (a batch of one)
+    varied: list[tuple[int, int]]  # (tensor, flat index) of the VARIED values per request
+    invocations: Body  # mlflow models serve's body
+    binary_rest: bool = False  # mlmesh's REST rows also with the binary tensor extension
+
+    def inputs(self, counter: int) -> list[Tensor]:
+        return vary(self.tensors, self.varied, counter)
+
+    def batch(self, size: int) -> dict[str, np.ndarray]:
+        """``size`` different requests stacked, as the batcher stacks them."""
+        requests = [self.inputs(i) for i in range(size)]
+        return {
+            t.name: np.concatenate([r[k].array for r in requests])
+            for k, t in enumerate(self.tensors)
+        }
 
 
-def register_model(settings: Settings, train_images: int, work_dir: Path) -> Model:
-    """Train a CNN for one epoch with the jobs' own code, register it, promote to Production."""
+def sdk_client(settings: Settings):
+    from mlmesh_client.client import Client
+
+    _, key = settings.api_keys.split(",")[0].split("=", 1)
+    return Client(f"{settings.gateway_host}:{settings.gateway_port}", api_key=key)
+
+
+def promote_and_download(settings: Settings, name: str, version: int, work_dir: Path) -> Path:
+    """Promote the version through mlmesh (the Inference service loads it first) and
+    download its MLflow model, as the peers and the in-process rows load it."""
     import mlflow
 
-    from mlmesh_client.client import Client
+    started = time.monotonic()
+    with sdk_client(settings) as sdk:
+        sdk.promote(name, version)
+    print(
+        f"promoted {name} v{version} to Production ({time.monotonic() - started:.0f} s, "
+        "the Inference service loaded it)",
+        flush=True,
+    )
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{name}/{version}", dst_path=str(work_dir / name)
+        )
+    )
+
+
+def invocations_body(document: dict, array: np.ndarray, holes: Sequence[int]) -> Body:
+    """mlflow serve's body: ``document`` with "@data@" for ``array`` as nested lists."""
+    bases = [float(array.reshape(-1)[i]) for i in holes]
+    return Body.from_json(json_with(document, {"@data@": array_json(array, holes)}), bases)
+
+
+def register_mnist(settings: Settings, train_images: int, work_dir: Path) -> Model:
+    """Train a CNN for one epoch with the jobs' own code, register it, promote to Production."""
     from services.training.ml.data import load_dataset
     from services.training.ml.train import TrainSpec, train
     from services.training.params import JobParams
@@ -588,180 +921,375 @@ def register_model(settings: Settings, train_images: int, work_dir: Path) -> Mod
     model_name = spec.params.model_name
     started = time.monotonic()
     result = train(spec, emit=lambda event: None, should_stop=lambda: False)
+    accuracy = result.metrics["test_accuracy"]
     print(
         f"trained and registered {model_name} v{result.model_version} in "
-        f"{time.monotonic() - started:.0f} s (test accuracy {result.metrics['test_accuracy']:.4f})",
+        f"{time.monotonic() - started:.0f} s (test accuracy {accuracy:.4f})",
         flush=True,
     )
-    _, key = settings.api_keys.split(",")[0].split("=", 1)
-    gateway = f"{settings.gateway_host}:{settings.gateway_port}"
-    with Client(gateway, api_key=key) as sdk:
-        sdk.promote(model_name, result.model_version)
-    print(f"promoted {model_name} v{result.model_version} to Production", flush=True)
-
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    local = mlflow.artifacts.download_artifacts(
-        f"models:/{model_name}/{result.model_version}", dst_path=str(work_dir / "model")
-    )
+    local = promote_and_download(settings, model_name, result.model_version, work_dir)
     dataset = load_dataset("mnist", spec.data_dir)
-    image = dataset.test.images[0].numpy().astype(np.float32).copy()
-    image[:VARIED] = 0.0  # the pixels the load varies; 0 in every MNIST image anyway
+    image = dataset.test.images[0].numpy().astype(np.float32).reshape(1, PIXELS).copy()
+    image[0, :VARIED] = 0.0  # the pixels the load varies; 0 in every MNIST image anyway
+    holes = range(VARIED)
     return Model(
-        model_name,
-        result.model_version,
-        Path(local),
-        image,
-        result.metrics["test_accuracy"],
-        train_images,
+        key="mnist",
+        title="MNIST CNN",
+        name=model_name,
+        version=result.model_version,
+        local_dir=local,
+        about=(
+            f"`{model_name}` v{result.model_version}: the CNN trained 1 epoch on "
+            f"{train_images} MNIST images with the jobs' code (test accuracy {accuracy:.4f}), "
+            "logged in MLflow's pytorch flavor (pt2) with its ONNX export; input `input-0` "
+            "FP32 [-1, 784], output `output-0` FP32 [-1, 10]. mlmesh runs the ONNX export on "
+            "ONNX Runtime, mlflow serve and MLServer the pytorch flavor (torch eager)"
+        ),
+        tensors=[Tensor("input-0", "FP32", image)],
+        varied=[(0, i) for i in holes],
+        invocations=invocations_body({"inputs": "@data@"}, image, holes),
     )
 
 
-def with_varied(image: np.ndarray, counter: int) -> np.ndarray:
-    out = image.copy()
-    out[:VARIED] = np.float32(varied_pixels(counter))
-    return out
+def register_resnet(settings: Settings, threads: int, work_dir: Path) -> Model:
+    """torchvision's ResNet-18 (random weights: nothing is downloaded) exported to ONNX and
+    logged with mlflow.onnx.log_model, its ONNX session options set to the service's threads
+    (mlflow serve and MLServer read them; mlmesh sets its own, the same)."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    import torch
+    import torchvision
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    name = settings.default_model_name.replace("bench-mnist-", "bench-resnet-")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=RESNET_CLASSES).eval()
+    path = work_dir / "resnet18.onnx"
+    started = time.monotonic()
+    torch.onnx.export(
+        net,
+        (torch.zeros(1, 3, 224, 224),),
+        str(path),
+        dynamo=False,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 224, 224), "input")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, RESNET_CLASSES), "logits")]),
+    )
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_experiment("bench-predict")
+    with mlflow.start_run(run_name="resnet18-onnx"):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(path)),
+            name="model",
+            signature=signature,
+            registered_model_name=name,
+            onnx_session_options={"intra_op_num_threads": threads, "inter_op_num_threads": 1},
+        )
+    version = int(info.registered_model_version)
+    print(
+        f"exported and registered {name} v{version} in {time.monotonic() - started:.0f} s "
+        f"({path.stat().st_size / 1e6:.0f} MB of ONNX)",
+        flush=True,
+    )
+    local = promote_and_download(settings, name, version, work_dir)
+    # An "image" as a normalised input looks: values around 0, three decimals.
+    rng = np.random.default_rng(7)
+    image = np.round(rng.standard_normal((1, 3, 224, 224)), 3).astype(np.float32)
+    holes = range(VARIED)
+    return Model(
+        key="resnet",
+        title="ResNet-18 (ONNX)",
+        name=name,
+        version=version,
+        local_dir=local,
+        about=(
+            f"`{name}` v{version}: torchvision's `resnet18(weights=None)` (random weights, "
+            f"{RESNET_CLASSES} classes, 11.7 M parameters) exported with "
+            "`torch.onnx.export(dynamo=False)`, batch axis dynamic, logged with "
+            "`mlflow.onnx.log_model` (`onnx_session_options` intra-op threads = "
+            f"{threads}); input `input` FP32 [-1, 3, 224, 224] (602 KB raw, about 1 MB as "
+            "JSON), output `logits` FP32 [-1, 1000]. Every server runs it on ONNX Runtime"
+        ),
+        tensors=[Tensor("input", "FP32", image)],
+        varied=[(0, i) for i in holes],
+        invocations=invocations_body({"inputs": "@data@"}, image, holes),
+        binary_rest=True,
+    )
 
 
-def json_pixels(image: np.ndarray) -> tuple[str, str]:
-    """The image as JSON numbers, split around the varied pixels: (before, after)."""
-    rest = ",".join(fmt_pixel(float(v)) for v in image[VARIED:])
-    return "", "," + rest
+def register_sklearn(settings: Settings, work_dir: Path) -> Model:
+    """A scikit-learn pipeline on the bundled wine data, logged as a user would."""
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    name = settings.default_model_name.replace("bench-mnist-", "bench-wine-")
+    wine = load_wine(as_frame=True)
+    features = wine.data.rename(columns=lambda c: c.replace("/", "_"))
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+    model.fit(features, wine.target)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_experiment("bench-predict")
+    with mlflow.start_run(run_name="wine-sklearn"):
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            signature=infer_signature(features, model.predict(features)),
+            input_example=features.head(3),
+            registered_model_name=name,
+        )
+    version = int(info.registered_model_version)
+    print(f"registered {name} v{version}", flush=True)
+    local = promote_and_download(settings, name, version, work_dir)
+    row = features.iloc[0].to_numpy(dtype=np.float64)
+    holes = range(VARIED)
+    columns = list(features.columns)
+    return Model(
+        key="sklearn",
+        title="scikit-learn pipeline (wine)",
+        name=name,
+        version=version,
+        local_dir=local,
+        about=(
+            f"`{name}` v{version}: StandardScaler + LogisticRegression on scikit-learn's "
+            "wine data, logged with `mlflow.sklearn.log_model` and "
+            "`infer_signature(X, model.predict(X))`: 13 FP64 columns (each a tensor [-1] in "
+            "the Open Inference Protocol), output INT64 [-1]. Every server runs it through "
+            "`mlflow.pyfunc` (mlmesh's pyfunc runtime makes the DataFrame)"
+        ),
+        tensors=[Tensor(c, "FP64", row[i : i + 1].copy()) for i, c in enumerate(columns)],
+        varied=[(i, 0) for i in holes],
+        invocations=invocations_body(
+            {"dataframe_split": {"columns": columns, "data": "@data@"}}, row.reshape(1, -1), holes
+        ),
+    )
 
 
 # -- mlmesh rows --------------------------------------------------------------------------------
-
-
-def grpc_predict(address: str, image: np.ndarray, metadata: tuple = (), timeout_s: float = 10.0):
-    from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        return stub.Predict(
-            inference_pb2.PredictRequest(image=image.tolist()),
-            metadata=metadata,
-            timeout=timeout_s,
-        )
-
-
-def model_infer_raw(model_name: str, image: np.ndarray) -> bytes:
-    """A serialized Open Inference Protocol ModelInferRequest of one image, raw FP32."""
-    from mlmesh.oip.v2 import grpc_predict_v2_pb2 as oip
-
-    request = oip.ModelInferRequest(model_name=model_name)
-    request.inputs.add(name="input-0", datatype="FP32", shape=[1, PIXELS])
-    request.raw_input_contents.append(image.astype("<f4").tobytes())
-    return request.SerializeToString()
 
 
 def grpc_call(host: str, port: int, path: str, message: bytes, headers: dict[str, str]) -> bytes:
     """One unary call of serialized ``message`` to ``path``; the serialized answer."""
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         call = channel.unary_unary(path)  # no (de)serializers: bytes in, bytes out
-        return call(message, metadata=tuple(headers.items()), timeout=10.0)
+        return call(message, metadata=tuple(headers.items()), timeout=30.0)
 
 
-def wait_for_inference(settings: Settings, model: Model, timeout_s: float) -> str | None:
-    """None once the Inference service answers Predict with our model; else why not."""
-    host, port = split_address(settings.inference_address)
+def wait_for_model(settings: Settings, model: Model, timeout_s: float) -> str | None:
+    """None once the Inference service answers ModelInfer for the model's production version;
+    else why not."""
+    from mlmesh.oip.v2 import grpc_predict_v2_pb2 as oip
+
+    host, port = settings.gateway_host, settings.gateway_port
+    auth = {API_KEY_HEADER: settings.api_keys.split(",")[0].split("=", 1)[1]}
     if not (ROOT / "services" / "inference").is_dir():
         return "services/inference/ does not exist yet (no Inference service in this tree)"
+    message = model_infer_raw(model.name, model.tensors)
     deadline = time.monotonic() + timeout_s
     last = "nothing answered"
     while time.monotonic() < deadline:
         if not port_open(host, port):
-            last = f"nothing listens at {settings.inference_address}"
+            last = f"nothing listens at {host}:{port} (the gateway)"
         else:
             try:
-                reply = grpc_predict(settings.inference_address, model.image, timeout_s=5.0)
+                reply = oip.ModelInferResponse.FromString(
+                    grpc_call(host, port, MODEL_INFER_PATH, message, auth)
+                )
             except grpc.RpcError as exc:
-                last = f"Predict answered {exc.code().name}: {exc.details()}"
+                last = f"ModelInfer answered {exc.code().name}: {exc.details()}"
             else:
-                if reply.model_version == model.version:
+                if reply.model_version == str(model.version):
                     return None
-                last = f"Predict answered with version {reply.model_version}"
+                last = f"ModelInfer answered with version {reply.model_version}"
         time.sleep(1.0)
     return f"the Inference service did not serve {model.name} v{model.version}: {last}"
 
 
-def mlmesh_rows(bench: Bench, settings: Settings, model: Model, wrk: Wrk, h2: H2load) -> None:
-    from mlmesh.inference.v1 import inference_pb2
-
-    why = wait_for_inference(settings, model, timeout_s=120.0)
-    if why:
-        bench.skip("mlmesh rows (gRPC direct and REST through Envoy)", why)
+def h2load_rows(
+    bench: Bench,
+    h2: H2load,
+    model: Model,
+    system: str,
+    path: str,
+    target: GrpcTarget,
+    caches: Sequence[str],
+    note: str = "",
+    probe: Callable[[], dict[str, float]] | None = None,
+) -> None:
+    """Pre-flight ``target`` (which stores the answer), then load it: per cache, "uncached"
+    with ``cache-control: no-cache``, "cached" as it is, "none" for servers without a cache."""
+    try:
+        grpc_call(target.host, target.port, target.path, target.message, target.headers)
+    except grpc.RpcError as exc:
+        bench.skip(
+            f"{model.key} {system} {path}", f"pre-flight failed: {exc.code().name}: {exc.details()}"
+        )
         return
-    host, port = split_address(settings.inference_address)
-    _, key = settings.api_keys.split(",")[0].split("=", 1)
+    for cache in caches:
+        headers = {"cache-control": "no-cache"} if cache == "uncached" else {}
+        sent = GrpcTarget(
+            f"{model.key}-{target.name}-{cache}",
+            target.host,
+            target.port,
+            target.path,
+            target.message,
+            0,
+            {**target.headers, **headers},
+        )
+        answer = grpc_call(sent.host, sent.port, sent.path, sent.message, sent.headers)
+        sent.response_bytes = 5 + len(answer)
+        if target.path == PREDICT_PATH:
+            from mlmesh.inference.v1 import inference_pb2
 
-    # gRPC direct, h2load: one fixed message; uncached rows ask the service not to read the
-    # cache. mlmesh's Predict, then the Open Inference Protocol's ModelInfer with the same
-    # image as raw little-endian FP32 (the form tritonclient sends).
-    fixed = with_varied(model.image, bench.next_range())
-    for path, rpc, message in (
-        (
-            "gRPC direct (Inference port)",
-            PREDICT_PATH,
-            inference_pb2.PredictRequest(image=fixed.tolist()).SerializeToString(),
-        ),
-        (
-            "gRPC direct, OIP ModelInfer raw",
-            MODEL_INFER_PATH,
-            model_infer_raw(model.name, fixed),
-        ),
-    ):
-        for cache, headers in (("uncached", {"cache-control": "no-cache"}), ("cached", {})):
-            target = GrpcTarget(f"grpc-{cache}", host, port, rpc, message, 0, headers)
-            try:
-                grpc_call(target.host, target.port, rpc, message, {})  # stores the answer
-                answer = grpc_call(target.host, target.port, rpc, message, headers)
-            except grpc.RpcError as exc:
-                bench.skip(f"{path} {cache}", f"pre-flight failed: {exc.code().name}")
-                continue
-            target.response_bytes = 5 + len(answer)
-            if rpc == PREDICT_PATH and inference_pb2.PredictResponse.FromString(answer).cached != (
-                cache == "cached"
-            ):
+            if inference_pb2.PredictResponse.FromString(answer).cached != (cache == "cached"):
                 bench.notes.append(
                     f"{path} {cache}: the pre-flight answer said the opposite of {cache}; the "
                     "rows are labelled as sent"
                 )
-            note = "`cache-control: no-cache` (fixed body)" if cache == "uncached" else ""
-            load_rows(bench, "mlmesh", path, cache, lambda c, s, t=target: h2.run(t, c, s), note)
+        fixed = "`cache-control: no-cache` (fixed body)" if cache == "uncached" else ""
+        load_rows(
+            bench,
+            model.key,
+            system,
+            path,
+            cache,
+            lambda c, s, t=sent: h2.run(t, c, s),
+            "; ".join(x for x in (fixed, note) if x),
+            probe,
+        )
 
-    # REST through Envoy, wrk: every uncached request a new image.
-    before, after = json_pixels(model.image)
-    rest = HttpTarget(
-        "rest",
-        f"{settings.gateway_url}/predict",
-        '{"image":[' + before,
-        after + "]}",
-        {API_KEY_HEADER: key},
-        says_cached=True,
-    )
+
+def wrk_rows(
+    bench: Bench,
+    wrk: Wrk,
+    model: Model,
+    system: str,
+    path: str,
+    target: HttpTarget,
+    caches: Sequence[str],
+    note: str = "",
+    probe: Callable[[], dict[str, float]] | None = None,
+) -> None:
+    """Pre-flight ``target``, then load it: "uncached" and "none" rows send a new input every
+    request, "cached" rows repeat the pre-flight's."""
     first = bench.next_range()
-    answer = httpx.post(
-        rest.url,
-        content=rest.body(first),
-        headers={**rest.headers, "content-type": "application/json"},
-    )
-    if answer.status_code != 200:
-        bench.skip("REST through Envoy", f"pre-flight answered {answer.status_code}: {answer.text}")
+    try:
+        answer = target.post(first)
+    except httpx.HTTPError as exc:
+        bench.skip(f"{model.key} {system} {path}", f"pre-flight failed: {exc}")
         return
-    load_rows(
-        bench,
-        "mlmesh",
-        "REST through Envoy",
-        "uncached",
-        lambda c, s: wrk.run(rest, c, s, "vary", bench.next_range()),
-        "a new image every request",
+    if answer.status_code != 200:
+        bench.skip(
+            f"{model.key} {system} {path}",
+            f"pre-flight answered {answer.status_code}: {answer.text[:300]}",
+        )
+        return
+    for cache in caches:
+        if cache == "cached":
+            run = lambda c, s: wrk.run(target, c, s, "fixed", first)  # noqa: E731
+            row_note = note
+        else:
+            run = lambda c, s: wrk.run(target, c, s, "vary", bench.next_range())  # noqa: E731
+            row_note = "; ".join(x for x in ("a new input every request", note) if x)
+        load_rows(bench, model.key, system, path, cache, run, row_note, probe)
+
+
+def mlmesh_rows(
+    bench: Bench,
+    settings: Settings,
+    model: Model,
+    wrk: Wrk,
+    h2: H2load,
+    forward: Callable[[dict[str, np.ndarray]], object] | None,
+    pid: int,
+) -> None:
+    """mlmesh's rows of one model: the interleaved checks against the in-process ``forward``
+    (the service's runtime; None: no checks), the Open Inference Protocol's rows, then MNIST's
+    own routes."""
+    from mlmesh.inference.v1 import inference_pb2
+
+    why = wait_for_model(settings, model, timeout_s=120.0)
+    if why:
+        bench.skip(f"{model.key}: mlmesh rows", why)
+        return
+    host, port = settings.gateway_host, settings.gateway_port  # gRPC too goes through Envoy
+    _, key = settings.api_keys.split(",")[0].split("=", 1)
+    auth = {API_KEY_HEADER: key}
+    probe = partial(scrape, f"http://127.0.0.1:{settings.inference_ops_port}/metrics")
+    mnist = model.key == "mnist"
+    # MNIST keeps its issue-4 rows (cached and uncached): ModelInfer, Predict, POST /predict.
+    caches = ("uncached", "cached") if mnist else ("uncached",)
+    fixed = model.inputs(bench.next_range())
+    # gRPC, h2load: one fixed message, raw little-endian contents (as tritonclient).
+    target = GrpcTarget(
+        "infer", host, port, MODEL_INFER_PATH, model_infer_raw(model.name, fixed), 0, auth
     )
-    load_rows(
-        bench,
-        "mlmesh",
-        "REST through Envoy",
-        "cached",
-        lambda c, s: wrk.run(rest, c, s, "fixed", first),
+    if forward is not None:
+        checked = GrpcTarget(
+            f"{model.key}-check",
+            host,
+            port,
+            MODEL_INFER_PATH,
+            target.message,
+            0,
+            {**auth, "cache-control": "no-cache"},
+        )
+        try:
+            answer = grpc_call(host, port, MODEL_INFER_PATH, checked.message, checked.headers)
+        except grpc.RpcError as exc:
+            bench.skip(f"{model.key}: interleaved checks", f"pre-flight failed: {exc.details()}")
+        else:
+            checked.response_bytes = 5 + len(answer)
+            levels = bench.concurrencies(model.key)
+            pairs = [(min(levels), 1)]
+            best = most_efficient(bench, model.key)
+            if model.key == "resnet" and best is not None:
+                pairs.append((max(levels), best.batch))  # compute-bound: the throughput target
+            for concurrency, size in pairs:
+                interleaved_check(
+                    bench,
+                    model,
+                    partial(forward, model.batch(size)),
+                    size,
+                    h2,
+                    checked,
+                    concurrency,
+                    pid,
+                    probe,
+                )
+    h2load_rows(bench, h2, model, "mlmesh", OIP_GRPC, target, caches, probe=probe)
+    # REST through Envoy, wrk: every uncached request a new input.
+    api_key = auth
+    infer_url = f"{settings.gateway_url}/v2/models/{model.name}/infer"
+    oip = HttpTarget("oip", infer_url, oip_json_body(model.tensors, model.varied), api_key)
+    wrk_rows(bench, wrk, model, "mlmesh", OIP_REST, oip, ("uncached",), probe=probe)
+    if model.binary_rest:
+        binary = HttpTarget(
+            "oip-binary", infer_url, oip_binary_body(model.tensors, model.varied), api_key
+        )
+        note = "binary tensor extension, binary output"
+        wrk_rows(bench, wrk, model, "mlmesh", OIP_REST_BINARY, binary, ("uncached",), note, probe)
+    if not mnist:
+        return
+    message = inference_pb2.PredictRequest(image=fixed[0].array.ravel().tolist())
+    target = GrpcTarget("predict", host, port, PREDICT_PATH, message.SerializeToString(), 0, auth)
+    h2load_rows(bench, h2, model, "mlmesh", PREDICT_GRPC, target, caches, probe=probe)
+    body = Body.from_json(
+        json_with({"image": "@data@"}, {"@data@": array_json(fixed[0].array.ravel(), range(4))}),
+        [0.0] * VARIED,
     )
+    rest = HttpTarget("rest", f"{settings.gateway_url}/predict", body, api_key, True)
+    wrk_rows(bench, wrk, model, "mlmesh", PREDICT_REST, rest, caches, probe=probe)
 
 
 # -- baseline servers ---------------------------------------------------------------------------
@@ -803,62 +1331,60 @@ def child_server(
         child.stop(15.0)
 
 
-def mlflow_serve_rows(bench: Bench, settings: Settings, model: Model, wrk: Wrk, logs: Path) -> None:
-    port = free_port()
-    # As from an activated venv: the scoring server is `uvicorn` looked up on PATH.
-    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
-    argv = [
-        sys.executable, "-m", "mlflow", "models", "serve",
-        "-m", f"models:/{model.name}/{model.version}",
-        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
-    ]  # fmt: skip
-    before, after = json_pixels(model.image)
-    target = HttpTarget(
-        "mlflow", f"http://127.0.0.1:{port}/invocations", '{"inputs":[[' + before, after + "]]}"
-    )
-    load_http_server(
-        bench, wrk, target, ("mlflow models serve", "REST /invocations"),
-        "default settings (1 uvicorn worker)",
-        ("mlflow-serve", argv, env, f"http://127.0.0.1:{port}/ping", port, logs),
-    )  # fmt: skip
+def peer_env(threads: int, bin_dir: Path) -> dict[str, str]:
+    """A peer server's environment: as from an activated venv (its scripts on PATH), torch's
+    and numpy's threads as many as the service's forward pass has."""
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
 
 
-def load_http_server(
-    bench: Bench,
-    wrk: Wrk,
-    target: HttpTarget,
-    server_and_path: tuple[str, str],
-    note: str,
-    child: tuple,
-    more_rows: Callable[[], None] | None = None,
-) -> None:
-    """Start a comparison server (``child`` are child_server's arguments), check one answer,
-    then load it at every concurrency (and run ``more_rows`` while it runs); a failure skips
-    its rows with the reason."""
-    server, path = server_and_path
-    try:
-        with child_server(*child):
-            answer = httpx.post(
-                target.url,
-                content=target.body(0),
-                headers={"content-type": "application/json"},
-                timeout=30,
-            )
-            if answer.status_code != 200:
-                raise RuntimeError(f"pre-flight answered {answer.status_code}: {answer.text}")
-            load_rows(
-                bench,
-                server,
-                path,
-                "none",
-                lambda c, s: wrk.run(target, c, s, "vary", bench.next_range()),
-                note,
-            )
-            if more_rows is not None:
-                more_rows()
-    except Exception as exc:
-        bench.skip(server, str(exc)[:500])
+def mlflow_serve_rows(bench: Bench, settings: Settings, wrk: Wrk, logs: Path) -> None:
+    for model in bench.models.values():
+        port = free_port()
+        env = {
+            **peer_env(bench.args.inference_threads, Path(sys.executable).parent),
+            "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+        }
+        argv = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{model.name}/{model.version}",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ]
+        target = HttpTarget(
+            f"mlflow-{model.key}", f"http://127.0.0.1:{port}/invocations", model.invocations
+        )
+        try:
+            with child_server(
+                f"mlflow-serve-{model.key}", argv, env, f"http://127.0.0.1:{port}/ping", port, logs
+            ):
+                wrk_rows(
+                    bench,
+                    wrk,
+                    model,
+                    MLFLOW_SERVE,
+                    INVOCATIONS,
+                    target,
+                    ("none",),
+                    "1 uvicorn worker",
+                )
+        except Exception as exc:
+            bench.skip(f"{model.key}: {MLFLOW_SERVE}", str(exc)[:500])
 
 
 def mlserver_venv(force: bool) -> tuple[Path | None, str]:
@@ -885,11 +1411,20 @@ def mlserver_venv(force: bool) -> tuple[Path | None, str]:
 
         with log_path.open("w") as out:
             subprocess.run(
-                [str(python), "-m", "pip", "install", "--disable-pip-version-check",
-                 *MLSERVER_PACKAGES, f"mlflow=={mlflow.__version__}"],
-                check=True, stdout=out, stderr=subprocess.STDOUT,
+                [
+                    str(python),
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    *MLSERVER_PACKAGES,
+                    f"mlflow=={mlflow.__version__}",
+                ],
+                check=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 timeout=MLSERVER_INSTALL_TIMEOUT_S,
-            )  # fmt: skip
+            )
         subprocess.run(
             [str(python), "-c", "import mlserver, mlserver_mlflow, uvloop"], check=True, timeout=60
         )
@@ -903,27 +1438,24 @@ def mlserver_venv(force: bool) -> tuple[Path | None, str]:
     return python, ""
 
 
-MLSERVER_MODEL = "mnist"
 PARTS = {
     "mlmesh": "mlmesh (gRPC direct, REST through Envoy)",
-    "mlflow": "mlflow models serve",
+    "mlflow": MLFLOW_SERVE,
     "mlserver": "Seldon MLServer",
     "forward": "the in-process forward pass",
 }
 
 
-def mlserver_rows(
-    bench: Bench, model: Model, wrk: Wrk, h2: H2load, work_dir: Path, logs: Path
-) -> None:
+def mlserver_rows(bench: Bench, wrk: Wrk, h2: H2load, work_dir: Path, logs: Path) -> None:
+    """One MLServer for every model (each in its MLflow runtime), its defaults: one parallel
+    inference worker, no adaptive batching; its ports free ones on loopback."""
     python, why = mlserver_venv(bench.args.reinstall_mlserver)
     if python is None:
         bench.skip("Seldon MLServer", why)
         return
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     repo = work_dir / "mlserver"
-    (repo / MLSERVER_MODEL).mkdir(parents=True, exist_ok=True)
-    # MLServer's defaults (one parallel inference worker, no adaptive batching), but its
-    # ports free ones on loopback.
+    repo.mkdir(parents=True, exist_ok=True)
     (repo / "settings.json").write_text(
         json.dumps(
             {
@@ -931,115 +1463,295 @@ def mlserver_rows(
                 "http_port": http_port,
                 "grpc_port": grpc_port,
                 "metrics_port": metrics_port,
+                "parallel_workers": 1,  # its default, said out loud
             }
         )
     )
-    (repo / MLSERVER_MODEL / "model-settings.json").write_text(
-        json.dumps(
-            {
-                "name": MLSERVER_MODEL,
-                "implementation": "mlserver_mlflow.MLflowRuntime",
-                "parameters": {"uri": str(model.local_dir)},
-            }
+    for model in bench.models.values():
+        (repo / model.key).mkdir(exist_ok=True)
+        (repo / model.key / "model-settings.json").write_text(
+            json.dumps(
+                {
+                    "name": model.key,
+                    "implementation": "mlserver_mlflow.MLflowRuntime",
+                    "parameters": {"uri": str(model.local_dir)},
+                }
+            )
         )
-    )
     base = f"http://127.0.0.1:{http_port}"
-    before, after = json_pixels(model.image)
-    target = HttpTarget(
-        "mlserver",
-        f"{base}/v2/models/{MLSERVER_MODEL}/infer",
-        '{"inputs":[{"name":"input-0","shape":[1,784],"datatype":"FP32","data":[' + before,
-        after + "]}]}",
-    )
     argv = [str(python.parent / "mlserver"), "start", str(repo)]
-    env = {**os.environ, "PATH": f"{python.parent}:{os.environ.get('PATH', '')}"}
-    ready = f"{base}/v2/models/{MLSERVER_MODEL}/ready"
-    # Its gRPC face takes the very ModelInferRequest mlmesh's OIP rows send (bar the name).
-    grpc_target = GrpcTarget(
-        "mlserver-grpc", "127.0.0.1", grpc_port, MODEL_INFER_PATH,
-        model_infer_raw(MLSERVER_MODEL, with_varied(model.image, bench.next_range())), 0,
-    )  # fmt: skip
-
-    def grpc_rows() -> None:
-        grpc_target.response_bytes = 5 + len(
-            grpc_call("127.0.0.1", grpc_port, MODEL_INFER_PATH, grpc_target.message, {})
-        )
-        load_rows(
-            bench, "Seldon MLServer 1.7.1", "gRPC OIP ModelInfer raw", "none",
-            lambda c, s: h2.run(grpc_target, c, s), "the same request as mlmesh's OIP rows",
-        )  # fmt: skip
-
-    load_http_server(
-        bench, wrk, target, ("Seldon MLServer 1.7.1", f"REST V2 /v2/models/{MLSERVER_MODEL}/infer"),
-        "default settings (1 inference worker, no adaptive batching)",
-        ("mlserver", argv, env, ready, http_port, logs), grpc_rows,
-    )  # fmt: skip
+    env = peer_env(bench.args.inference_threads, python.parent)
+    try:
+        with child_server("mlserver", argv, env, f"{base}/v2/health/live", http_port, logs):
+            for model in bench.models.values():
+                ready = f"{base}/v2/models/{model.key}/ready"
+                deadline = time.monotonic() + 120
+                while not http_ok(ready) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                if not http_ok(ready):
+                    bench.skip(f"{model.key}: {MLSERVER}", f"{ready} did not answer 200 in 120 s")
+                    continue
+                rest = HttpTarget(
+                    f"mlserver-{model.key}",
+                    f"{base}/v2/models/{model.key}/infer",
+                    oip_json_body(model.tensors, model.varied),
+                )
+                wrk_rows(
+                    bench,
+                    wrk,
+                    model,
+                    MLSERVER,
+                    MLSERVER_REST,
+                    rest,
+                    ("none",),
+                    "the same body as mlmesh's JSON rows",
+                )
+                # Its gRPC face takes the very request mlmesh's OIP rows send (bar the name).
+                target = GrpcTarget(
+                    "mlserver-grpc",
+                    "127.0.0.1",
+                    grpc_port,
+                    MODEL_INFER_PATH,
+                    model_infer_raw(model.key, model.inputs(bench.next_range())),
+                    0,
+                )
+                h2load_rows(
+                    bench,
+                    h2,
+                    model,
+                    MLSERVER,
+                    MLSERVER_GRPC,
+                    target,
+                    ("none",),
+                    "the same request as mlmesh's ModelInfer rows",
+                )
+    except Exception as exc:
+        bench.skip(MLSERVER, str(exc)[:500])
 
 
 # -- the forward pass in this process -----------------------------------------------------------
 
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch": "PyTorch eager", "pyfunc": "mlflow.pyfunc"}
+
 
 def time_forward(
-    name: str, forward: Callable[[np.ndarray], object], batch: np.ndarray, seconds: float
+    model: str,
+    name: str,
+    forward: Callable[[], object],
+    batch: int,
+    seconds: float,
+    service: bool = False,
+    quiet: bool = False,
 ) -> ForwardRow:
-    """Call ``forward(batch)`` back to back for ``seconds`` (after a warm-up); time each."""
-    for _ in range(20):
-        forward(batch)
+    """Call ``forward()`` (one pass over ``batch`` inputs) back to back for ``seconds``, at
+    least 5 times, after a warm-up of up to 20 calls or 1 s (2 calls at least); time each."""
+    started = time.perf_counter()
+    for n in range(20):
+        forward()
+        if n >= 1 and time.perf_counter() - started > 1.0:
+            break
     latencies: list[float] = []
+    cpu = time.process_time()
     started = time.perf_counter()
     deadline = started + seconds
     while True:
         t0 = time.perf_counter()
-        forward(batch)
+        forward()
         t1 = time.perf_counter()
         latencies.append((t1 - t0) * 1e3)
-        if t1 >= deadline:
+        if t1 >= deadline and len(latencies) >= 5:
             break
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     latencies.sort()
     row = ForwardRow(
+        model,
         name,
-        len(batch),
+        batch,
         len(latencies),
         elapsed,
         percentile(latencies, 50),
         percentile(latencies, 99),
+        service,
+        cpu,
+        latencies,
     )
-    print(
-        f"  in-process {name:<34} batch {row.batch:<3} {row.images_per_s:9.0f} images/s  "
-        f"p50 {row.p50_ms:6.3f} ms  p99 {row.p99_ms:6.3f} ms",
-        flush=True,
-    )
+    if not quiet:
+        print(
+            f"  in-process {model:<7} {name:<40} batch {row.batch:<3} {row.images_per_s:9.0f} "
+            f"inputs/s  p50 {row.p50_ms:7.3f} ms  p99 {row.p99_ms:7.3f} ms  "
+            f"{cpu / (row.passes * batch) * 1e3:.3f} CPU ms/input",
+            flush=True,
+        )
     return row
 
 
-def in_process_rows(bench: Bench, model: Model, threads: int) -> None:
-    """The model's forward pass with no server: what the service runs (ONNX Runtime on the
-    ONNX export, through its own loader), its torch fallback, and mlflow.pyfunc."""
+def in_process_rows(
+    bench: Bench, model: Model, threads: int
+) -> Callable[[dict[str, np.ndarray]], object]:
+    """The model's forward pass with no server: the runtime the Inference service loads for
+    it, through its own loader and with its answer checks (repository.forward_of), at the
+    service's threads; and mlflow.pyfunc as mlflow serve and MLServer run it (MNIST: also its
+    module in torch eager). Answers the service's forward pass, for the interleaved checks."""
+    import mlflow.models
     import mlflow.pyfunc
+    import pandas as pd
     import torch
 
-    torch.set_num_threads(threads)
-    runtimes: list[tuple[str, Callable[[np.ndarray], object]]] = []
-    try:
-        from services.inference.runtime import OnnxRuntime, TorchRuntime
-        from services.training.ml.tracking import ONNX_PATH_IN_MODEL
+    from services.common.model_contract import contract_of
+    from services.inference.repository import forward_of
+    from services.inference.runtime import FLAVORS, TorchRuntime, load_runtime
 
-        onnx_path = model.local_dir / ONNX_PATH_IN_MODEL
-        if onnx_path.exists():
-            runtimes.append(("ONNX Runtime (the service's)", OnnxRuntime(onnx_path, threads)))
-        else:
-            bench.notes.append(f"in-process ONNX Runtime: no {ONNX_PATH_IN_MODEL} in the model")
-        module = mlflow.pytorch.load_model(str(model.local_dir))
-        runtimes.append(("PyTorch eager (service fallback)", TorchRuntime(module)))
-    except ImportError as exc:
-        bench.notes.append(f"in-process: the service's runtimes are not importable ({exc})")
+    torch.set_num_threads(threads)
+    what = f"model {model.name!r} version {model.version}"
+    contract = contract_of(mlflow.models.Model.load(str(model.local_dir)).signature, what)
+    runtime = load_runtime(model.local_dir, contract, threads=threads, flavors=FLAVORS, what=what)
     pyfunc = mlflow.pyfunc.load_model(str(model.local_dir))
-    runtimes.append(("mlflow.pyfunc (pt2; mlflow serve)", pyfunc.predict))
-    for batch_size in (1, 32):
-        batch = np.stack([with_varied(model.image, i) for i in range(batch_size)])
-        for name, forward in runtimes:
-            bench.forward.append(time_forward(name, forward, batch, bench.args.forward_seconds))
+    service = f"{RUNTIME_NAMES.get(runtime.kind, runtime.kind)} (the service's)"
+    runtimes: list[tuple[str, Callable[[dict[str, np.ndarray]], object], bool]] = [
+        (service, forward_of(runtime, contract), True)
+    ]
+    batches: Sequence[int] = (1, 32)
+    if model.key == "mnist":
+        eager = TorchRuntime(mlflow.pytorch.load_model(str(model.local_dir)), contract)
+        runtimes.append(("PyTorch eager (pytorch flavor)", eager, False))
+        peers = (
+            "mlflow.pyfunc (pt2; mlflow serve, MLServer)",
+            lambda b: pyfunc.predict(b["input-0"]),
+        )
+    elif model.key == "resnet":
+        peers = (
+            "mlflow.pyfunc (onnx; mlflow serve, MLServer)",
+            lambda b: pyfunc.predict(b["input"]),
+        )
+        batches = RESNET_BATCHES
+    else:
+        peers = (
+            "mlflow.pyfunc (sklearn; mlflow serve, MLServer)",
+            lambda b: pyfunc.predict(pd.DataFrame(b)),
+        )
+    runtimes.append((*peers, False))
+    seconds = bench.args.forward_seconds
+    for size in batches:
+        inputs = model.batch(size)
+        for name, forward, is_service in runtimes:
+            if is_service or size in (1, 32):  # the ResNet's batch sweep: the service's only
+                row = time_forward(
+                    model.key, name, partial(forward, inputs), size, seconds, is_service
+                )
+                bench.forward.append(row)
+    return runtimes[0][1]
+
+
+def most_efficient(bench: Bench, model: str) -> ForwardRow | None:
+    """The service's runtime in-process at the batch size that costs the least CPU per input:
+    its throughput ceiling, picked by CPU time, which other users' load on the machine
+    disturbs far less than wall-clock rates."""
+    rows = [f for f in bench.forward if f.model == model and f.service and f.cpu_s > 0]
+    return min(rows, key=lambda f: f.cpu_s / (f.passes * f.batch), default=None)
+
+
+def ceiling(bench: Bench, model: str, batch: int | None = None) -> ForwardRow | None:
+    """The service's runtime in-process: at ``batch``, or at its best batch size."""
+    rows = [f for f in bench.forward if f.model == model and f.service]
+    if batch is not None:
+        rows = [f for f in rows if f.batch == batch]
+    return max(rows, key=lambda f: f.images_per_s, default=None)
+
+
+# -- the service against the in-process pass, interleaved --------------------------------------
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process ``pid`` has used; NaN where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+@dataclass
+class Check:
+    """mlmesh's ModelInfer (gRPC direct) at ``concurrency`` against the service's runtime in
+    this process at ``batch``, in alternating slices, so the machine's other load falls on both
+    alike."""
+
+    model: str
+    concurrency: int
+    batch: int
+    rounds: int
+    forward_per_s: float  # inputs/s
+    forward_p50_ms: float  # per pass
+    forward_cpu_ms: float  # this process's CPU per input
+    served_rps: float
+    served_p50_ms: float
+    served_cpu_ms: float  # the Inference process's CPU per row answered (warm-ups included)
+    server: str  # what the service measured of itself (server_side)
+    loads: list[float]  # 1-min load averages before each slice
+
+
+def interleaved_check(
+    bench: Bench,
+    model: Model,
+    forward: Callable[[], object],
+    batch: int,
+    h2: H2load,
+    target: GrpcTarget,
+    concurrency: int,
+    pid: int,
+    probe: Callable[[], dict[str, float]],
+) -> Check:
+    """``--rounds`` rounds of one in-process slice and one served slice (``--slice-seconds``
+    each; the served one after an uncounted warm-up on the same connections), in ABBA order."""
+    a = bench.args
+    passes: list[ForwardRow] = []
+    served: list[LoadResult] = []
+    served_cpu = 0.0
+    served_metrics: dict[str, float] = {}
+    loads = []
+    for r in range(a.rounds):
+        for step in ("forward", "served") if r % 2 == 0 else ("served", "forward"):
+            loads.append(load_average())
+            if step == "forward":
+                passes.append(
+                    time_forward(model.key, "check", forward, batch, a.slice_seconds, quiet=True)
+                )
+                continue
+            before, cpu = probe(), process_cpu_s(pid)
+            served.append(h2.run(target, concurrency, a.slice_seconds, a.warm_up))
+            served_cpu += process_cpu_s(pid) - cpu
+            for key, value in metrics_delta(before, probe()).items():
+                served_metrics[key] = served_metrics.get(key, 0.0) + value
+    served_rows = served_metrics.get("rows", 0.0)
+    forward_lat = sorted(x for f in passes for x in f.latencies)
+    served_lat = sorted(x for r in served for x in r.latencies)
+    images = sum(f.passes * f.batch for f in passes)
+    ok = sum(r.requests - r.errors for r in served)
+    check = Check(
+        model=model.key,
+        concurrency=concurrency,
+        batch=batch,
+        rounds=a.rounds,
+        forward_per_s=images / sum(f.seconds for f in passes),
+        forward_p50_ms=percentile(forward_lat, 50),
+        forward_cpu_ms=sum(f.cpu_s for f in passes) / images * 1e3,
+        served_rps=ok / sum(r.seconds for r in served),
+        served_p50_ms=percentile(served_lat, 50),
+        served_cpu_ms=served_cpu / served_rows * 1e3 if served_rows else math.nan,
+        server=server_side(served_metrics),
+        loads=loads,
+    )
+    bench.checks.append(check)
+    print(
+        f"  check {model.key:<7} c={concurrency:<3} vs batch {batch:<3}: served "
+        f"{check.served_rps:8.1f} req/s p50 {check.served_p50_ms:7.2f} ms "
+        f"({check.served_cpu_ms:.2f} CPU ms/request); in-process {check.forward_per_s:8.1f} "
+        f"inputs/s p50 {check.forward_p50_ms:7.2f} ms ({check.forward_cpu_ms:.2f} CPU ms/input); "
+        f"{check.server}",
+        flush=True,
+    )
+    return check
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -1066,11 +1778,13 @@ def machine() -> str:
 def versions() -> str:
     import mlflow
     import onnxruntime
+    import sklearn
     import torch
 
     return (
         f"Python {platform.python_version()}, torch {torch.__version__}, onnxruntime "
-        f"{onnxruntime.__version__}, mlflow {mlflow.__version__}, {envoy_version()}"
+        f"{onnxruntime.__version__}, scikit-learn {sklearn.__version__}, mlflow "
+        f"{mlflow.__version__}, {envoy_version()}"
     )
 
 
@@ -1085,6 +1799,13 @@ def envoy_version() -> str:
         return "Envoy"
 
 
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return f"load average {os.getloadavg()}"
+
+
 def ms(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}"
 
@@ -1093,14 +1814,17 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**holds**" if ok else "**MISSES**")
 
 
-def targets(bench: Bench) -> list[tuple[str, str, bool | None]]:
-    """(target, what was measured, holds) for each target of issue 4."""
-    out: list[tuple[str, str, bool | None]] = []
+Target = tuple[str, str, bool | None]  # (target, what was measured, holds)
+
+
+def issue4_targets(bench: Bench) -> list[Target]:
+    """The targets of issue 4, on the MNIST rows."""
+    out: list[Target] = []
     cmax, cmin = max(bench.args.concurrency), min(bench.args.concurrency)
-    rest = partial(bench.find, "mlmesh", "REST through Envoy")
-    grpc_path = partial(bench.find, "mlmesh", "gRPC direct (Inference port)")
+    rest = partial(bench.find, "mnist", "mlmesh", PREDICT_REST)
+    grpc_path = partial(bench.find, "mnist", "mlmesh", PREDICT_GRPC)
     ours = rest("uncached", cmax)
-    theirs = bench.find("mlflow models serve", "REST /invocations", "none", cmax)
+    theirs = bench.find("mnist", MLFLOW_SERVE, INVOCATIONS, "none", cmax)
     if ours and theirs:
         ratio = ours.rps / theirs.rps if theirs.rps else math.inf
         out.append(
@@ -1145,14 +1869,162 @@ def targets(bench: Bench) -> list[tuple[str, str, bool | None]]:
     return out
 
 
+def find_check(bench: Bench, model: str, concurrency: int) -> Check | None:
+    return next(
+        (c for c in bench.checks if c.model == model and c.concurrency == concurrency), None
+    )
+
+
+def any_model_targets(bench: Bench) -> list[Target]:
+    """The targets of "Serve any model": mlmesh against the peers over the same protocol
+    (separately timed rows), against the in-process ceiling and its latency at concurrency 1
+    (the interleaved checks: gRPC direct ModelInfer)."""
+    out: list[Target] = []
+    cmax, cmin = max(bench.args.concurrency), min(bench.args.concurrency)
+    for key, model in bench.models.items():
+        title = model.title
+        if key == "resnet":
+            check = find_check(bench, key, cmax)
+            label = (
+                f"{title}: mlmesh ModelInfer (gRPC direct) at c={cmax} ≥ "
+                f"{TARGET_OF_CEILING:.0%} of the in-process pass at its best batch (interleaved)"
+            )
+            if check:
+                share = check.served_rps / check.forward_per_s
+                measured = (
+                    f"{check.served_rps:.1f} / {check.forward_per_s:.1f} images/s (batch "
+                    f"{check.batch}) = **{share:.0%}**"
+                )
+                out.append((label, measured, share >= TARGET_OF_CEILING))
+            else:
+                out.append((label, "not measured", None))
+        # Like for like: the same protocol and body on both sides.
+        pairs = (
+            (OIP_REST, MLSERVER, MLSERVER_REST),
+            (OIP_GRPC, MLSERVER, MLSERVER_GRPC),
+            (OIP_REST, MLFLOW_SERVE, INVOCATIONS),
+        )
+        if key == "resnet":
+            pairs += ((OIP_REST_BINARY, MLSERVER, MLSERVER_REST),)
+        wanted = 1.0 if key == "resnet" else TARGET_VS_PEERS
+        word = "above" if key == "resnet" else f"≥ {TARGET_VS_PEERS:g}x"
+        for path, peer, peer_path in pairs:
+            ours = bench.find(key, "mlmesh", path, "uncached", cmax)
+            theirs = bench.find(key, peer, peer_path, "none", cmax)
+            label = f"{title}: mlmesh {path} at c={cmax} {word} {peer} {peer_path}"
+            if ours and theirs and not theirs.rps:
+                measured = f"{ours.rps:.1f} req/s; the peer answered nothing within the row"
+                out.append((label, measured, ours.rps > 0))
+            elif ours and theirs:
+                ratio = ours.rps / theirs.rps
+                holds = ratio > wanted if key == "resnet" else ratio >= wanted
+                measured = f"{ours.rps:.1f} / {theirs.rps:.1f} req/s = **{ratio:.2f}x**"
+                out.append((label, measured, holds))
+            else:
+                out.append((label, "not measured", None))
+        check = find_check(bench, key, cmin)
+        label = (
+            f"{title}: mlmesh ModelInfer (gRPC direct) p50 at c={cmin} within "
+            f"{TARGET_P50_OVER_FORWARD_MS:g} ms of the in-process batch-1 p50 (interleaved)"
+        )
+        if check:
+            over = check.served_p50_ms - check.forward_p50_ms
+            measured = (
+                f"{check.served_p50_ms:.2f} - {check.forward_p50_ms:.2f} ms = **{over:+.2f} ms**"
+            )
+            out.append((label, measured, over <= TARGET_P50_OVER_FORWARD_MS))
+        else:
+            out.append((label, "not measured", None))
+    return out
+
+
+def checks_section(bench: Bench) -> list[str]:
+    if not bench.checks:
+        return []
+    a = bench.args
+    lines = [
+        "",
+        "## mlmesh against the in-process pass, interleaved (the targets' measurements)",
+        "",
+        f"{a.rounds} rounds, each one slice of the service's runtime in this process and one "
+        f"of mlmesh's ModelInfer over gRPC (h2load straight to the Inference port, "
+        f"`cache-control: no-cache`, one fixed input; {a.warm_up:g} s uncounted warm-up on "
+        f"the same connections), {a.slice_seconds:g} s each, in ABBA order, so that load from "
+        "the machine's other users falls on both alike. *CPU per input*: this process's CPU "
+        "time per input in-process, the Inference process's per row answered when served "
+        "(every thread, warm-ups included); their difference is what serving costs beyond "
+        "the model. *in the service* comes from the service's own metrics: time from the "
+        "request's arrival in its handler to its answer, and the forward passes (of the "
+        "batcher) with their rows; the rest of the served p50 is the transport (gRPC in "
+        "Python, loopback, the load generator).",
+        "",
+        "| model | mlmesh c | in-process batch | in-process inputs/s | in-process p50 ms "
+        "(per pass) | in-process CPU ms/input | mlmesh req/s | mlmesh p50 ms | mlmesh CPU "
+        "ms/request | served / in-process | p50 gap ms | in the service | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in bench.checks:
+        loads = f"{min(c.loads):.1f}-{max(c.loads):.1f}"
+        lines.append(
+            f"| {bench.models[c.model].title} | {c.concurrency} | {c.batch} "
+            f"| {c.forward_per_s:.1f} | {c.forward_p50_ms:.2f} | {c.forward_cpu_ms:.2f} "
+            f"| {c.served_rps:.1f} | {c.served_p50_ms:.2f} | {c.served_cpu_ms:.2f} "
+            f"| {c.served_rps / c.forward_per_s:.0%} | {c.served_p50_ms - c.forward_p50_ms:+.2f} "
+            f"| {c.server} | {loads} |"
+        )
+    return lines
+
+
+ROWS_EXPLAINED = (
+    "Uncached REST requests each carry a new input (four input values count up), so each is a "
+    "true cache miss; uncached gRPC requests all carry one input with `cache-control: "
+    "no-cache` (h2load cannot vary a body), which makes the service compute it without "
+    "reading the cache (it still stores the answer); the peers have no cache (*none*) and get "
+    "a new input per REST request too. Cached rows repeat one input whose answer the warm-up "
+    "stored. *cached answers* counts responses that said `cached: true` (mlmesh's `/predict`; "
+    "wrk reads every REST answer); *load-gen CPU* is the load generator's CPU time over wall "
+    "time (100% = one core); *machine busy* is the share of all {cpus} CPUs' time that was "
+    "busy during the row, every process counted (near 100%: the machine, not the server "
+    "design, is the limit); *load avg* the machine's 1-minute load average when the row "
+    "began (other users' work included). mlmesh's notes give what the service measured of "
+    "itself during the row (its metrics): the mean time a request spent in it, and its "
+    "forward passes with their mean rows (the dynamic batcher)."
+)
+
+
+def model_table(bench: Bench, model: Model) -> list[str]:
+    lines = [
+        "| server | path | load generator | cache | concurrency | requests/s | p50 ms | p99 ms "
+        "| errors | cached answers | load-gen CPU | machine busy | load avg | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in (r for r in bench.rows if r.model == model.key):
+        r = row.result
+        if r is None:
+            lines.append(
+                f"| {row.system} | {row.path} | {row.tool} | {row.cache} | {row.concurrency} "
+                f"| - | - | - | - | - | - | - | {row.load:.1f} | {row.note} |"
+            )
+            continue
+        hits = "n/a" if r.cached is None else f"{r.cached}/{r.requests}"
+        notes = "; ".join(x for x in (row.note, r.detail) if x)
+        rps = f"{r.rps:.0f}" if r.rps >= 100 else f"{r.rps:.1f}"
+        lines.append(
+            f"| {row.system} | {row.path} | {row.tool} | {row.cache} | {row.concurrency} "
+            f"| {rps} | {ms(r.p50_ms)} | {ms(r.p99_ms)} | {r.errors} | {hits} "
+            f"| {r.loadgen_cpu:.0%} | {r.machine_busy:.0%} | {row.load:.1f} | {notes} |"
+        )
+    return lines
+
+
 def oip_section(bench: Bench) -> list[str]:
-    """The Open Inference Protocol's ModelInfer (raw) beside Predict, and MLServer's."""
+    """MNIST: the Open Inference Protocol's ModelInfer (raw) beside Predict, and MLServer's."""
     rows = []
     for cache in ("uncached", "cached"):
         for c in bench.args.concurrency:
-            predict = bench.find("mlmesh", "gRPC direct (Inference port)", cache, c)
-            infer = bench.find("mlmesh", "gRPC direct, OIP ModelInfer raw", cache, c)
-            theirs = bench.find("Seldon MLServer 1.7.1", "gRPC OIP ModelInfer raw", "none", c)
+            predict = bench.find("mnist", "mlmesh", PREDICT_GRPC, cache, c)
+            infer = bench.find("mnist", "mlmesh", OIP_GRPC, cache, c)
+            theirs = bench.find("mnist", MLSERVER, MLSERVER_GRPC, "none", c)
             if predict and infer:
                 mlserver = f"{theirs.rps:.0f}" if theirs and cache == "uncached" else ""
                 rows.append(
@@ -1163,7 +2035,7 @@ def oip_section(bench: Bench) -> list[str]:
         return []
     return [
         "",
-        "## The Open Inference Protocol beside Predict (gRPC direct, h2load)",
+        "### The Open Inference Protocol beside Predict (MNIST, gRPC direct, h2load)",
         "",
         "One image per request; ModelInfer carries it as raw little-endian FP32 "
         "(`raw_input_contents`, as tritonclient sends it), Predict as 784 floats. MLServer's "
@@ -1176,102 +2048,111 @@ def oip_section(bench: Bench) -> list[str]:
     ]
 
 
+def forward_section(bench: Bench) -> list[str]:
+    a = bench.args
+    lines = [
+        "",
+        "## The forward pass in-process (no server: the ceiling)",
+        "",
+        f"Back-to-back calls for {a.forward_seconds:g} s each (at least 5) on this process's "
+        f"thread, {a.inference_threads} intra-op thread(s), as the Inference service's "
+        "`MLMESH_INFERENCE_THREADS` in this run. *the service's* is the runtime the Inference "
+        "service loads for the version, through its own loader and answer checks "
+        "(`repository.forward_of`); mlflow.pyfunc is what mlflow serve and MLServer call. One "
+        "input = one image or one row.",
+        "",
+        "| model | runtime | batch | inputs/s | passes/s | p50 ms per pass | p99 ms per pass "
+        "| CPU ms per input |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in bench.forward:
+        per_s = f"{f.images_per_s:.0f}" if f.images_per_s >= 100 else f"{f.images_per_s:.1f}"
+        lines.append(
+            f"| {bench.models[f.model].title} | {f.runtime} | {f.batch} | {per_s} "
+            f"| {f.passes / f.seconds:.1f} | {f.p50_ms:.3f} | {f.p99_ms:.3f} "
+            f"| {f.cpu_s / (f.passes * f.batch) * 1e3:.3f} |"
+        )
+    cmax = max(a.concurrency)
+    comparisons = []
+    for key, model in bench.models.items():
+        best = ceiling(bench, key)
+        if best is None:
+            continue
+        for path in (PREDICT_GRPC, OIP_GRPC, PREDICT_REST, OIP_REST, OIP_REST_BINARY):
+            r = bench.find(key, "mlmesh", path, "uncached", cmax)
+            if r:
+                comparisons.append(
+                    f"{model.title}, mlmesh {path} uncached at c={cmax}: {r.rps:.1f} req/s, "
+                    f"{r.rps / best.images_per_s:.0%} of the service's runtime at its best "
+                    f"batch ({best.batch}: {best.images_per_s:.1f} inputs/s).  "
+                )
+    if comparisons:
+        lines += ["", *comparisons]
+    return lines
+
+
 def report(bench: Bench, command: str, started: float, tools: str) -> str:
     a = bench.args
+    loads = sorted(bench.loads) or [math.nan]
     lines = [
         "# Prediction serving benchmark",
         "",
         "Written by `bench/predict.py` (`make bench`); each run replaces this file. "
-        "See the script's docstring for the method.",
+        "See `bench/README.md` and the script's docstring for the method.",
         "",
         f"Command: `{command}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(started))}, "
-        f"{(time.monotonic() - bench.args.t0) / 60:.1f} minutes  ",
-        f"Machine: {machine()}; {versions()}; load average "
-        f"{a.load_average:.2f} (1 min) when the run began  ",
+        f"{(time.monotonic() - a.t0) / 60:.1f} minutes  ",
+        f"Machine: {machine()}; {versions()}  ",
+        f"Load on the machine (it is shared): `uptime` when the run began: `{a.uptime_start}`; "
+        f"when it ended: `{uptime()}`; the 1-minute load average before each load row: min "
+        f"{loads[0]:.2f}, median {loads[len(loads) // 2]:.2f}, max {loads[-1]:.2f}  ",
         f"Load generators: {tools}  ",
         f"Load: closed loop, concurrency = connections with one request in flight each, "
         f"{a.warm_up:g} s warm-up run then {a.duration:g} s measured, per row; everything on "
         "one machine over loopback (servers, Envoy, Redis, PostgreSQL and the load generator "
         "share its CPUs)  ",
-        f"Model: {bench.model}",
+        f"Threads: every forward pass runs {a.inference_threads} intra-op thread(s): mlmesh's "
+        f"(`MLMESH_INFERENCE_THREADS={a.inference_threads}`, one forward-pass thread), the "
+        "in-process ceiling's, the ResNet's ONNX session options (which mlflow serve and "
+        "MLServer read), and `OMP_NUM_THREADS`/`MKL_NUM_THREADS` of the peers (torch, numpy). "
+        "Each server is one process with one worker: mlflow serve `-w 1`, MLServer "
+        "`parallel_workers: 1` (its default; no adaptive batching), mlmesh one Inference "
+        "process (its dynamic batching on: up to 32 per pass, its default)",
         "",
-        "## Targets (issue 4)",
+        "Models:",
+        "",
+        *[f"- **{m.title}**: {m.about}." for m in bench.models.values()],
+    ]
+    if "mnist" in bench.models:
+        lines += [
+            "",
+            "## Targets (issue 4: MNIST, mlmesh's own routes)",
+            "",
+            "| target | measured | verdict |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {t} | {m} | {verdict(ok)} |" for t, m, ok in issue4_targets(bench)]
+    lines += [
+        "",
+        "## Targets (Serve any model: the Open Inference Protocol)",
         "",
         "| target | measured | verdict |",
         "|---|---|---|",
     ]
-    lines += [f"| {t} | {m} | {verdict(ok)} |" for t, m, ok in targets(bench)]
+    lines += [f"| {t} | {m} | {verdict(ok)} |" for t, m, ok in any_model_targets(bench)]
     lines += [
         "",
-        "## Single-image predictions under load",
+        "## Single predictions under load, per model",
         "",
-        "Uncached REST requests each carry a new image (four top-row pixels count up), so each "
-        "is a true cache miss; uncached gRPC requests all carry one image with "
-        "`cache-control: no-cache` (h2load cannot vary a body), which makes the service "
-        "compute it without reading the cache (it still stores the answer). Cached rows repeat "
-        "one image whose answer the warm-up stored. *cached answers* counts responses that "
-        "said `cached: true` (wrk reads every REST answer); *load-gen CPU* is the load "
-        "generator's CPU time over wall time (100% = one core); *machine busy* is the share "
-        f"of all {os.cpu_count()} CPUs' time that was busy during the row, every process "
-        "counted (near 100%: the machine, not the server design, is the limit).",
-        "",
-        "| server | path | load generator | cache | concurrency | requests/s | p50 ms | p99 ms "
-        "| errors | cached answers | load-gen CPU | machine busy | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ROWS_EXPLAINED.format(cpus=os.cpu_count()),
     ]
-    for row in bench.rows:
-        r = row.result
-        if r is None:
-            lines.append(
-                f"| {row.system} | {row.path} | {row.tool} | {row.cache} | {row.concurrency} "
-                f"| - | - | - | - | - | - | - | {row.note} |"
-            )
-            continue
-        hits = "n/a" if r.cached is None else f"{r.cached}/{r.requests}"
-        notes = "; ".join(x for x in (row.note, r.detail) if x)
-        lines.append(
-            f"| {row.system} | {row.path} | {row.tool} | {row.cache} | {row.concurrency} "
-            f"| {r.rps:.0f} | {ms(r.p50_ms)} | {ms(r.p99_ms)} | {r.errors} | {hits} "
-            f"| {r.loadgen_cpu:.0%} | {r.machine_busy:.0%} | {notes} |"
-        )
-    lines += oip_section(bench)
-    lines += [
-        "",
-        "## The forward pass in-process (no server: the ceiling)",
-        "",
-        f"Back-to-back calls for {a.forward_seconds:g} s each on this process's thread, "
-        f"{a.threads_forward} intra-op thread(s) (the Inference service's "
-        "`inference_threads`).",
-        "",
-        "| runtime | batch | images/s | passes/s | p50 ms per pass | p99 ms per pass |",
-        "|---|---|---|---|---|---|",
-    ]
-    for f in bench.forward:
-        lines.append(
-            f"| {f.runtime} | {f.batch} | {f.images_per_s:.0f} | {f.passes / f.seconds:.0f} "
-            f"| {f.p50_ms:.3f} | {f.p99_ms:.3f} |"
-        )
-    ceiling = next(
-        (f for f in bench.forward if f.batch == 32 and f.runtime.startswith("ONNX")), None
-    )
-    cmax = max(a.concurrency)
-    served = [
-        (name, bench.find("mlmesh", path, "uncached", cmax))
-        for name, path in (
-            ("uncached gRPC direct", "gRPC direct (Inference port)"),
-            ("uncached REST through Envoy", "REST through Envoy"),
-        )
-    ]
-    if ceiling:
-        lines.append("")
-        for name, r in served:
-            if r:
-                lines.append(
-                    f"{name} at c={cmax}: {r.rps:.0f} req/s, "
-                    f"{r.rps / ceiling.images_per_s:.0%} of the ONNX Runtime batch-32 ceiling "
-                    f"({ceiling.images_per_s:.0f} images/s).  "
-                )
+    for model in bench.models.values():
+        lines += ["", f"### {model.title}", "", *model_table(bench, model)]
+        if model.key == "mnist":
+            lines += oip_section(bench)
+    lines += checks_section(bench)
+    lines += forward_section(bench)
     if bench.notes:
         lines += ["", "## Notes", ""] + [f"- {' '.join(n.split())}" for n in bench.notes]
     return "\n".join(lines) + "\n"
@@ -1279,7 +2160,8 @@ def report(bench: Bench, command: str, started: float, tools: str) -> str:
 
 def print_targets(bench: Bench) -> None:
     print("\nTargets (reported, not enforced):", flush=True)
-    for t, m, ok in targets(bench):
+    found = issue4_targets(bench) if "mnist" in bench.models else []
+    for t, m, ok in found + any_model_targets(bench):
         mark = {None: "n/a   ", True: "HOLDS ", False: "MISSES"}[ok]
         print(f"  [{mark}] {t}: {m.replace('**', '')}", flush=True)
 
@@ -1297,6 +2179,10 @@ def check_tools() -> str | None:
     return None
 
 
+def comma_set(text: str) -> list[str]:
+    return list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per row")
@@ -1305,16 +2191,40 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency",
         type=lambda s: sorted({int(x) for x in s.split(",")}),
         default=list(CONCURRENCY),
-        help="comma-separated concurrencies (default 1,8,32)",
+        help="comma-separated concurrencies (default 1,8,32; MNIST runs at each, the other "
+        "models at the lowest and highest)",
+    )
+    parser.add_argument(
+        "--models",
+        type=comma_set,
+        default=list(MODELS),
+        help=f"comma-separated models to register and load: {', '.join(MODELS)} (default all)",
+    )
+    parser.add_argument(
+        "--inference-threads",
+        type=int,
+        default=1,
+        help="intra-op threads of every forward pass: MLMESH_INFERENCE_THREADS of the mesh, "
+        "the in-process ceiling, the ResNet's ONNX session options and the peers' "
+        "OMP_NUM_THREADS (default 1, the service's default)",
     )
     parser.add_argument("--forward-seconds", type=float, default=3.0, help="per in-process row")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of each interleaved check (default 3)"
+    )
+    parser.add_argument(
+        "--slice-seconds",
+        type=float,
+        default=4.0,
+        help="measured seconds of each slice of an interleaved check (default 4)",
+    )
     parser.add_argument(
         "--train-images", type=int, default=10_000, help="training images for the 1-epoch model"
     )
     parser.add_argument("--loadgen-threads", type=int, default=1, help="wrk/h2load threads")
     parser.add_argument(
         "--skip",
-        type=lambda s: {x.strip() for x in s.split(",") if x.strip()},
+        type=lambda s: set(comma_set(s)),
         default=set(),
         help=f"comma-separated parts to leave out: {', '.join(PARTS)}",
     )
@@ -1331,8 +2241,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--loadgen-threads must be 1 to {MAX_LOADGEN_THREADS}")
     if args.skip - set(PARTS):
         parser.error(f"--skip takes {', '.join(PARTS)}; got {', '.join(sorted(args.skip))}")
+    if not args.models or set(args.models) - set(MODELS):
+        parser.error(f"--models takes {', '.join(MODELS)}; got {', '.join(args.models)}")
+    if args.inference_threads < 1:
+        parser.error("--inference-threads must be 1 or more")
+    args.models = [m for m in MODELS if m in args.models]  # MNIST first: its mesh warms it
     args.t0 = time.monotonic()
-    args.load_average = os.getloadavg()[0]
+    args.uptime_start = uptime()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -1346,11 +2261,10 @@ def main(argv: list[str] | None = None) -> int:
     state_dir.mkdir(parents=True)
     work_dir = state_dir / "work"
     work_dir.mkdir()
-    settings = bench_settings(state_dir, args.rate_limits)
-    args.threads_forward = getattr(settings, "inference_threads", 1)
+    settings = bench_settings(state_dir, args.rate_limits, args.inference_threads)
     bench = Bench(args)
-    # Different images from run to run, and room for this run's ranges below COUNTER_SPACE.
-    bench.counter = random.randrange(0, COUNTER_SPACE // ROW_RANGE - 100) * ROW_RANGE
+    # Different inputs from run to run, and room for this run's ranges below COUNTER_SPACE.
+    bench.counter = random.randrange(0, COUNTER_SPACE // ROW_RANGE - 200) * ROW_RANGE
     wrk, h2 = Wrk(work_dir, args.loadgen_threads), H2load(work_dir, args.loadgen_threads)
     tools = (
         f"wrk {Wrk.version()} (HTTP/1.1 keep-alive, Lua script; every HTTP row) and h2load "
@@ -1361,20 +2275,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Mesh(settings) as mesh:
             settings = mesh.settings
-            model = register_model(settings, args.train_images, work_dir)
-            bench.model = (
-                f"`{model.name}` version {model.version}, Production: the CNN trained 1 epoch "
-                f"on {model.train_images} MNIST images with the jobs' code (test accuracy "
-                f"{model.accuracy:.4f}), logged in MLflow's pytorch flavor (pt2) with its ONNX "
-                "export; every server loads this one version"
-            )
-            parts = {
-                "mlmesh": lambda: mlmesh_rows(bench, settings, model, wrk, h2),
-                "mlflow": lambda: mlflow_serve_rows(bench, settings, model, wrk, mesh.log_dir),
-                "mlserver": lambda: mlserver_rows(bench, model, wrk, h2, work_dir, mesh.log_dir),
-                "forward": lambda: in_process_rows(bench, model, args.threads_forward),
+            registrations = {
+                "mnist": lambda: register_mnist(settings, args.train_images, work_dir),
+                "resnet": lambda: register_resnet(settings, args.inference_threads, work_dir),
+                "sklearn": lambda: register_sklearn(settings, work_dir),
             }
-            for part, run in parts.items():
+            for key in args.models:
+                try:
+                    bench.models[key] = registrations[key]()
+                except Exception as exc:  # the other models still run
+                    log.exception("registering %s failed", key)
+                    bench.skip(f"{key}: every row", f"registering it failed: {exc}")
+            # Per model, the in-process pass and then mlmesh's rows, close in time: the
+            # machine's other load changes by the minute. Then the peers.
+            for part in ("forward", "mlmesh"):
+                if part in args.skip:
+                    bench.skip(PARTS[part], f"--skip {part}")
+            for model in bench.models.values():
+                forward = None
+                if "forward" not in args.skip:
+                    print(f"\n== {model.title}: {PARTS['forward']} ==", flush=True)
+                    forward = in_process_rows(bench, model, args.inference_threads)
+                if "mlmesh" not in args.skip:
+                    print(f"\n== {model.title}: {PARTS['mlmesh']} ==", flush=True)
+                    pid = mesh.pids().get("inference", 0)
+                    mlmesh_rows(bench, settings, model, wrk, h2, forward, pid)
+            peers = {
+                "mlflow": lambda: mlflow_serve_rows(bench, settings, wrk, mesh.log_dir),
+                "mlserver": lambda: mlserver_rows(bench, wrk, h2, work_dir, mesh.log_dir),
+            }
+            for part, run in peers.items():
                 print(f"\n== {PARTS[part]} ==", flush=True)
                 if part in args.skip:
                     bench.skip(PARTS[part], f"--skip {part}")

@@ -23,9 +23,16 @@ from services.common.settings import Settings
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "x-api-key"  # where callers send their key, over REST and gRPC alike
-# The api_key_auth filter's name in envoy.yaml.j2; ECDS finds its config by this name.
+# MLflow clients send MLFLOW_TRACKING_TOKEN as "Authorization: Bearer <token>"; on the MLflow
+# listener the key may come that way too (api_key_auth drops a "Bearer " prefix itself).
+BEARER_HEADER = "authorization"
+# The api_key_auth filters' names in envoy.yaml.j2; ECDS finds each one's config by its name.
 FILTER_NAME = "envoy.filters.http.api_key_auth"
+MLFLOW_FILTER_NAME = "mlmesh.filters.http.mlflow_api_key_auth"
 ENVOY_KEYS_FILE = "envoy-api-keys.json"  # written beside envoy.yaml
+# The same keys for the MLflow listener, which also reads them from BEARER_HEADER: a file of
+# its own, since ECDS serves one filter's config per file.
+ENVOY_MLFLOW_KEYS_FILE = "envoy-mlflow-api-keys.json"
 
 _CLIENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _KEY = re.compile(r"^[\x21-\x7e]{16,256}$")  # printable, no spaces, long enough to guess badly
@@ -83,18 +90,31 @@ def write_dev_key(path: Path, client: str = "dev") -> tuple[str, str]:
 
 
 def write_envoy_keys(keys: dict[str, str], path: Path) -> Path:
-    """Write the api_key_auth config Envoy watches (mode 0600), replacing it atomically.
+    """Write the api_key_auth configs Envoy watches (mode 0600), replacing each atomically:
+    ``path`` (ENVOY_KEYS_FILE, the mesh listener's: x-api-key only) and, beside it,
+    ENVOY_MLFLOW_KEYS_FILE (the MLflow listener's: x-api-key or Authorization: Bearer).
 
-    Envoy reloads the file when a new one is renamed into place; a half-written file is
+    Envoy reloads a file when a new one is renamed into place; a half-written file is
     never seen, and one Envoy rejects leaves the previous keys in force.
     """
+    _write_filter_config(path, FILTER_NAME, keys, [API_KEY_HEADER])
+    _write_filter_config(
+        path.with_name(ENVOY_MLFLOW_KEYS_FILE),
+        MLFLOW_FILTER_NAME,
+        keys,
+        [API_KEY_HEADER, BEARER_HEADER],
+    )
+    return path
+
+
+def _write_filter_config(path: Path, name: str, keys: dict[str, str], headers: list[str]) -> None:
     resource = {
         "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-        "name": FILTER_NAME,
+        "name": name,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
             "credentials": [{"client": c, "key": k} for c, k in sorted(keys.items())],
-            "key_sources": [{"header": API_KEY_HEADER}],
+            "key_sources": [{"header": header} for header in headers],
             "forwarding": {"header": CLIENT_HEADER, "hide_credentials": True},
         },
     }
@@ -104,7 +124,6 @@ def write_envoy_keys(keys: dict[str, str], path: Path) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump({"resources": [resource]}, f, indent=1)
     os.replace(tmp, path)
-    return path
 
 
 class ApiKeysWatcher:

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import grpc
 import jinja2
@@ -19,19 +20,24 @@ from google.protobuf import descriptor_pb2
 from gateway.keys import (
     API_KEY_HEADER,
     ENVOY_KEYS_FILE,
+    ENVOY_MLFLOW_KEYS_FILE,
+    MLFLOW_FILTER_NAME,
     ApiKeyError,
     load_api_keys,
     write_envoy_keys,
 )
 from gateway.policy import (
     CONTRACT_PACKAGES,
+    MLFLOW_PREFIXES,
+    MLFLOW_ROUTES,
     OIP_REST_ROUTES,
     OIP_SERVICE,
     RPC_ACCESS,
     SERVICE_CLUSTERS,
+    MlflowRule,
 )
 from services.common.interceptors import CLIENT_HEADER
-from services.common.settings import Settings, split_address
+from services.common.settings import MESH_SERVICE_NAME, Settings, split_address
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("envoy.yaml.j2")
@@ -42,6 +48,7 @@ _PUBLIC = (
     '{"envoy.filters.http.api_key_auth": '
     '{"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}}'
 )
+_MLFLOW_PUBLIC = _PUBLIC.replace("envoy.filters.http.api_key_auth", MLFLOW_FILTER_NAME)
 
 
 def tool(name: str) -> str:
@@ -410,6 +417,119 @@ def local_reply_mappers(body_limit: int) -> list[dict]:
     ]
 
 
+# -- MLflow's UI and API ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MlflowRoute:
+    """One route of the MLflow listener: a line of gateway/policy.py's MLFLOW_ROUTES."""
+
+    key: str  # "VERB path", as MLFLOW_ROUTES writes it
+    verb: str
+    regex: str  # RE2, on the path without its query
+    rule: MlflowRule
+
+
+def mlflow_path_regex(template: str) -> str:
+    """An RE2 regex for the paths an MLFLOW_ROUTES path matches ({api} and {artifacts} expanded)."""
+    for macro, prefix in MLFLOW_PREFIXES.items():
+        if template.startswith(macro):
+            return "^" + prefix + template_regex(template[len(macro) :])[1:]
+    return template_regex(template)
+
+
+def mlflow_routes() -> list[MlflowRoute]:
+    """MLFLOW_ROUTES in the order the listener tries them: paths without variables first, so
+    that "GET {api}traces/get" is not taken by "GET {api}traces/{trace_id}"."""
+    routes = []
+    for key, rule in MLFLOW_ROUTES.items():
+        verb, template = key.split(" ", 1)
+        routes.append(MlflowRoute(key, verb, mlflow_path_regex(template), rule))
+
+    def has_variables(route: MlflowRoute) -> bool:
+        path = route.key.split(" ", 1)[1]
+        for macro in MLFLOW_PREFIXES:
+            path = path.removeprefix(macro)
+        return _TEMPLATE_VAR.search(path) is not None
+
+    return sorted(routes, key=has_variables)
+
+
+def classify_mlflow(
+    verb: str, path: str, routes: list[MlflowRoute] | None = None
+) -> MlflowRoute | None:
+    """The route the MLflow listener takes for ``verb`` ``path`` (first match, as Envoy's),
+    or None: refused as unclassified."""
+    for route in routes if routes is not None else mlflow_routes():
+        if route.verb == verb and re.fullmatch(route.regex, path):
+            return route
+    return None
+
+
+NOT_CLASSIFIED = (
+    "this MLflow route is not offered through mlmesh's gateway: it is not in "
+    "gateway/policy.py's MLflow table (deny by default)"
+)
+MLFLOW_NOT_RUNNING = "MLflow is not running or not reachable from the gateway; retry shortly"
+MLFLOW_NO_KEY = (
+    "missing or invalid API key: set MLFLOW_TRACKING_TOKEN to your mlmesh API key (MLflow sends "
+    f"it as Authorization: Bearer), or send it in the {API_KEY_HEADER} header"
+)
+MLFLOW_BAD_REQUEST = (
+    "the gateway refused a malformed request (a path with an escaped slash, %2F, is refused)"
+)
+# The error codes of MLflow's REST API (MLflow's clients raise them as MlflowException).
+_MLFLOW_CODES = {
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "ENDPOINT_NOT_FOUND",
+    429: "REQUEST_LIMIT_EXCEEDED",
+    503: "TEMPORARILY_UNAVAILABLE",
+}
+
+
+def mlflow_local_reply_mappers() -> list[dict]:
+    """The MLflow listener's replies of its own, in MLflow's error shape:
+    {"error_code": ..., "message": ...}."""
+
+    def error(code: str) -> dict:
+        return {"error_code": code, "message": "%LOCAL_REPLY_BODY%"}
+
+    not_running = {"response_flag_filter": {"flags": ["UH", "UF"]}}
+    return [
+        {
+            "filter": not_running,
+            "body": MLFLOW_NOT_RUNNING,
+            "json": error("TEMPORARILY_UNAVAILABLE"),
+        },
+        {"filter": _status_is(401), "body": MLFLOW_NO_KEY, "json": error("UNAUTHENTICATED")},
+        # Envoy's own 400s come without a text: a malformed request, or an escaped slash.
+        {"filter": _status_is(400), "body": MLFLOW_BAD_REQUEST, "json": error("BAD_REQUEST")},
+        *[
+            {"filter": _status_is(status), "json": error(code)}
+            for status, code in _MLFLOW_CODES.items()
+            if status != 401
+        ],
+        {"filter": _status_is(500, "GE"), "json": error("INTERNAL_ERROR")},
+        {"filter": _status_is(400, "GE"), "json": error("BAD_REQUEST")},
+    ]
+
+
+def mesh_tls_files(settings: Settings) -> dict[str, str]:
+    """The certificate files the gateway's upstream mutual TLS uses, as absolute paths;
+    ValueError naming what is missing and how to make it."""
+    files = settings.mesh_tls
+    wanted = {"ca": files.ca_cert, "cert": files.gateway_cert, "key": files.gateway_key}
+    missing = files.missing(*wanted.values())
+    if missing:
+        raise ValueError(
+            f"the mesh's certificates are missing ({', '.join(map(str, missing))}): the gateway "
+            "talks to the services over mutual TLS. `make up` makes them; elsewhere run "
+            "`python -m services.launcher mesh-certs --dir DIR` and set MLMESH_MTLS_DIR=DIR"
+        )
+    return {name: str(path.resolve()) for name, path in wanted.items()}
+
+
 def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Path) -> Path:
     """Write Envoy's config for ``settings`` to ``out_path``, and beside it the API keys
     (``ENVOY_KEYS_FILE``, which Envoy watches); both mode 0600."""
@@ -422,6 +542,7 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
     keys = load_api_keys(settings)
     if not keys:
         raise ApiKeyError("no API keys configured: set MLMESH_API_KEYS or MLMESH_API_KEYS_FILE")
+    mesh_tls = mesh_tls_files(settings)
     addresses = {
         "registry": settings.registry_address,
         "training": settings.training_address,
@@ -514,6 +635,20 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
         services=sorted({r.service for r in rpcs if r.bindings}),
         descriptor=descriptor_path.resolve(),
         api_keys_config=write_envoy_keys(keys, out_path.parent / ENVOY_KEYS_FILE).resolve(),
+        mlflow_keys_config=(out_path.parent / ENVOY_MLFLOW_KEYS_FILE).resolve(),
+        mlflow_filter=MLFLOW_FILTER_NAME,
+        mlflow_public=_MLFLOW_PUBLIC,
+        mlflow_port=settings.gateway_mlflow_port,
+        mlflow_routes=mlflow_routes(),
+        mlflow_upstream={
+            "host": urlsplit(settings.mlflow_tracking_uri).hostname or "127.0.0.1",
+            "port": settings.mlflow_port,
+            "netloc": urlsplit(settings.mlflow_tracking_uri).netloc,
+        },
+        mlflow_local_replies=mlflow_local_reply_mappers(),
+        mlflow_not_classified=NOT_CLASSIFIED,
+        mesh_tls=mesh_tls,
+        mesh_service_name=MESH_SERVICE_NAME,
         grpc_clusters=clusters,
         oip_http={
             "name": OIP_HTTP_CLUSTER,

@@ -74,7 +74,12 @@ def main() -> int:
         version = job.model_version
         accuracy = job.metrics["test_accuracy"]
         print(f"  run {job.mlflow_run_id}: {MODEL} v{version}, test accuracy {accuracy:.4f}")
-        print(f"  see it in the MLflow UI: {mesh.settings.mlflow_tracking_uri}")
+        run = rest.get(f"/v1/runs/{job.mlflow_run_id}").json()["run"]
+        run_url = (
+            f"{mesh.settings.gateway_mlflow_url}/#/experiments/{run['experiment_id']}"
+            f"/runs/{job.mlflow_run_id}"
+        )
+        print(f"  see it in the MLflow UI (through the gateway): {run_url}")
 
         step(f"REST: curl -H 'x-api-key: ...' {gateway}/train/status/{job.job_id}")
         status = rest.get(f"/train/status/{job.job_id}", headers={"x-api-key": key}).json()
@@ -191,6 +196,7 @@ def main() -> int:
         f"\ndemo finished: trained {MODEL} v{version} (test accuracy {accuracy:.4f}), promoted "
         f"it, read it back and classified a test image with it over REST and gRPC through Envoy."
     )
+    print(f"MLflow UI (through the gateway; `make up` keeps the mesh running): {run_url}")
     return 0
 
 

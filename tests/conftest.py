@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.tls import ensure_mesh_certificates
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.common import db
 from services.common.settings import Settings
@@ -31,7 +32,9 @@ def free_port() -> int:
 
 
 def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
-    """Settings with unique databases, a Redis db of its own and free ports for everything."""
+    """Settings with unique databases, a Redis db of its own and free ports for everything,
+    and the mesh's certificates in the state directory (as the launcher makes them), so that
+    a test may also start a service or a gateway on its own."""
     tag = secrets.token_hex(4)
     values: dict[str, object] = {
         "database_url": f"{SHARED_POSTGRES}/mlmesh_t_{tag}",
@@ -40,16 +43,20 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}",
         "registry_address": f"127.0.0.1:{free_port()}",
         "registry_ops_port": free_port(),
+        "registry_health_port": free_port(),
         "training_address": f"127.0.0.1:{free_port()}",
         "training_ops_port": free_port(),
+        "training_health_port": free_port(),
         "training_queue": f"arq:mlmesh-training-{tag}",
         "worker_ops_port": free_port(),
         "inference_address": f"127.0.0.1:{free_port()}",
         "inference_ops_port": free_port(),
         "inference_http_port": free_port(),
+        "inference_health_port": free_port(),
         "gateway_port": free_port(),
         "gateway_admin_port": free_port(),
         "gateway_metrics_port": free_port(),
+        "gateway_mlflow_port": free_port(),
         "state_dir": state_dir,
         "api_keys": ",".join(
             f"{c}={secrets.token_urlsafe(24)}" for c in ("alice", "bob", "erin", "dave")
@@ -63,13 +70,17 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         ),
         "api_keys_file": None,
         "shutdown_grace_s": 3.0,
+        # A change made around mlmesh is found within a second or two, not ten.
+        "registry_alias_check_interval_s": 1.0,
         "worker_lease_s": 5.0,
         # Small enough for a test to go over it; a dataset cache of the run's own.
         "dataset_max_bytes": 8 * 1024 * 1024,
         "dataset_cache_dir": state_dir / "dataset-cache",
     }
     values.update(overrides)
-    return Settings(**values)
+    settings = Settings(**values)
+    ensure_mesh_certificates(settings.mesh_tls)
+    return settings
 
 
 def metric_sample(text: str, name: str, **labels: str) -> float:

@@ -1,4 +1,12 @@
-"""Server interceptors shared by every mlmesh gRPC service: identity, errors, access log."""
+"""Server interceptors shared by every mlmesh gRPC service: identity, errors, access log.
+
+Identity: a service takes calls on its mutual-TLS port, where every caller presented a
+certificate of the mesh's CA (the gateway, another service), and on a plain-text health port.
+Only a caller with such a certificate is trusted to say who the end client is
+(``x-mlmesh-client``, which the gateway sets from the API key); any other call but a health
+check or reflection (which only describes the API) is refused with UNAUTHENTICATED, so the
+header means nothing coming from anyone else.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +33,14 @@ ANONYMOUS = "anonymous"
 
 _client: contextvars.ContextVar[str] = contextvars.ContextVar("mlmesh_client", default=ANONYMOUS)
 
-# Health probes are not traffic: neither logged nor counted.
+# Health probes and reflection are not traffic: neither logged nor counted. They are also the
+# only calls taken without a client certificate (on the plain-text health port): grpcurl needs
+# reflection to ask for a health check, and it tells no more than the repository's protos.
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+NO_CERTIFICATE = (
+    "this port takes calls only from the mesh's gateway and services: present a client "
+    "certificate of the mesh's CA (over mutual TLS), or call through the gateway"
+)
 
 # The standard gRPC server metrics (the names of go-grpc-prometheus and py-grpc-prometheus).
 _RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
@@ -49,6 +63,12 @@ SENT = Counter("grpc_server_msg_sent_total", "Messages sent to clients.", _RPC_L
 def current_client() -> str:
     """The API-key client of the RPC being served, or "anonymous" on public routes."""
     return _client.get()
+
+
+def has_mesh_certificate(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the caller presented a certificate the server verified against the mesh's CA
+    (calls on the mutual-TLS port; a plain-text connection has no peer identity)."""
+    return bool(context.peer_identities())
 
 
 def _client_from(context: grpc.aio.ServicerContext) -> str:
@@ -181,7 +201,8 @@ def _wrap_unary(
     method = rpc.method
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        client = _client_from(context)
+        trusted = has_mesh_certificate(context)
+        client = _client_from(context) if trusted else ANONYMOUS
         token = _client.set(client)
         start = time.perf_counter()
         rpc.started.inc()
@@ -191,6 +212,8 @@ def _wrap_unary(
             rpc.received.inc()
         code = "OK"
         try:
+            if not trusted:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, NO_CERTIFICATE)
             if isinstance(request, _Refused):
                 raise request.error
             if rpc.limiter is not None:
@@ -220,7 +243,8 @@ def _wrap_stream(
     method = rpc.method
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        client = _client_from(context)
+        trusted = has_mesh_certificate(context)
+        client = _client_from(context) if trusted else ANONYMOUS
         token = _client.set(client)
         start = time.perf_counter()
         rpc.started.inc()
@@ -230,6 +254,8 @@ def _wrap_stream(
             rpc.received.inc()
         code = "OK"
         try:
+            if not trusted:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, NO_CERTIFICATE)
             if isinstance(request, _Refused):
                 raise request.error
             if rpc.limiter is not None:  # a stream takes one token, when it opens

@@ -61,17 +61,25 @@ class Serving:
     backends: Backends
     parts: ServiceParts
     address: str  # where its gRPC server listens: the port it bound when asked for port 0
+    health_address: str  # its plain-text health port, likewise
 
 
 @contextlib.asynccontextmanager
 async def serving(
-    settings: Settings, address: str, ops_port: int, build: Callable[[Backends], ServiceParts]
+    settings: Settings,
+    address: str,
+    ops_port: int,
+    build: Callable[[Backends], ServiceParts],
+    *,
+    health_address: str = "",
 ) -> AsyncIterator[Serving]:
     """Run one service in this process while the block runs: its backends, gRPC server, ops
     HTTP, other sites and background loops. On exit, drain RPCs and close every client.
 
-    ``serve_process`` holds it until SIGTERM; a test holds it around its calls, on a free
-    port (``address`` "127.0.0.1:0"; ``Serving.address`` says which it got).
+    ``serve_process`` holds it until SIGTERM; a test holds it around its calls, on free
+    ports (``address`` and ``health_address`` "127.0.0.1:0"; ``Serving.address`` and
+    ``Serving.health_address`` say which it got). The health port defaults to the service's
+    own (Settings.health_address).
     """
     async with contextlib.AsyncExitStack() as stack:
         pool = await db.connect_pool(settings.database_url)
@@ -85,7 +93,7 @@ async def serving(
         limiter = RateLimiter(redis, parse_limits(settings.rate_limits))
         backends = Backends(settings, pool, redis, http, limiter)
         parts = build(backends)
-        server = GrpcServer(settings, address, parts.registrations, limiter)
+        server = GrpcServer(settings, address, parts.registrations, limiter, health_address)
         ops = OpsServer(
             split_address(address)[0],
             ops_port,
@@ -106,7 +114,8 @@ async def serving(
             sites.append(site)
         tasks = [asyncio.create_task(job) for job in parts.background]
         stack.push_async_callback(_cancel, tasks)
-        yield Serving(backends, parts, f"{split_address(address)[0]}:{server.port}")
+        host = split_address(address)[0]
+        yield Serving(backends, parts, f"{host}:{server.port}", f"{host}:{server.health_port}")
 
 
 async def _drain(server: GrpcServer, sites: Sequence[Site]) -> None:

@@ -8,6 +8,7 @@ and pass it down; nothing else reads the environment.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +17,55 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The PostgreSQL server the launcher uses (or starts) when no database URL is configured.
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+
+# The name every service certificate of the mesh is issued to, and that its clients (the
+# gateway, the Registry) check: who a service is, not where it runs, so one certificate
+# serves on any address (127.0.0.1, a compose host name, a pod's IP).
+MESH_SERVICE_NAME = "mlmesh-service"
+# The name of the gateway's client certificate.
+MESH_GATEWAY_NAME = "mlmesh-gateway"
+
+
+@dataclass(frozen=True)
+class MeshTlsFiles:
+    """The mesh's certificates (PEM), by their fixed names in MLMESH_MTLS_DIR: the CA every
+    service and the gateway trust, the services' certificate (server, and client when one
+    service calls another) and the gateway's client certificate. The CA's key is not read
+    by any service: only the launcher uses it, to issue the others."""
+
+    directory: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.directory / "ca.key"
+
+    @property
+    def service_cert(self) -> Path:
+        return self.directory / "service.crt"
+
+    @property
+    def service_key(self) -> Path:
+        return self.directory / "service.key"
+
+    @property
+    def gateway_cert(self) -> Path:
+        return self.directory / "gateway.crt"
+
+    @property
+    def gateway_key(self) -> Path:
+        return self.directory / "gateway.key"
+
+    def missing(self, *paths: Path) -> list[Path]:
+        """Those of ``paths`` (default: all but the CA's key) that are not files."""
+        wanted = paths or (
+            self.ca_cert, self.service_cert, self.service_key, self.gateway_cert,
+            self.gateway_key,
+        )  # fmt: skip
+        return [p for p in wanted if not p.is_file()]
 
 
 class Settings(BaseSettings):
@@ -40,8 +90,10 @@ class Settings(BaseSettings):
         description="Redis for the job queue, prediction cache, events and rate limits.",
     )
     mlflow_tracking_uri: str = Field(
-        "http://127.0.0.1:5000",
-        description="MLflow tracking server; the launcher starts it on this host and port.",
+        "http://127.0.0.1:5001",
+        description="MLflow tracking server as the services and workers reach it (the trusted "
+        "side); the launcher starts it on this host and port. Users reach MLflow through the "
+        "gateway instead (MLMESH_GATEWAY_MLFLOW_PORT).",
     )
     mlflow_request_timeout_s: float = Field(
         10.0, description="Timeout of one MLflow REST call made by a service."
@@ -57,11 +109,27 @@ class Settings(BaseSettings):
     registry_ops_port: int = Field(
         9101, description="HTTP port of the Registry process: /ready, /health, /metrics."
     )
+    registry_health_port: int = Field(
+        50061,
+        description="Plain-text gRPC port of the Registry that answers only health checks "
+        "(and reflection): probes carry no client certificate. Same host as "
+        "MLMESH_REGISTRY_ADDRESS.",
+    )
     training_address: str = Field(
         "127.0.0.1:50052", description="host:port of the Training gRPC server."
     )
+    training_health_port: int = Field(
+        50062,
+        description="Plain-text gRPC port of the Training service that serves only "
+        "grpc.health.v1; same host as MLMESH_TRAINING_ADDRESS.",
+    )
     inference_address: str = Field(
         "127.0.0.1:50053", description="host:port of the Inference gRPC server."
+    )
+    inference_health_port: int = Field(
+        50063,
+        description="Plain-text gRPC port of the Inference service that serves only "
+        "grpc.health.v1; same host as MLMESH_INFERENCE_ADDRESS.",
     )
     inference_ops_port: int = Field(
         9104, description="HTTP port of the Inference process: /ready, /health, /metrics."
@@ -119,8 +187,20 @@ class Settings(BaseSettings):
     )
     model_refresh_interval_s: float = Field(
         10.0,
-        description="How often inference re-reads aliases from MLflow, in case a Redis "
+        description="How often inference re-reads the aliases it serves, in case a Redis "
         "model event was missed.",
+    )
+    inference_follow_mlflow_aliases: bool = Field(
+        False,
+        description="Where the Inference service reads the production and staging aliases: "
+        "false, as the Registry recorded them through TransitionModelVersion (the audit log), "
+        "so a change made in MLflow around mlmesh is not served; true, MLflow's own aliases, "
+        "whoever set them.",
+    )
+    registry_alias_check_interval_s: float = Field(
+        10.0,
+        description="How often the Registry compares MLflow's production and staging aliases "
+        "with the audit log, and records a difference as changed_outside_mlmesh.",
     )
     prediction_cache_ttl_s: int = Field(
         3600, description="Lifetime of a cached prediction in Redis; 0 turns the cache off."
@@ -185,6 +265,11 @@ class Settings(BaseSettings):
         description="Envoy listener that serves only GET /stats/prometheus (the admin stays "
         "on loopback).",
     )
+    gateway_mlflow_port: int = Field(
+        5000,
+        description="Envoy listener for MLflow's UI and REST API, under gateway/policy.py's "
+        "MLflow table (reads public, writes with a key, serving changes refused).",
+    )
     gateway_tls_cert_file: Path | None = Field(
         None,
         description="PEM certificate (chain) of the gateway's listener; with the key file, the "
@@ -192,6 +277,12 @@ class Settings(BaseSettings):
     )
     gateway_tls_key_file: Path | None = Field(
         None, description="PEM private key of MLMESH_GATEWAY_TLS_CERT_FILE."
+    )
+    mtls_dir: Path | None = Field(
+        None,
+        description="Directory of the mesh's certificates (ca.crt, service.crt/.key, "
+        "gateway.crt/.key): the gateway talks to the services over mutual TLS with them. "
+        "Default: STATE_DIR/mtls, which the launcher fills on first start.",
     )
     api_keys: str = Field(
         "",
@@ -296,6 +387,29 @@ class Settings(BaseSettings):
         """Base URL of the gateway."""
         scheme = "https" if self.gateway_tls else "http"
         return f"{scheme}://{self.gateway_host}:{self.gateway_port}"
+
+    @property
+    def gateway_mlflow_url(self) -> str:
+        """Base URL of MLflow's UI and API through the gateway: what users open."""
+        scheme = "https" if self.gateway_tls else "http"
+        return f"{scheme}://{self.gateway_host}:{self.gateway_mlflow_port}"
+
+    @property
+    def mesh_tls(self) -> MeshTlsFiles:
+        """The mesh's certificates: MLMESH_MTLS_DIR, or STATE_DIR/mtls."""
+        return MeshTlsFiles(self.mtls_dir or self.state_dir / "mtls")
+
+    def health_address(self, address: str) -> str:
+        """host:port of the plain-text health port of the service listening at ``address``
+        (MLMESH_<SERVICE>_ADDRESS): the same host, its MLMESH_<SERVICE>_HEALTH_PORT."""
+        ports = {
+            self.registry_address: self.registry_health_port,
+            self.training_address: self.training_health_port,
+            self.inference_address: self.inference_health_port,
+        }
+        if address not in ports:
+            raise ValueError(f"{address} is not the address of a service in these settings")
+        return f"{split_address(address)[0]}:{ports[address]}"
 
 
 def state_tag(state_dir: Path) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -163,8 +164,13 @@ class OipHttpServer:
         port: int,
         max_body_bytes: int,
         grace_s: float,
+        ssl_context: ssl.SSLContext | None,
     ) -> None:
         self._oip = oip
+        # The gateway's mutual TLS (services/common/server.py, server_ssl_context): a caller
+        # without a certificate of the mesh's CA fails the handshake, so x-mlmesh-client
+        # here always comes from the gateway.
+        self._ssl_context = ssl_context
         self._limiter = limiter
         self._host = host
         self._port = port
@@ -324,7 +330,9 @@ class OipHttpServer:
             app.router.add_post(model + "/infer", self._infer)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=self._grace_s)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port).start()
+        await web.TCPSite(
+            self._runner, self._host, self._port, ssl_context=self._ssl_context
+        ).start()
         log.info("Open Inference Protocol REST on %s:%d (/v2)", self._host, self._port)
 
     async def stop(self) -> None:

@@ -2,9 +2,12 @@
 
 A request names a registered model (or gets the configured default) and a version: a number,
 an alias, or nothing for ``production``. Aliases resolve through a table this replica keeps
-current in three ways: a lookup in MLflow on first use, the Registry's model events on Redis
-(a transition re-resolves the model's aliases at once), and a periodic re-read that covers a
-missed event. A moved alias switches only once its new version is loaded, so no request waits
+current in three ways: a lookup on first use, the Registry's model events on Redis (a
+transition re-resolves the model's aliases at once), and a periodic re-read that covers a
+missed event. The production and staging aliases are read where mlmesh recorded them (the
+audit log, services/common/aliases.py), so a change made in MLflow around mlmesh is not
+served; with MLMESH_INFERENCE_FOLLOW_MLFLOW_ALIASES they, like every other alias, are read
+from MLflow. A moved alias switches only once its new version is loaded, so no request waits
 for a load and none fails during the switch. Loaded versions live in a small LRU; each is
 loaded once, off the event loop, however many requests ask for it meanwhile.
 """
@@ -22,12 +25,14 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import mlflow.artifacts
 import mlflow.models
 import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.common.aliases import STAGE_OF_ALIAS, recorded_alias
 from services.common.errors import FailedPrecondition, InvalidArgument, MeshError, NotFound
 from services.common.events import MODEL_EVENTS_CHANNEL
 from services.common.mlflow_store import MlflowStore, mlflow_errors
@@ -124,10 +129,20 @@ def parse_version(reference: str) -> int | str:
 
 
 class ModelRepository:
-    """Resolves (model, version or alias) to a loaded model."""
+    """Resolves (model, version or alias) to a loaded model.
 
-    def __init__(self, settings: Settings, forward_executor: Executor) -> None:
+    ``audit_db`` is where the recorded production and staging aliases are read (mlmesh's
+    database); without it, or with MLMESH_INFERENCE_FOLLOW_MLFLOW_ALIASES, MLflow's are.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        forward_executor: Executor,
+        audit_db: asyncpg.Pool | None = None,
+    ) -> None:
         self._settings = settings
+        self._audit_db = None if settings.inference_follow_mlflow_aliases else audit_db
         self._store = MlflowStore(settings.mlflow_tracking_uri)
         self._forward_executor = forward_executor
         self._aliases: dict[tuple[str, str], int] = {}
@@ -269,8 +284,14 @@ class ModelRepository:
             metrics.ALIAS_VERSION.remove(name, alias)
 
     async def _lookup_alias(self, name: str, alias: str) -> int | None:
-        """The version ``alias`` points at in MLflow, or None when the model has no such
-        alias; NotFound when the model itself does not exist."""
+        """The version ``alias`` points at (recorded by mlmesh for production and staging,
+        else in MLflow), or None when the model has no such alias; NotFound when the model
+        itself does not exist."""
+        if self._audit_db is not None and alias in STAGE_OF_ALIAS:
+            version = await recorded_alias(self._audit_db, name, alias)
+            if version is None:
+                await asyncio.to_thread(self._store.get_registered_model, name)  # NotFound
+            return version
         try:
             found = await asyncio.to_thread(self._store.get_model_version_by_alias, name, alias)
         except NotFound:

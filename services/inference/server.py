@@ -8,7 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from mlmesh.oip.v2 import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from services.common.process import Backends, ServiceParts, serve_process
-from services.common.server import Registration, configure_logging, configure_mlflow_client
+from services.common.server import (
+    Registration,
+    configure_logging,
+    configure_mlflow_client,
+    server_ssl_context,
+)
 from services.common.settings import Settings, split_address
 from services.inference.cache import PredictionCache
 from services.inference.oip import OpenInference
@@ -27,7 +32,7 @@ def build(backends: Backends) -> ServiceParts:
     # One thread runs forward passes, one batch at a time: requests queue behind it and
     # form the next batch (see batching.py).
     forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-    repository = ModelRepository(s, forward)
+    repository = ModelRepository(s, forward, backends.pool)
     inference = Inference(
         repository, PredictionCache(backends.redis, s.prediction_cache_ttl_s), s.default_model_name
     )
@@ -64,6 +69,7 @@ def build(backends: Backends) -> ServiceParts:
                 # JSON spells a tensor in up to about 4 times its bytes (as the gateway allows).
                 4 * s.grpc_max_message_bytes,
                 s.shutdown_grace_s,
+                server_ssl_context(s),
             )
         ],
     )

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import asyncpg
 
-from gateway.tls import write_dev_certificate
+from gateway.tls import ensure_mesh_certificates, write_dev_certificate
 from services.common.db import database_name
 from services.common.server import configure_logging
-from services.common.settings import Settings
+from services.common.settings import MeshTlsFiles, Settings
 from services.launcher.mesh import Mesh
 from services.launcher.process import LaunchAborted, LaunchError
 from services.launcher.state import artifact_root, reset_state
@@ -44,6 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev_cert.add_argument(
         "--host", action="append", default=[], help="another DNS name or IP it is valid for"
     )
+    mesh_certs = commands.add_parser(
+        "mesh-certs",
+        help="write the mesh's CA and the certificates the gateway and the services use for "
+        "mutual TLS (for compose and Kubernetes Secrets; `up` makes its own); existing ones "
+        "are kept unless they expire within 30 days",
+    )
+    mesh_certs.add_argument(
+        "--dir", type=Path, default=None, help="where to write them (default: MLMESH_MTLS_DIR)"
+    )
     reset = commands.add_parser(
         "reset",
         help="drop the state directory's databases (mlmesh's and MLflow's) and its MLflow "
@@ -59,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cert, key = write_dev_certificate(directory, tuple(args.host))
         print(f"export MLMESH_GATEWAY_TLS_CERT_FILE={cert.resolve()}")
         print(f"export MLMESH_GATEWAY_TLS_KEY_FILE={key.resolve()}")
+        return 0
+
+    if args.command == "mesh-certs":
+        files = MeshTlsFiles(args.dir) if args.dir else Settings().mesh_tls
+        written = ensure_mesh_certificates(files)
+        print(f"{files.directory.resolve()}: " + (", ".join(written) or "all current"))
         return 0
 
     settings = Settings()

@@ -27,6 +27,7 @@ from gateway.keys import (
     write_dev_key,
 )
 from gateway.render import build_descriptor_set, render_envoy_config, tool
+from gateway.tls import ensure_mesh_certificates
 from services.common.db import database_name
 from services.common.settings import Settings, split_address
 from services.launcher.backing import PrivateRedis, postgres_specs
@@ -57,7 +58,8 @@ def http_ok(url: str) -> bool:
 
 
 def grpc_serving(address: str) -> bool:
-    """True when the server at address says SERVING for the whole server (service "")."""
+    """True when the server at address (a service's plain-text health port,
+    Settings.health_address) says SERVING for the whole server (service "")."""
     with grpc.insecure_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -72,17 +74,19 @@ def grpc_serving(address: str) -> bool:
 
 
 def python_service(
-    name: str, module: str, address: str, *ops_ports: int, timeout_s: float = 60.0
+    settings: Settings, name: str, module: str, address: str, *ops_ports: int
 ) -> ChildSpec:
-    """An mlmesh gRPC service run as `python -m <module>`, ready once its health says SERVING."""
+    """An mlmesh gRPC service run as `python -m <module>`, ready once its health port says
+    SERVING."""
     host, port = split_address(address)
+    health = settings.health_address(address)
     return ChildSpec(
         name=name,
         what=f"{name} service at {address}",
         command=lambda: Command([sys.executable, "-m", module]),
-        ready=partial(grpc_serving, address),
-        timeout_s=timeout_s,
-        ports=[(host, port), *((host, p) for p in ops_ports)],
+        ready=partial(grpc_serving, health),
+        timeout_s=60.0,
+        ports=[(host, port), split_address(health), *((host, p) for p in ops_ports)],
     )
 
 
@@ -159,6 +163,7 @@ def envoy_spec(settings: Settings) -> ChildSpec:
         timeout_s=60.0,
         ports=[
             (settings.gateway_host, settings.gateway_port),
+            (settings.gateway_host, settings.gateway_mlflow_port),
             ("127.0.0.1", settings.gateway_admin_port),
             (settings.gateway_host, settings.gateway_metrics_port),
         ],
@@ -172,11 +177,16 @@ def mesh_specs(settings: Settings) -> list[ChildSpec]:
         *postgres_specs([s.database_url, s.mlflow_backend_store_uri], s.state_dir, logs),
         PrivateRedis(s.redis_url, s.state_dir / "redis", logs).spec(),
         mlflow_spec(s),
-        python_service("registry", "services.registry", s.registry_address, s.registry_ops_port),
-        python_service("training", "services.training", s.training_address, s.training_ops_port),
+        python_service(s, "registry", "services.registry", s.registry_address, s.registry_ops_port),
+        python_service(s, "training", "services.training", s.training_address, s.training_ops_port),
         worker_spec(s),
         python_service(
-            "inference", "services.inference", s.inference_address, s.inference_ops_port
+            s,
+            "inference",
+            "services.inference",
+            s.inference_address,
+            s.inference_ops_port,
+            s.inference_http_port,
         ),
         envoy_spec(s),
     ]
@@ -233,6 +243,7 @@ class Mesh:
             raise RuntimeError("the mesh is already started")
         try:
             self.settings, self.api_key = self._with_api_keys(self.settings)
+            self.settings = self._with_mesh_certificates(self.settings)
             self._keys_watcher = ApiKeysWatcher(
                 self.settings, self.settings.state_dir / ENVOY_KEYS_FILE
             )
@@ -337,22 +348,25 @@ class Mesh:
         client, key = self.api_key or ("?", "?")
         rows = [
             ("gateway (REST + gRPC)", s.gateway_url),
-            ("MLflow UI", s.mlflow_tracking_uri),
+            ("MLflow UI and API", f"{s.gateway_mlflow_url} (through the gateway)"),
             (
                 "state",
                 f"{s.state_dir} (databases {database_name(s.database_url)}, "
                 f"{database_name(s.mlflow_backend_store_uri)}; artifacts {artifact_root(s)})",
             ),
             ("Envoy admin", f"http://127.0.0.1:{s.gateway_admin_port}"),
-            ("registry gRPC", s.registry_address),
-            ("training gRPC", s.training_address),
-            ("inference gRPC", s.inference_address),
+            (
+                "services",
+                f"registry {s.registry_address}, training {s.training_address}, inference "
+                f"{s.inference_address} (gRPC, mutual TLS: certificates in "
+                f"{s.mesh_tls.directory}); MLflow {s.mlflow_tracking_uri} (services' side)",
+            ),
             ("Open Inference Protocol", f"{s.gateway_url}/v2 (REST), the gateway (gRPC)"),
             (
                 "metrics",
                 f"registry :{s.registry_ops_port}, training :{s.training_ops_port}, "
                 f"worker :{s.worker_ops_port}, inference :{s.inference_ops_port} (GET /metrics); "
-                f"MLflow {s.mlflow_tracking_uri}/metrics; "
+                f"MLflow {s.mlflow_tracking_uri.rstrip('/')}/metrics; "
                 f"Envoy http://{s.gateway_host}:{s.gateway_metrics_port}/stats/prometheus",
             ),
             ("API key", f"{key}  (client {client!r}; send it as {API_KEY_HEADER})"),
@@ -362,6 +376,7 @@ class Mesh:
         lines = ["mlmesh is up:", *(f"  {name:<{width}}  {value}" for name, value in rows)]
         cacert = f"--cacert {s.gateway_tls_cert_file} " if s.gateway_tls else ""
         lines.append(f"  try: curl {cacert}-H '{API_KEY_HEADER}: {key}' {s.gateway_url}/ready")
+        lines.append(f"  open the MLflow UI: {s.gateway_mlflow_url}")
         lines.append("Press Ctrl-C to stop.")
         return "\n".join(lines)
 
@@ -386,6 +401,19 @@ class Mesh:
             raise LaunchError("no API keys configured: set MLMESH_API_KEYS or MLMESH_API_KEYS_FILE")
         client = "dev" if "dev" in keys else next(iter(keys))
         return settings, (client, keys[client])
+
+    def _with_mesh_certificates(self, settings: Settings) -> Settings:
+        """The mesh's CA and certificates in MLMESH_MTLS_DIR (default STATE_DIR/mtls), made
+        on first start and issued again before they expire; the directory made absolute, so
+        that every child reads the same files."""
+        files = settings.mesh_tls
+        try:
+            written = ensure_mesh_certificates(files)
+        except (OSError, ValueError) as exc:
+            raise LaunchError(f"the mesh's certificates in {files.directory}: {exc}") from exc
+        if written:
+            log.info("wrote the mesh's %s in %s", ", ".join(written), files.directory)
+        return settings.model_copy(update={"mtls_dir": files.directory.resolve()})
 
     def _bring_up(self, spec: ChildSpec, env: dict[str, str]) -> None:
         self._check_abort()

@@ -1,4 +1,10 @@
-"""The audit log of registry changes, in mlmesh's own PostgreSQL tables."""
+"""The audit log of registry changes, in mlmesh's own PostgreSQL tables.
+
+Two actions: ``transition`` (a TransitionModelVersion, recorded in the transaction that moves
+MLflow's alias) and ``changed_outside_mlmesh`` (the Registry found MLflow's production or
+staging alias where no transition put it: someone changed it with direct access to MLflow or
+its database).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,11 @@ import asyncpg
 
 from services.common.pagination import Page, decode_token, encode_token
 from services.registry.store import Transition
+
+TRANSITION = "transition"
+CHANGED_OUTSIDE = "changed_outside_mlmesh"
+# Who made a change found in MLflow is not known; this stands in the client column.
+OUTSIDE_CLIENT = "unknown (outside mlmesh)"
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,7 @@ async def record_transition(
         """
         INSERT INTO audit_events (client, action, model_name, version, from_stage, to_stage,
                                   previous_version, archived_versions, note)
-        VALUES ($1, 'transition', $2, $3, $4, $5, $6, $7, $8)
+        VALUES ($1, $9, $2, $3, $4, $5, $6, $7, $8)
         RETURNING *
         """,
         client,
@@ -50,6 +61,62 @@ async def record_transition(
         transition.to_stage,
         transition.previous_version,
         transition.archived_versions,
+        note,
+        TRANSITION,
+    )
+    return _event(row)
+
+
+async def outside_change_recorded(
+    conn: asyncpg.Connection, name: str, stage: str, version: int
+) -> bool:
+    """Whether the latest event of ``name``'s ``stage`` already records its alias at
+    ``version`` (0: removed) as changed outside mlmesh, so it is recorded once, however
+    often and by however many Registry replicas it is found."""
+    row = await conn.fetchrow(
+        """
+        SELECT action, version FROM audit_events
+        WHERE model_name = $1 AND to_stage = $2
+        ORDER BY event_id DESC
+        LIMIT 1
+        """,
+        name,
+        stage,
+    )
+    return row is not None and row["action"] == CHANGED_OUTSIDE and row["version"] == version
+
+
+async def record_outside_change(
+    conn: asyncpg.Connection,
+    name: str,
+    alias: str,
+    stage: str,
+    found: int | None,
+    recorded: int | None,
+    served: str,
+) -> AuditEvent:
+    """Insert the audit row of an alias found changed outside mlmesh: ``version`` is where
+    MLflow's alias points (0: it was removed), ``previous_version`` where mlmesh recorded it
+    (0: nowhere); the note says what happened and what is served."""
+    where = f"to v{found}" if found else "(removed)"
+    expected = f"v{recorded}" if recorded else "no version"
+    note = (
+        f"changed outside mlmesh: MLflow's {alias} alias of {name!r} was set {where} without "
+        f"TransitionModelVersion; mlmesh recorded {expected} there. {served}"
+    )
+    row = await conn.fetchrow(
+        """
+        INSERT INTO audit_events (client, action, model_name, version, from_stage, to_stage,
+                                  previous_version, archived_versions, note)
+        VALUES ($1, $2, $3, $4, '', $5, $6, '{}', $7)
+        RETURNING *
+        """,
+        OUTSIDE_CLIENT,
+        CHANGED_OUTSIDE,
+        name,
+        found or 0,
+        stage,
+        recorded or 0,
         note,
     )
     return _event(row)

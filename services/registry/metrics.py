@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 TRANSITIONS = Counter(
     "registry_transitions_total",
@@ -20,4 +20,16 @@ AUDIT_EVENTS = Counter(
     "registry_audit_events_total",
     "Audit events recorded, by action.",
     ("action",),
+)
+OUTSIDE_CHANGES = Counter(
+    "registry_alias_changes_outside_mlmesh_total",
+    "Production or staging aliases found changed in MLflow without TransitionModelVersion "
+    "(recorded in the audit log as changed_outside_mlmesh), by model and alias.",
+    ("model_name", "alias"),
+)
+ALIAS_MISMATCH = Gauge(
+    "registry_alias_mismatch",
+    "1 while MLflow's production or staging alias of a model differs from what mlmesh "
+    "recorded (a change made outside mlmesh, not yet undone or promoted through mlmesh).",
+    ("model_name", "alias"),
 )

@@ -13,7 +13,13 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.common.errors import FailedPrecondition, InvalidArgument, check_page_size
+from services.common.aliases import STAGE_OF_ALIAS, audited_models, recorded_alias
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MeshError,
+    check_page_size,
+)
 from services.common.events import MODEL_EVENTS_CHANNEL
 from services.common.pagination import Page
 from services.registry import audit, metrics
@@ -78,12 +84,14 @@ class Registry:
         redis: Redis,
         serving: ServingCheck,
         promotion_metric: str,
+        inference_follows_mlflow: bool = False,
     ) -> None:
         self._store = store
         self._pool = pool
         self._redis = redis
         self._serving = serving
         self._promotion_metric = promotion_metric
+        self._inference_follows_mlflow = inference_follows_mlflow
 
     async def list_experiments(
         self, page_size: int, page_token: str, filter_string: str, order_by: list[str]
@@ -193,8 +201,7 @@ class Registry:
         async with self._pool.acquire() as conn, conn.transaction():
             # One transition per model at a time, across every replica of this service.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", name)
-            aliases = await asyncio.to_thread(self._store.aliases, name)
-            production = aliases.get(STAGE_ALIASES[PRODUCTION] or "", 0)
+            production = await self._serving_production(conn, name)
             if stage != PRODUCTION and production == version:
                 why = (
                     f"v{version} is {name!r}'s production version: moving it to {stage} "
@@ -229,6 +236,15 @@ class Registry:
                  stage, f" ({event.note})" if event.note else "")  # fmt: skip
         return TransitionOutcome(change, event, comparison, bool(notes))
 
+    async def _serving_production(self, conn: asyncpg.Connection, name: str) -> int:
+        """The production version the Inference service serves (0: none): as mlmesh recorded
+        it, which a change made in MLflow around mlmesh does not move; MLflow's own alias
+        where the Inference service follows MLflow's aliases."""
+        alias = STAGE_ALIASES[PRODUCTION] or ""
+        if self._inference_follows_mlflow:
+            return (await asyncio.to_thread(self._store.aliases, name)).get(alias, 0)
+        return await recorded_alias(conn, name, alias) or 0
+
     async def _compare(self, name: str, version: int, production: int) -> Comparison | None:
         """The promotion metric of ``version`` and of the ``production`` version (0: none)."""
         key = self._promotion_metric.strip()
@@ -250,6 +266,76 @@ class Registry:
     ) -> Page[audit.AuditEvent]:
         size = check_page_size(page_size)
         return await audit.list_events(self._pool, model_name, size, page_token)
+
+    # -- changes made around mlmesh ------------------------------------------------------------
+
+    async def check_aliases(self) -> list[audit.AuditEvent]:
+        """Compare MLflow's production and staging aliases of every model with those mlmesh
+        recorded; record each new difference in the audit log as changed_outside_mlmesh (once,
+        across replicas), count it, and keep ``registry_alias_mismatch`` at 1 while it lasts.
+        The events recorded now."""
+        found = await asyncio.to_thread(self._store.all_aliases)
+        names = sorted(set(found) | set(await audited_models(self._pool)))
+        events = []
+        for name in names:
+            for alias in STAGE_OF_ALIAS:
+                recorded = await recorded_alias(self._pool, name, alias)
+                if found.get(name, {}).get(alias) == recorded:
+                    self._mismatch(name, alias, False)
+                    continue
+                # Look again under the model's lock: a transition moves MLflow's alias and
+                # records it in one transaction, which must not look like a change outside.
+                event = await self._record_if_outside(name, alias)
+                if event is not None:
+                    events.append(event)
+        return events
+
+    async def _record_if_outside(self, name: str, alias: str) -> audit.AuditEvent | None:
+        stage = STAGE_OF_ALIAS[alias]
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", name)
+            recorded = await recorded_alias(conn, name, alias)
+            actual = (await asyncio.to_thread(self._store.aliases_if_registered, name)).get(alias)
+            self._mismatch(name, alias, actual != recorded)
+            if actual == recorded or await audit.outside_change_recorded(
+                conn, name, stage, actual or 0
+            ):
+                return None
+            served = (
+                "The Inference service follows MLflow's aliases "
+                "(MLMESH_INFERENCE_FOLLOW_MLFLOW_ALIASES), so it serves this change."
+                if self._inference_follows_mlflow
+                else "The Inference service goes on serving what mlmesh recorded; promote "
+                "through TransitionModelVersion to serve another version."
+            )
+            event = await audit.record_outside_change(
+                conn, name, alias, stage, actual, recorded, served
+            )
+        metrics.OUTSIDE_CHANGES.labels(name, alias).inc()
+        metrics.AUDIT_EVENTS.labels(event.action).inc()
+        log.warning("%s", event.note)
+        return event
+
+    @staticmethod
+    def _mismatch(name: str, alias: str, differs: bool) -> None:
+        if differs:
+            metrics.ALIAS_MISMATCH.labels(name, alias).set(1)
+        else:
+            try:
+                metrics.ALIAS_MISMATCH.remove(name, alias)
+            except KeyError:  # never differed
+                pass
+
+    async def watch_aliases(self, interval_s: float) -> None:
+        """check_aliases every ``interval_s``, for as long as the process runs."""
+        while True:
+            try:
+                await self.check_aliases()
+            except MeshError as exc:  # MLflow or PostgreSQL away: look again next time
+                log.warning("could not compare MLflow's aliases with the audit log: %s", exc)
+            except Exception:  # anything else must not end the watch for good either
+                log.exception("comparing MLflow's aliases with the audit log failed")
+            await asyncio.sleep(interval_s)
 
     async def _publish(self, event: audit.AuditEvent) -> None:
         # Best effort: inference replicas also poll the registry, so a lost event only delays.

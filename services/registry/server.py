@@ -22,7 +22,7 @@ SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_
 def build(backends: Backends) -> ServiceParts:
     s = backends.settings
     serving = ServingCheck(
-        s.registry_inference_target or s.inference_address, s.promotion_load_timeout_s
+        s, s.registry_inference_target or s.inference_address, s.promotion_load_timeout_s
     )
     registry = Registry(
         RegistryStore(s.mlflow_tracking_uri),
@@ -30,6 +30,7 @@ def build(backends: Backends) -> ServiceParts:
         backends.redis,
         serving,
         s.promotion_metric,
+        s.inference_follow_mlflow_aliases,
     )
     return ServiceParts(
         registrations=[
@@ -38,7 +39,8 @@ def build(backends: Backends) -> ServiceParts:
                 registry_pb2_grpc.add_RegistryServiceServicer_to_server,
                 SERVICE_NAME,
             )
-        ]
+        ],
+        background=[registry.watch_aliases(s.registry_alias_check_interval_s)],
     )
 
 

@@ -15,21 +15,25 @@ import grpc
 from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.interceptors import CLIENT_HEADER
+from services.common.server import aio_service_channel
+from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class ServingCheck:
-    """Asks the Inference service at ``target`` to load a version."""
+    """Asks the Inference service at ``target`` to load a version, over the mesh's mutual TLS
+    (the Inference service trusts the caller's x-mlmesh-client only with the certificate)."""
 
-    def __init__(self, target: str, timeout_s: float) -> None:
+    def __init__(self, settings: Settings, target: str, timeout_s: float) -> None:
+        self._settings = settings
         self._target = target
         self._timeout_s = timeout_s
         self._channel: grpc.aio.Channel | None = None
 
     def _stub(self) -> inference_pb2_grpc.InferenceServiceStub:
         if self._channel is None:  # made on first use, on the serving event loop
-            self._channel = grpc.aio.insecure_channel(self._target)
+            self._channel = aio_service_channel(self._settings, self._target)
         return inference_pb2_grpc.InferenceServiceStub(self._channel)
 
     async def require_loadable(self, client: str, name: str, version: int) -> str:

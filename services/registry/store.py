@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from mlflow.entities.model_registry import ModelVersion
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound
 from services.common.mlflow_store import MlflowStore, mlflow_errors, quote
 
 # The stages a version can be moved to, and the alias that carries each one.
@@ -40,6 +40,25 @@ class Transition:
 
 class RegistryStore(MlflowStore):
     """MlflowStore, plus the transitions only the Registry makes."""
+
+    def all_aliases(self) -> dict[str, dict[str, int]]:
+        """Every registered model's aliases: model name -> alias -> version."""
+        found: dict[str, dict[str, int]] = {}
+        token = ""
+        while True:
+            page = self.list_registered_models(1000, token, "")
+            for model in page.items:
+                found[model.name] = {a: int(v) for a, v in (model.aliases or {}).items()}
+            token = page.next_page_token
+            if not token:
+                return found
+
+    def aliases_if_registered(self, name: str) -> dict[str, int]:
+        """The aliases of ``name``; none when MLflow no longer has the model."""
+        try:
+            return self.aliases(name)
+        except NotFound:
+            return {}
 
     def transition(self, name: str, version: int, stage: str, archive_existing: bool) -> Transition:
         """Move a version to a stage: aliases first (the current MLflow way), stages in step.

@@ -37,6 +37,16 @@ def classifier(favourite: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(linear, torch.nn.Softmax(dim=1)).eval()
 
 
+TESTS_EXPERIMENT = "it-models"
+
+
+def tests_experiment(client: MlflowClient) -> str:
+    """The id of the experiment the tests' own models are logged to, made on first use: not
+    MLflow's "Default", which a test checks that mlmesh leaves empty."""
+    found = client.get_experiment_by_name(TESTS_EXPERIMENT)
+    return found.experiment_id if found else client.create_experiment(TESTS_EXPERIMENT)
+
+
 def log_classifier(
     uri: str,
     name: str,
@@ -45,7 +55,7 @@ def log_classifier(
     favourite: int = 0,
     metrics: dict[str, float] | None = None,
 ) -> int:
-    """Register a new version of ``name`` (in run ``run_id``, or a new run of the default
+    """Register a new version of ``name`` (in run ``run_id``, or a new run of the tests'
     experiment) with ``metrics`` logged on its run; returns the version number."""
     module = classifier(favourite)
     example = np.zeros((1, 784), np.float32)
@@ -56,7 +66,7 @@ def log_classifier(
         # may have left one active).
         new = run_id is None
         if new:
-            run_id = client.create_run("0").info.run_id
+            run_id = client.create_run(tests_experiment(client)).info.run_id
         for key, value in (metrics or {}).items():
             client.log_metric(run_id, key, value)
         info = mlflow.pytorch.log_model(
@@ -76,8 +86,7 @@ def log_classifier(
 def register_without_artifacts(uri: str, name: str) -> int:
     """Register a version of ``name`` whose source holds no model (its files are gone)."""
     with tracking(uri) as client:
-        experiment = client.get_experiment_by_name("Default")
-        run = client.create_run(experiment.experiment_id if experiment else "0")
+        run = client.create_run(tests_experiment(client))
         client.set_terminated(run.info.run_id)
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             client.create_registered_model(name)

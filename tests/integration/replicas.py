@@ -62,7 +62,7 @@ def inference_replica(settings: Settings, log_path: Path) -> Iterator[None]:
         )
         try:
             deadline = time.monotonic() + 60
-            while not grpc_serving(settings.inference_address):
+            while not grpc_serving(settings.health_address(settings.inference_address)):
                 assert process.poll() is None, f"the replica exited; see {log_path}"
                 assert time.monotonic() < deadline, f"the replica did not start; see {log_path}"
                 time.sleep(0.25)
@@ -83,6 +83,7 @@ def second_gateway(
             "gateway_port": free_port(),
             "gateway_admin_port": free_port(),
             "gateway_metrics_port": free_port(),
+            "gateway_mlflow_port": free_port(),
             "state_dir": state_dir,
             **updates,
         }

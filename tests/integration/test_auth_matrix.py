@@ -1,10 +1,12 @@
 """Auth, complete by construction: every RPC of every service in the gateway's descriptor set,
-over REST and native gRPC through Envoy, without a key, with a wrong key and with a valid one,
-against gateway/policy.py. Plus: forged identities, keys kept out of logs, key rotation.
+over REST and native gRPC through Envoy, and every route of MLflow's server through the
+gateway's MLflow listener, without a key, with a wrong key and with a valid one, against
+gateway/policy.py. Plus: forged identities, keys kept out of logs, key rotation.
 
-The RPCs are read from the descriptor set itself (every service, whatever its package), so an
-RPC added later is in the matrix without anyone touching this file, and one missing from
-RPC_ACCESS fails it.
+The RPCs are read from the descriptor set itself (every service, whatever its package), and
+MLflow's routes from the installed MLflow (tests/mlflow_routes.py), so an RPC or a route added
+later is in the matrix without anyone touching this file, and one missing from the policy
+fails it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,23 @@ import grpc
 import httpx
 import pytest
 
-from gateway.keys import API_KEY_HEADER, ENVOY_KEYS_FILE, ApiKeysWatcher
+from gateway.keys import (
+    API_KEY_HEADER,
+    BEARER_HEADER,
+    ENVOY_KEYS_FILE,
+    ENVOY_MLFLOW_KEYS_FILE,
+    ApiKeysWatcher,
+)
 from gateway.policy import HTTP_ACCESS, OIP_REST_ROUTES, OIP_SERVICE, RPC_ACCESS
+from gateway.render import NOT_CLASSIFIED, classify_mlflow, mlflow_routes
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.common.interceptors import CLIENT_HEADER
+from services.common.settings import Settings
 from services.launcher.mesh import Mesh
 from tests.conftest import cancel_live_jobs
 from tests.integration.replicas import second_gateway
 from tests.integration.rpcs import DESCRIPTOR, Method, descriptor_methods
+from tests.mlflow_routes import mlflow_server_routes
 
 WRONG_KEY = "wrong-key-" + secrets.token_urlsafe(16)
 METHODS = descriptor_methods(DESCRIPTOR)
@@ -187,7 +198,89 @@ def test_key_is_read_from_the_header_only(rest: httpx.Client, keys: dict[str, st
     assert rest.get("/v1/audit-events", headers={API_KEY_HEADER: ""}).status_code == 401
     assert rest.get("/v1/audit-events", params={"x-api-key": key}).status_code == 401
     assert rest.get("/v1/audit-events", headers={"authorization": key}).status_code == 401
+    # MLflow's bearer token is the MLflow listener's key source, not the mesh listener's.
+    bearer = {"authorization": f"Bearer {key}"}
+    assert rest.get("/v1/audit-events", headers=bearer).status_code == 401
     assert rest.get("/v1/audit-events", headers={"X-API-Key": key}).status_code == 200
+
+
+# -- the matrix: MLflow's routes, through the gateway's MLflow listener -------------------------
+
+MLFLOW_CALLS = mlflow_server_routes()
+_MLFLOW_ROUTES = mlflow_routes()
+# Envoy's router puts this header on answers that came from MLflow; the gateway's own
+# refusals (401, 403) have none.
+FROM_MLFLOW = "x-envoy-upstream-service-time"
+
+
+@pytest.fixture(scope="module")
+def mlflow_gateway(mesh: Mesh) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=mesh.settings.gateway_mlflow_url, timeout=30) as client:
+        yield client
+
+
+@pytest.mark.parametrize("call", MLFLOW_CALLS, ids=lambda c: f"{c[0]} {c[1]}")
+def test_mlflow(mlflow_gateway: httpx.Client, keys: dict[str, str], call: tuple[str, str]) -> None:
+    verb, path = call
+    route = classify_mlflow(verb, path, _MLFLOW_ROUTES)
+    assert route is not None, f"{verb} {path} is not in gateway/policy.py MLFLOW_ROUTES"
+    content = None if verb == "GET" else b"{}"
+
+    def send(key: str | None) -> httpx.Response:
+        # As MLflow's clients send MLFLOW_TRACKING_TOKEN.
+        headers = {"content-type": "application/json"}
+        if key is not None:
+            headers[BEARER_HEADER] = f"Bearer {key}"
+        return mlflow_gateway.request(verb, path, content=content, headers=headers)
+
+    no_key, wrong, valid = send(None), send(WRONG_KEY), send(keys["alice"])
+    where = f"{verb} {path} ({route.rule.access})"
+    if route.rule.access == "refused":
+        for resp in (no_key, wrong, valid):
+            assert resp.status_code == 403 and FROM_MLFLOW not in resp.headers, where
+            assert resp.json() == {"error_code": "PERMISSION_DENIED", "message": route.rule.why}
+        return
+    if route.rule.access == "protected":
+        for resp in (no_key, wrong):
+            assert resp.status_code == 401 and FROM_MLFLOW not in resp.headers, where
+            assert resp.json()["error_code"] == "UNAUTHENTICATED", where
+        answered = [valid]
+    else:
+        answered = [no_key, wrong, valid]
+    for resp in answered:  # MLflow's own answer, whatever it is
+        assert FROM_MLFLOW in resp.headers, f"{where}: {resp.status_code} {resp.text[:200]}"
+        assert resp.status_code not in (401, 403), f"{where}: {resp.text[:200]}"
+
+
+def test_mlflow_routes_not_in_the_table_are_refused(
+    mlflow_gateway: httpx.Client, keys: dict[str, str]
+) -> None:
+    for verb, path in [
+        ("GET", "/metrics"),
+        ("GET", "/api/2.0/mlflow/no-such-endpoint"),
+        ("HEAD", "/"),
+        ("PUT", "/api/2.0/mlflow/registered-models/alias"),
+        ("POST", "/api/2.0/mlflow/registered-models/alias/"),
+    ]:
+        for headers in ({}, {API_KEY_HEADER: keys["alice"]}):
+            resp = mlflow_gateway.request(verb, path, headers=headers)
+            assert resp.status_code == 403 and FROM_MLFLOW not in resp.headers, (verb, path)
+            if verb != "HEAD":
+                assert resp.json() == {"error_code": "PERMISSION_DENIED", "message": NOT_CLASSIFIED}
+
+
+def test_mlflow_listener_takes_the_key_from_either_header(
+    mlflow_gateway: httpx.Client, keys: dict[str, str]
+) -> None:
+    path = "/api/2.0/mlflow/experiments/create"
+    for headers in (
+        {API_KEY_HEADER: keys["bob"]},
+        {BEARER_HEADER: f"Bearer {keys['bob']}"},
+    ):
+        resp = mlflow_gateway.post(path, json={}, headers=headers)
+        assert resp.status_code == 400 and FROM_MLFLOW in resp.headers, resp.text  # no name
+    for empty in ("Bearer", "Bearer x"):  # no key, or not one
+        assert mlflow_gateway.post(path, json={}, headers={BEARER_HEADER: empty}).status_code == 401
 
 
 # -- identity -----------------------------------------------------------------------------------
@@ -257,8 +350,8 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 @pytest.fixture
-def own_gateway(mesh: Mesh, tmp_path: Path) -> Iterator[tuple[str, Path, ApiKeysWatcher]]:
-    """A second Envoy in front of the session's services, its keys from a file: (address,
+def own_gateway(mesh: Mesh, tmp_path: Path) -> Iterator[tuple[Settings, Path, ApiKeysWatcher]]:
+    """A second Envoy in front of the session's services, its keys from a file: (its settings,
     keys file, the launcher's watcher of it). The first key is carol's."""
     keys_file = tmp_path / "api-keys"
     _write_atomically(keys_file, f"carol={secrets.token_urlsafe(24)}\n")
@@ -266,7 +359,7 @@ def own_gateway(mesh: Mesh, tmp_path: Path) -> Iterator[tuple[str, Path, ApiKeys
         mesh.settings, DESCRIPTOR, tmp_path, api_keys="", api_keys_file=keys_file
     ) as settings:
         watcher = ApiKeysWatcher(settings, tmp_path / ENVOY_KEYS_FILE)
-        yield f"{settings.gateway_host}:{settings.gateway_port}", keys_file, watcher
+        yield settings, keys_file, watcher
 
 
 def _key_of(keys_file: Path, client: str) -> str:
@@ -274,9 +367,10 @@ def _key_of(keys_file: Path, client: str) -> str:
 
 
 def test_key_rotation_keeps_in_flight_requests(
-    own_gateway: tuple[str, Path, ApiKeysWatcher],
+    own_gateway: tuple[Settings, Path, ApiKeysWatcher],
 ) -> None:
-    address, keys_file, watcher = own_gateway
+    settings, keys_file, watcher = own_gateway
+    address = f"{settings.gateway_host}:{settings.gateway_port}"
     old = _key_of(keys_file, "carol")
     new = secrets.token_urlsafe(24)
     base = f"http://{address}"
@@ -317,6 +411,11 @@ def test_key_rotation_keeps_in_flight_requests(
                         break
                     assert time.monotonic() < deadline, (old_status, new_status)
                     time.sleep(0.1)
+                # The MLflow listener's keys rotate with them.
+                mlflow = f"{settings.gateway_mlflow_url}/api/2.0/mlflow/experiments/create"
+                for key, status in ((old, 401), (new, 400)):  # 400: MLflow's, no name given
+                    answer = http.post(mlflow, json={}, headers={BEARER_HEADER: f"Bearer {key}"})
+                    assert answer.status_code == status, answer.text
                 # The same gRPC connection: the old key is refused from now on.
                 with pytest.raises(grpc.RpcError) as err:
                     training.GetTrainingJob(
@@ -352,7 +451,9 @@ def test_key_rotation_keeps_in_flight_requests(
 
 def test_keys_never_appear_in_logs(mesh: Mesh, keys: dict[str, str]) -> None:
     logs = sorted(mesh.log_dir.glob("*.log"))
-    assert {"envoy.log", "registry.log", "training.log", "inference.log"} <= {p.name for p in logs}
+    assert {"envoy.log", "registry.log", "training.log", "inference.log", "mlflow.log"} <= {
+        p.name for p in logs
+    }
     secrets_sent = [*keys.values(), WRONG_KEY]
     for log_file in logs:
         text = log_file.read_text(errors="replace")
@@ -361,5 +462,5 @@ def test_keys_never_appear_in_logs(mesh: Mesh, keys: dict[str, str]) -> None:
     # The rendered Envoy config holds no key either: they are in the 0600 file Envoy watches.
     config = (mesh.settings.state_dir / "envoy.yaml").read_text()
     assert not any(key in config for key in keys.values())
-    key_file = mesh.settings.state_dir / ENVOY_KEYS_FILE
-    assert key_file.stat().st_mode & 0o777 == 0o600
+    for name in (ENVOY_KEYS_FILE, ENVOY_MLFLOW_KEYS_FILE):
+        assert (mesh.settings.state_dir / name).stat().st_mode & 0o777 == 0o600

@@ -49,4 +49,9 @@ def test_the_demo_runs_twice_on_one_state_directory(tmp_path: Path) -> None:
         assert first and repeat, out
         assert (first.group(1), repeat.group(1)) == ("false", "true"), out
         assert "MLflow UI" in out
+        # It ends by showing where the MLflow UI is: through the gateway.
+        last = out.rstrip().splitlines()[-1]
+        assert last.startswith("MLflow UI (through the gateway") and (
+            f"http://127.0.0.1:{settings.gateway_mlflow_port}/#/experiments/" in last
+        ), last
     assert "archived [1]" in outputs[1], outputs[1]

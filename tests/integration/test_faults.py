@@ -36,6 +36,7 @@ from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 from mlmesh.training.v1 import training_pb2 as pb
 from mlmesh.training.v1 import training_pb2_grpc
+from services.common.server import aio_service_channel
 from services.common.settings import Settings
 from services.launcher.backing import PrivatePostgres, PrivateRedis
 from services.launcher.mesh import Mesh, child_env, mlflow_spec
@@ -560,6 +561,7 @@ def test_nothing_was_lost(faults: Faults) -> None:
 
 
 async def _drains(
+    settings: Settings,
     address: str,
     pid: int,
     start: Callable[[grpc.aio.Channel], Awaitable[object]],
@@ -569,7 +571,7 @@ async def _drains(
     """SIGTERM the service at ``address`` while ``start``'s request is in flight: its health
     turns NOT_SERVING while the request is still open, then the request finishes OK (once
     ``release``d)."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with aio_service_channel(settings, address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(), timeout=30
         )
@@ -616,7 +618,10 @@ async def _locked_table_drains(
                 await asyncio.sleep(0.05)
 
         address = getattr(faults.settings, f"{service}_address")
-        return await _drains(address, faults.service_pids[service], start, in_flight, lock.rollback)
+        return await _drains(
+            faults.settings, address, faults.service_pids[service], start, in_flight,
+            lock.rollback,
+        )  # fmt: skip
     finally:
         await conn.close()
 
@@ -695,6 +700,7 @@ def test_sigterm_drains_every_service(faults: Faults, loaded: int) -> None:
 
     FIGURES["sigterm inference"] = asyncio.run(
         _drains(
+            faults.settings,
             faults.settings.inference_address,
             faults.service_pids["inference"],
             inference_call,

@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 
 from gateway.keys import API_KEY_HEADER
 from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.common.server import service_channel
 from services.launcher.mesh import Mesh
 from tests.conftest import cancel_live_jobs
 from tests.integration.rpcs import DESCRIPTOR, Method, descriptor_methods
@@ -570,7 +571,7 @@ def _assert_healthy(mesh: Mesh) -> None:
     """Every gRPC service still answers SERVING, directly (not through the gateway)."""
     s = mesh.settings
     for address in (s.registry_address, s.training_address, s.inference_address):
-        with grpc.insecure_channel(address) as channel:
+        with service_channel(s, address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=5
             )
@@ -594,7 +595,11 @@ def test_oversize_grpc_message_is_resource_exhausted(
     stream_request = inference_pb2.PredictStreamRequest(image=inference_pb2.Image(pixels=big.image))
     s = mesh.settings
     for address in (_gateway(mesh), s.inference_address, s.registry_address):
-        with grpc.insecure_channel(address, options=options) as channel:
+        with (
+            grpc.insecure_channel(address, options=options)
+            if address == _gateway(mesh)
+            else service_channel(s, address, options)
+        ) as channel:
             errors = []
             if address != s.inference_address:
                 list_experiments = channel.unary_unary(

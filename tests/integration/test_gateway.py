@@ -17,6 +17,7 @@ from gateway.keys import API_KEY_HEADER
 from gateway.render import NOT_RUNNING, build_descriptor_set, render_envoy_config, tool
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
+from services.common.settings import MESH_SERVICE_NAME
 from services.launcher.mesh import Mesh
 from tests.conftest import cancel_live_jobs, isolated_settings
 from tests.unit.test_strict_json import error_message
@@ -132,15 +133,28 @@ def test_grpcurl_through_gateway_with_descriptor_set(mesh: Mesh, keys: dict[str,
 
 
 def test_grpcurl_via_reflection(mesh: Mesh) -> None:
-    target = mesh.settings.registry_address
-    listed = _grpcurl("-plaintext", target, "list")
+    # A service directly: over mutual TLS with the mesh's certificates.
+    s = mesh.settings
+    files = s.mesh_tls
+    mtls = ["-cacert", str(files.ca_cert), "-cert", str(files.service_cert), "-key",
+            str(files.service_key), "-servername", MESH_SERVICE_NAME]  # fmt: skip
+    target = s.registry_address
+    listed = _grpcurl(*mtls, target, "list")
     assert listed.returncode == 0, listed.stderr
     assert "mlmesh.registry.v1.RegistryService" in listed.stdout.split()
     assert "grpc.health.v1.Health" in listed.stdout.split()
-    described = _grpcurl("-plaintext", target, "describe", "mlmesh.registry.v1.RegistryService")
+    described = _grpcurl(*mtls, target, "describe", "mlmesh.registry.v1.RegistryService")
     assert "TransitionModelVersion" in described.stdout
-    health = _grpcurl("-plaintext", target, "grpc.health.v1.Health/Check")
+    # Without the certificates: nothing on the service port; health (and reflection, which
+    # grpcurl needs to ask) on the health port, and no call of the service.
+    assert _grpcurl("-plaintext", target, "list").returncode != 0
+    health_port = s.health_address(target)
+    health = _grpcurl("-plaintext", health_port, "grpc.health.v1.Health/Check")
     assert json.loads(health.stdout) == {"status": "SERVING"}
+    refused = _grpcurl(
+        "-plaintext", health_port, "mlmesh.registry.v1.RegistryService/ListExperiments"
+    )
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused.stderr
 
 
 def test_unknown_json_fields_are_400_after_the_key_check(

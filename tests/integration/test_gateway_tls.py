@@ -1,5 +1,5 @@
 """The gateway terminates TLS: HTTPS and gRPC over TLS with the launcher's development
-certificate, and plain text refused on the TLS listener."""
+certificate, plain text refused on the TLS listener, and the SDK and the CLI speak TLS to it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+from mlmesh_client import Client, MeshError
 from services.common.settings import Settings
 from services.launcher.mesh import Mesh, child_env
 from tests.integration.replicas import second_gateway
@@ -90,3 +91,39 @@ def test_tls_settings_come_in_pairs(tmp_path: Path) -> None:
         Settings(gateway_tls_cert_file=cert)
     with pytest.raises(ValueError, match="is not a file"):
         Settings(gateway_tls_cert_file=cert, gateway_tls_key_file=tmp_path / "missing.key")
+
+
+def test_the_sdk_and_the_cli_speak_tls(
+    tls_gateway: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cert = tls_gateway.gateway_tls_cert_file
+    target = f"localhost:{tls_gateway.gateway_port}"
+    monkeypatch.delenv("MLMESH_GATEWAY_CA_FILE", raising=False)
+    with Client(target, ca_file=cert) as mesh:
+        assert isinstance(mesh.list_registered_models(), list)
+    # Plain text, or TLS trusting the system's CAs only: the call fails.
+    for plain_or_untrusting in (Client(target), Client(target, tls=True)):
+        with plain_or_untrusting as mesh, pytest.raises(MeshError) as failed:
+            mesh.list_registered_models()
+        assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(MeshError, match="cannot read the CA file"):
+        Client(target, ca_file=tmp_path / "missing.pem")
+    monkeypatch.setenv("MLMESH_GATEWAY_CA_FILE", str(cert))
+    with Client(target) as mesh:
+        assert isinstance(mesh.list_registered_models(), list)
+    # The CLI: --ca-file, and the variable.
+    mlmesh = str(Path(sys.executable).with_name("mlmesh"))
+    env = {k: v for k, v in child_env(tls_gateway).items() if not k.startswith("MLMESH_")}
+    for argv, extra in (
+        ([mlmesh, "--gateway", target, "--ca-file", str(cert), "models"], {}),
+        ([mlmesh, "--gateway", target, "models"], {"MLMESH_GATEWAY_CA_FILE": str(cert)}),
+    ):
+        done = subprocess.run(
+            argv, env={**env, **extra}, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+    refused = subprocess.run(
+        [mlmesh, "--gateway", target, "--tls", "models"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr, refused.stderr

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
+from services.common.server import service_channel
 from services.launcher.mesh import Mesh
 from tests.conftest import metric_sample as sample
 
@@ -21,7 +22,7 @@ def test_rpcs_are_counted_by_method_and_code(mesh: Mesh) -> None:
     registry_ops = f"http://127.0.0.1:{s.registry_ops_port}/metrics"
     rpc = {"grpc_service": "mlmesh.registry.v1.RegistryService"}
     before = httpx.get(registry_ops).text
-    with grpc.insecure_channel(s.registry_address) as channel:
+    with service_channel(s, s.registry_address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         for _ in range(3):
             stub.ListExperiments(registry_pb2.ListExperimentsRequest(page_size=5))
@@ -47,7 +48,7 @@ def test_rpcs_are_counted_by_method_and_code(mesh: Mesh) -> None:
 
     # A server stream on another process: Training's WatchTrainingJob of an unknown job.
     training_ops = f"http://127.0.0.1:{s.training_ops_port}/metrics"
-    with grpc.insecure_channel(s.training_address) as channel:
+    with service_channel(s, s.training_address) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)
         with pytest.raises(grpc.RpcError) as missing:
             list(stub.WatchTrainingJob(training_pb2.WatchTrainingJobRequest(job_id="nope")))

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlmesh.inference.v1 import inference_pb2 as pb
 from mlmesh.inference.v1 import inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.server import aio_service_channel, service_channel
 from services.launcher.mesh import Mesh
 from services.training.ml.data import load_dataset
 from services.training.ml.models import Probabilities, build_model
@@ -348,7 +349,7 @@ def test_concurrent_requests_share_forward_passes(models: Models, mesh: Mesh) ->
     before = scrape(mesh)
 
     async def burst() -> list[pb.PredictResponse]:
-        async with grpc.aio.insecure_channel(mesh.settings.inference_address) as channel:
+        async with aio_service_channel(mesh.settings, mesh.settings.inference_address) as channel:
             direct = inference_pb2_grpc.InferenceServiceStub(channel)
             calls = [
                 direct.Predict(
@@ -409,6 +410,7 @@ def replica_on_private_redis(
             "inference_address": f"127.0.0.1:{free_port()}",
             "inference_ops_port": free_port(),
             "inference_http_port": free_port(),
+            "inference_health_port": free_port(),
         }
     )
     try:
@@ -419,10 +421,10 @@ def replica_on_private_redis(
 
 
 def test_a_redis_outage_degrades_to_uncached_serving(
-    models: Models, replica_on_private_redis: tuple[str, PrivateRedisServer]
+    models: Models, mesh: Mesh, replica_on_private_redis: tuple[str, PrivateRedisServer]
 ) -> None:
     address, redis = replica_on_private_redis
-    with grpc.insecure_channel(address) as channel:
+    with service_channel(mesh.settings, address) as channel:
         direct = inference_pb2_grpc.InferenceServiceStub(channel)
 
         def ask(image: np.ndarray) -> pb.PredictResponse:

@@ -98,13 +98,14 @@ def tail(path: Path, lines: int = 60) -> str:
 
 
 def base_env(state_dir: Path) -> dict[str, str]:
-    gateway, admin, mlflow, registry, ops = free_ports(5)
+    gateway, admin, mlflow, registry, ops, gateway_mlflow = free_ports(6)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLMESH_")}
     env.update(
         MLMESH_STATE_DIR=str(state_dir),
         MLMESH_GATEWAY_HOST="127.0.0.1",
         MLMESH_GATEWAY_PORT=str(gateway),
         MLMESH_GATEWAY_ADMIN_PORT=str(admin),
+        MLMESH_GATEWAY_MLFLOW_PORT=str(gateway_mlflow),
         MLMESH_MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow}",
         MLMESH_REGISTRY_ADDRESS=f"127.0.0.1:{registry}",
         MLMESH_REGISTRY_OPS_PORT=str(ops),
@@ -173,7 +174,13 @@ def assert_common(running: dict[int, str], stdout: str, env: dict[str, str]) -> 
         assert any(needle in c for c in commands), f"{needle!r} not among {commands}"
     assert f"http://127.0.0.1:{env['MLMESH_GATEWAY_PORT']}" in stdout
     assert env["MLMESH_MLFLOW_TRACKING_URI"] in stdout
+    # The MLflow UI a user opens: the gateway's, not MLflow's own address.
+    assert f"open the MLflow UI: http://127.0.0.1:{env['MLMESH_GATEWAY_MLFLOW_PORT']}" in stdout
     assert env["MLMESH_REGISTRY_ADDRESS"] in stdout
+    # The mesh's certificates, made on first start.
+    assert {p.name for p in (Path(env["MLMESH_STATE_DIR"]) / "mtls").iterdir()} == {
+        "ca.crt", "ca.key", "service.crt", "service.key", "gateway.crt", "gateway.key",
+    }  # fmt: skip
     # The generated key is printed, and it is the one in the key file the gateway uses.
     client, key = (Path(env["MLMESH_STATE_DIR"]) / "api-keys").read_text().strip().split("=", 1)
     assert client == "dev"

@@ -134,6 +134,7 @@ def test_the_limit_holds_across_two_replicas(
             "inference_address": f"127.0.0.1:{free_port()}",
             "inference_ops_port": free_port(),
             "inference_http_port": free_port(),
+            "inference_health_port": free_port(),
         }
     )
     with (

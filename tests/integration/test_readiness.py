@@ -49,7 +49,8 @@ def test_ready_is_503_naming_the_missing_dependency(tmp_path: Path) -> None:
         assert httpx.get(f"{ops}/health").json() == {"status": "healthy"}
 
         # SIGTERM: health turns NOT_SERVING first, then the process exits cleanly.
-        with grpc.insecure_channel(settings.registry_address) as channel:
+        # On the plain-text health port, as the probes of Kubernetes and compose ask.
+        with grpc.insecure_channel(settings.health_address(settings.registry_address)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
             watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=30)

@@ -4,8 +4,10 @@ Every `.venv/bin/grpcurl` command of the README's bash blocks (continuation line
 through bash from the repository root, as a user would paste it after `make up`: with the test
 mesh's addresses in place of localhost:8000 and localhost:50051, its state directory in place
 of .mlmesh, $MLMESH_API_KEY set, and $IMAGE set by the README's own line. The TLS example runs
-against a TLS gateway with the development certificate. The Errors section's curl lines must
-answer the JSON shown under each.
+against a TLS gateway with the development certificate; the one against a service directly
+uses the mesh's certificates in the state directory, and the health check its health port. The
+Errors section's curl lines must answer the JSON shown under each, and the MLflow examples of
+"Using it" what their comments say.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def as_written(mesh: Mesh) -> dict[str, str]:
     return {
         "localhost:8000": f"localhost:{s.gateway_port}",
         "localhost:50051": s.registry_address,
+        "localhost:50061": s.health_address(s.registry_address),
         ".mlmesh/": f"{s.state_dir}/",
     }
 
@@ -106,7 +109,7 @@ def test_grpcurl_example(
     command: str, mesh: Mesh, keys: dict[str, str], request: pytest.FixtureRequest
 ) -> None:
     here = as_written(mesh)
-    if "-cacert" in command:  # the TLS section's: a TLS gateway with the development cert
+    if "-cacert .mlmesh/tls/" in command:  # the TLS section's: a TLS gateway, the dev cert
         tls: Settings = request.getfixturevalue("tls_gateway")
         here["localhost:8000"] = f"localhost:{tls.gateway_port}"
         here[".mlmesh/tls/gateway.crt"] = str(tls.gateway_tls_cert_file)
@@ -134,3 +137,31 @@ def test_error_example(command: str, shown: str, mesh: Mesh, keys: dict[str, str
     done = run_bash(in_the_mesh(command, as_written(mesh)), keys["alice"])
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == json.loads(shown), done.stdout
+
+
+_USING = README[README.index("## Using it") :]
+_USING = _USING[: _USING.index("\n### ")]
+# The "Using it" block that talks to MLflow through the gateway, continuation lines joined.
+MLFLOW_BLOCK = next(
+    block
+    for block in re.findall(r"^```bash\n(.*?)^```", _USING, flags=re.M | re.S)
+    if "MLFLOW_TRACKING_TOKEN" in block
+)
+
+
+def test_mlflow_examples_through_the_gateway(mesh: Mesh, keys: dict[str, str]) -> None:
+    here = {**as_written(mesh), "localhost:5000": f"localhost:{mesh.settings.gateway_mlflow_port}"}
+    commands = [c for c in bash_commands(f"```bash\n{MLFLOW_BLOCK}```\n") if not c.startswith("#")]
+    answers = []
+    for command in commands[1:]:  # after the export line, each curl on its own
+        done = run_bash(
+            f"{in_the_mesh(commands[0], here)}\n{in_the_mesh(command, here)}", keys["alice"]
+        )
+        assert done.returncode == 0, done.stderr
+        answers.append(json.loads(done.stdout))
+    search, create, alias = answers
+    assert "experiments" in search
+    assert create["error_code"] == "UNAUTHENTICATED"
+    assert alias["error_code"] == "PERMISSION_DENIED"
+    assert alias["message"].startswith("Setting an alias in MLflow is refused at mlmesh's gateway")
+    assert "TransitionModelVersion" in alias["message"]

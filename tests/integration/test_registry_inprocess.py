@@ -31,6 +31,7 @@ from services.common import db
 from services.common.events import MODEL_EVENTS_CHANNEL
 from services.common.interceptors import CLIENT_HEADER
 from services.common.process import serving
+from services.common.server import aio_service_channel
 from services.common.settings import Settings
 from services.inference import server as inference_server
 from services.launcher.mesh import http_ok
@@ -39,6 +40,7 @@ from services.registry import server as registry_server
 from tests.conftest import free_port, isolated_settings
 from tests.integration.models import log_classifier, register_without_artifacts
 
+ANY = "127.0.0.1:0"  # a free port
 MLFLOW_START_S = 180.0  # a new database runs every MLflow migration first
 
 
@@ -101,16 +103,18 @@ class Services:
 @pytest.fixture(scope="module")
 async def services(settings: Settings) -> AsyncIterator[Services]:
     """Inference, then the Registry that asks it whether a version can be served."""
-    async with serving(settings, "127.0.0.1:0", free_port(), inference_server.build) as inference:
+    async with serving(
+        settings, ANY, free_port(), inference_server.build, health_address=ANY
+    ) as inference:
         registry_settings = settings.model_copy(
             update={"registry_inference_target": inference.address}
         )
         async with (
             serving(
-                registry_settings, "127.0.0.1:0", free_port(), registry_server.build
+                registry_settings, ANY, free_port(), registry_server.build, health_address=ANY
             ) as registry,
-            grpc.aio.insecure_channel(registry.address) as registry_channel,
-            grpc.aio.insecure_channel(inference.address) as inference_channel,
+            aio_service_channel(settings, registry.address) as registry_channel,
+            aio_service_channel(settings, inference.address) as inference_channel,
         ):
             yield Services(
                 registry_pb2_grpc.RegistryServiceStub(registry_channel),
@@ -348,8 +352,14 @@ async def test_inference_serves_what_the_registry_promoted(services: Services) -
 
 
 async def test_serving_starts_healthy_and_stops_draining(settings: Settings) -> None:
-    async with serving(settings, "127.0.0.1:0", free_port(), registry_server.build) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+    async with serving(
+        settings, ANY, free_port(), registry_server.build, health_address=ANY
+    ) as running:
+        async with aio_service_channel(settings, running.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(running.health_address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -368,15 +368,19 @@ def _readme_section() -> str:
 def test_the_readme_walk_through_runs_as_written(mesh: Mesh, key: str) -> None:
     section = _readme_section()
     log_model, ask = re.findall(r"^```python\n(.*?)^```", section, flags=re.M | re.S)
-    (promote_line,) = [
+    bash_lines = [
         line
         for block in re.findall(r"^```bash\n(.*?)^```", section, flags=re.M | re.S)
         for line in block.splitlines()
-        if line.startswith(".venv/bin/mlmesh")
     ]
+    (promote_line,) = [line for line in bash_lines if line.startswith(".venv/bin/mlmesh")]
+    # MLflow through the gateway, with the API key as MLflow's token, as the README sets it.
+    (mlflow_env,) = [line for line in bash_lines if line.startswith("export MLFLOW_TRACKING_URI")]
+    mlflow_env = mlflow_env.replace(
+        "127.0.0.1:5000", f"127.0.0.1:{mesh.settings.gateway_mlflow_port}"
+    )
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": mesh.settings.mlflow_tracking_uri,
         "MLMESH_GATEWAY": f"127.0.0.1:{mesh.settings.gateway_port}",
         "MLMESH_API_KEY": key,
     }
@@ -388,7 +392,8 @@ def test_the_readme_walk_through_runs_as_written(mesh: Mesh, key: str) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    logged = run([str(ROOT / ".venv" / "bin" / "python"), "-"], log_model)
+    python = ROOT / ".venv" / "bin" / "python"
+    logged = run(["bash", "-c", f'{mlflow_env} && exec "{python}" -'], log_model)
     promoted = run(["bash", "-c", promote_line])
     assert "wine-classifier v1 is now Production" in promoted
     gateway = f"127.0.0.1:{mesh.settings.gateway_port}"

@@ -312,7 +312,9 @@ def test_the_logged_model_belongs_to_the_runs_experiment(mesh: Mesh, fashion_job
     assert mine[0].experiment_id == run.info.experiment_id and mine[0].name == "model"
     assert mine[0].status == LoggedModelStatus.READY
     assert [o.model_id for o in run.outputs.model_outputs] == [mine[0].model_id]
-    assert client.search_logged_models(experiment_ids=["0"]) == []  # "Default" holds none
+    # None of the job's models went to "Default" (where other tests' own models may be).
+    in_default = client.search_logged_models(experiment_ids=["0"])
+    assert [m for m in in_default if m.source_run_id == run.info.run_id] == []
 
 
 def test_the_run_is_named_by_what_it_trained_and_tagged_with_the_job(

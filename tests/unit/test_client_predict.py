@@ -230,9 +230,7 @@ class Samples(datasets_pb2_grpc.DatasetServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "index must be 0 to 0, got 5")
         if request.name == "wine":
             return datasets.GetDatasetSampleResponse(
-                dataset=datasets.Dataset(
-                    name="wine", version=1, kind=datasets.DATASET_KIND_TABLE
-                ),
+                dataset=datasets.Dataset(name="wine", version=1, kind=datasets.DATASET_KIND_TABLE),
                 values=[1.0, 2.0],
                 label=1,
             )

@@ -99,3 +99,33 @@ def test_compose_monitoring() -> None:
     example = (ROOT / ".env.example").read_text()
     for variable in ("PROMETHEUS_PORT", "GRAFANA_PORT", "GRAFANA_ADMIN_PASSWORD"):
         assert re.search(rf"^{variable}=", example, re.M), f".env.example lacks {variable}"
+
+
+def test_compose_has_one_front_door_and_mounts_the_mesh_certificates() -> None:
+    compose = _compose()
+    services = compose["services"]
+    directory = compose["x-mlmesh"]["environment"]["MLMESH_MTLS_DIR"]
+    # Only the gateway publishes MLflow and the API; MLflow and the services publish nothing.
+    for name in ("mlflow", "registry", "training", "inference", "worker"):
+        assert "ports" not in services[name], name
+    assert services["envoy"]["ports"] == ["${GATEWAY_PORT:-8000}:8000", "${MLFLOW_PORT:-5000}:5000"]
+    assert services["gateway-config"]["environment"]["MLMESH_GATEWAY_MLFLOW_PORT"] == "5000"
+
+    def mounted(name: str) -> dict[str, str]:
+        return {
+            s["target"]: compose["secrets"][s["source"]]["file"]
+            for s in services[name]["secrets"]
+            if isinstance(s, dict)
+        }
+
+    own = {"ca.crt", "service.crt", "service.key"}
+    for name, health in (("registry", 50061), ("training", 50062), ("inference", 50063)):
+        files = mounted(name)
+        assert set(files) == {f"{directory}/{f}" for f in own}, name
+        assert all(path.endswith(target.rsplit("/", 1)[1]) for target, path in files.items())
+        # Their health checks ask the plain-text health port.
+        assert f"127.0.0.1:{health}" in services[name]["healthcheck"]["test"][-1], name
+    gateway = {"ca.crt", "gateway.crt", "gateway.key"}
+    for name in ("gateway-config", "envoy"):
+        assert set(mounted(name)) == {f"{directory}/{f}" for f in gateway}, name
+    assert not any("ca.key" in s["file"] for s in compose["secrets"].values())

@@ -26,6 +26,7 @@ from gateway.render import (
     template_regex,
     tool,
 )
+from gateway.tls import ensure_mesh_certificates
 from services.common.settings import Settings
 
 GOOD = "k" * 20
@@ -91,9 +92,11 @@ def test_render_refuses_without_keys(tmp_path: Path) -> None:
 
 def test_rendered_config_is_valid_for_envoy(tmp_path: Path) -> None:
     descriptor = build_descriptor_set(tmp_path / "mlmesh.binpb")
-    config = render_envoy_config(
-        Settings(api_keys=f"alice={GOOD}"), descriptor, tmp_path / "e.yaml"
-    )
+    settings = Settings(api_keys=f"alice={GOOD}", state_dir=tmp_path)
+    with pytest.raises(ValueError, match="mesh-certs"):  # no certificates for mutual TLS yet
+        render_envoy_config(settings, descriptor, tmp_path / "e.yaml")
+    ensure_mesh_certificates(settings.mesh_tls)
+    config = render_envoy_config(settings, descriptor, tmp_path / "e.yaml")
     assert config.stat().st_mode & 0o777 == 0o600
     result = subprocess.run(
         [tool("envoy"), "--mode", "validate", "-c", str(config)], capture_output=True, text=True

@@ -21,6 +21,7 @@ K8S = ROOT / "deploy" / "k8s"
 # we promise to support (native gRPC probes need 1.27+).
 KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
 GRPC_SERVICES = {"registry": 50051, "training": 50052, "inference": 50053}
+HEALTH_PORTS = {"registry": 50061, "training": 50062, "inference": 50063}
 HTTP_PROBES = {"worker": ("/health", 9103), "mlflow": ("/health", 5000), "envoy": ("/health", 8000)}
 METRICS = {
     "registry": ("9101", "/metrics"),
@@ -113,13 +114,117 @@ def test_every_container_has_requests_and_limits() -> None:
 
 
 @pytest.mark.parametrize(("name", "port"), GRPC_SERVICES.items())
-def test_grpc_services_have_native_grpc_probes(name: str, port: int) -> None:
+def test_grpc_services_have_native_grpc_probes_on_the_health_port(name: str, port: int) -> None:
+    # The kubelet presents no client certificate: its gRPC probes ask the plain-text health
+    # port, which answers grpc.health.v1 only; the gRPC port takes mutual TLS only.
     container = pod_spec(of_kind("Deployment")[name])["containers"][0]
     assert port_number(container, "grpc") == port
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == port, (name, probe)
-    address = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
-    assert address[f"MLMESH_{name.upper()}_ADDRESS"] == f"0.0.0.0:{port}"
+    health = HEALTH_PORTS[name]
+    assert port_number(container, "health") == health
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == health, (name, probe)
+    config = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
+    assert config[f"MLMESH_{name.upper()}_ADDRESS"] == f"0.0.0.0:{port}"
+    assert config[f"MLMESH_{name.upper()}_HEALTH_PORT"] == str(health)
+
+
+def _mounted_secret(workload: dict[str, Any], container: dict[str, Any], path: str) -> dict:
+    """The secret volume ``container`` mounts at ``path``."""
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    assert path in mounts, (container["name"], path)
+    volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+    return volumes[mounts[path]]["secret"]
+
+
+@pytest.mark.parametrize("name", [*GRPC_SERVICES, "envoy"])
+def test_the_mesh_certificates_come_from_the_mtls_secret(name: str) -> None:
+    config = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
+    directory = config["MLMESH_MTLS_DIR"]
+    workload = of_kind("Deployment")[name]
+    own = ["gateway.crt", "gateway.key"] if name == "envoy" else ["service.crt", "service.key"]
+    for container in containers(workload):
+        if container["name"] in ("render-config", "envoy", name):
+            secret = _mounted_secret(workload, container, directory)
+            assert secret["secretName"] == "mlmesh-mtls"
+            # Each pod gets only its own key, never the CA's.
+            assert [i["key"] for i in secret["items"]] == ["ca.crt", *own]
+    template = yaml.safe_load((K8S / "secret-mtls.example.yaml").read_text())
+    assert template["metadata"]["name"] == "mlmesh-mtls"
+    assert "ca.key" not in template["stringData"]
+
+
+def _allowed(policy: dict[str, Any]) -> list[tuple[set[str] | None, set[str]]]:
+    """Each ingress rule of a NetworkPolicy: (the app names it lets in, None for anyone; its
+    ports by name)."""
+    rules = []
+    for rule in policy["spec"].get("ingress", []):
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if "from" not in rule:
+            rules.append((None, ports))
+            continue
+        names: set[str] = set()
+        for peer in rule["from"]:
+            selector = peer["podSelector"]
+            if "namespaceSelector" in peer:  # another namespace's Prometheus
+                names.add("prometheus@" + selector["matchLabels"]["app.kubernetes.io/name"])
+            elif "matchLabels" in selector:
+                names.add(selector["matchLabels"]["app.kubernetes.io/name"])
+            else:
+                (expression,) = selector["matchExpressions"]
+                assert expression["operator"] == "In"
+                names |= set(expression["values"])
+        rules.append((names, ports))
+    return rules
+
+
+def test_network_policies_keep_everyone_but_the_gateway_out() -> None:
+    policies = of_kind("NetworkPolicy")
+    default = policies["default-deny-ingress"]["spec"]
+    assert default["podSelector"] == {} and default["policyTypes"] == ["Ingress"]
+    assert "ingress" not in default
+    by_app = {
+        p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: _allowed(p)
+        for name, p in policies.items()
+        if name != "default-deny-ingress"
+    }
+    assert set(by_app) == {
+        "envoy", "registry", "training", "inference", "worker", "mlflow", "postgres", "redis",
+    }  # fmt: skip
+
+    def who_reaches(app: str, port: str) -> set[str] | None:
+        found: set[str] = set()
+        for names, ports in by_app[app]:
+            if port in ports:
+                if names is None:
+                    return None  # anyone
+                found |= names
+        return found
+
+    assert who_reaches("envoy", "http") is None and who_reaches("envoy", "mlflow") is None
+    assert who_reaches("registry", "grpc") == {"envoy"}
+    assert who_reaches("training", "grpc") == {"envoy"}
+    assert who_reaches("inference", "grpc") == {"envoy", "registry"}
+    assert who_reaches("inference", "oip-http") == {"envoy"}
+    services = {"registry", "training", "worker", "inference"}
+    assert who_reaches("postgres", "postgres") == services | {"mlflow"}
+    assert who_reaches("redis", "redis") == services
+    assert who_reaches("mlflow", "http") == services | {"envoy", "prometheus@prometheus"}
+    for app in GRPC_SERVICES:  # probes and Prometheus
+        assert who_reaches(app, "health") is None and who_reaches(app, "ops") is None
+    # Every port a policy names is a port of the pods it selects.
+    workloads = {**of_kind("Deployment"), **of_kind("StatefulSet")}
+    for app, rules in by_app.items():
+        named = {p["name"] for c in containers(workloads[app]) for p in c.get("ports", [])}
+        assert set().union(*(ports for _, ports in rules)) <= named, app
+
+
+def test_mlflow_is_served_through_envoy() -> None:
+    envoy = of_kind("Deployment")["envoy"]
+    (main,) = [c for c in pod_spec(envoy)["containers"] if c["name"] == "envoy"]
+    config = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
+    assert port_number(main, "mlflow") == int(config["MLMESH_GATEWAY_MLFLOW_PORT"]) == 5000
+    ports = {p["name"]: p["port"] for p in of_kind("Service")["envoy"]["spec"]["ports"]}
+    assert ports["mlflow"] == 5000
 
 
 @pytest.mark.parametrize(("name", "expected"), HTTP_PROBES.items())

@@ -40,10 +40,11 @@ from gateway.render import (
     strict_json_lua,
     tool,
 )
+from gateway.tls import ensure_mesh_certificates
 from mlmesh.inference.v1 import inference_pb2
 from mlmesh.registry.v1 import registry_pb2
 from mlmesh.training.v1 import training_pb2
-from services.common.settings import Settings
+from services.common.settings import MeshTlsFiles, Settings
 
 KEY = "k" * 20
 TRANSITION = "mlmesh.registry.v1.TransitionModelVersionRequest"
@@ -152,15 +153,23 @@ def descriptor(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextmanager
 def running_gateway(tmp: Path, descriptor: Path) -> Iterator[Gateway]:
-    """The rendered Envoy on free ports in front of an Upstream, until the block ends."""
+    """The rendered Envoy on free ports in front of an Upstream, until the block ends; the
+    upstream takes the gateway's mutual TLS, as the services do."""
     upstream = Upstream()
+    mesh_tls = MeshTlsFiles(tmp / "mtls")
+    ensure_mesh_certificates(mesh_tls)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     servicer = health.HealthServicer()
     for service in SERVICE_CLUSTERS:
         servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers((_handlers(descriptor, upstream),))
-    upstream.port = server.add_insecure_port("127.0.0.1:0")
+    credentials = grpc.ssl_server_credentials(
+        [(mesh_tls.service_key.read_bytes(), mesh_tls.service_cert.read_bytes())],
+        root_certificates=mesh_tls.ca_cert.read_bytes(),
+        require_client_auth=True,
+    )
+    upstream.port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     address = f"127.0.0.1:{upstream.port}"
     settings = Settings(
@@ -172,6 +181,8 @@ def running_gateway(tmp: Path, descriptor: Path) -> Iterator[Gateway]:
         registry_ops_port=_free_port(),
         gateway_port=_free_port(),
         gateway_admin_port=_free_port(),
+        gateway_mlflow_port=_free_port(),
+        mtls_dir=mesh_tls.directory,
     )
     config = render_envoy_config(settings, descriptor, tmp / "envoy.yaml")
     log = tmp / "envoy.log"
@@ -221,7 +232,9 @@ def _rejected(resp: httpx.Response, key: str, message: str) -> None:
 
 
 def test_config_with_lua_filter_is_valid(tmp_path: Path, descriptor: Path) -> None:
-    config = render_envoy_config(Settings(api_keys=f"alice={KEY}"), descriptor, tmp_path / "e.yaml")
+    settings = Settings(api_keys=f"alice={KEY}", state_dir=tmp_path)
+    ensure_mesh_certificates(settings.mesh_tls)
+    config = render_envoy_config(settings, descriptor, tmp_path / "e.yaml")
     result = subprocess.run(
         [tool("envoy"), "--mode", "validate", "-c", str(config)], capture_output=True, text=True
     )

@@ -23,7 +23,7 @@ class UsageError(Exception):
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.gateway, api_key=args.api_key)
+    return Client(args.gateway, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file)
 
 
 def _experiments(args: argparse.Namespace) -> None:
@@ -490,6 +490,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--gateway", help="gateway host:port (default $MLMESH_GATEWAY or 127.0.0.1:8000)"
     )
     parser.add_argument("--api-key", help="API key (default $MLMESH_API_KEY)")
+    parser.add_argument(
+        "--tls", action="store_true", help="the gateway speaks TLS (trust the system's CAs)"
+    )
+    parser.add_argument(
+        "--ca-file",
+        help="PEM CA to trust for the gateway's TLS (implies --tls; default "
+        "$MLMESH_GATEWAY_CA_FILE)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("up", help="start the whole mesh locally until Ctrl-C").set_defaults(

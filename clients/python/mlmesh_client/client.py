@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -44,6 +45,25 @@ class MeshError(Exception):
         self.code = code
 
 
+def gateway_channel(
+    target: str, *, tls: bool = False, ca_file: str | os.PathLike[str] | None = None
+) -> grpc.Channel:
+    """A channel to the gateway: plain text (h2c), or TLS when ``tls`` or a CA file is given
+    (``ca_file``, else MLMESH_GATEWAY_CA_FILE)."""
+    ca_file = ca_file or os.environ.get("MLMESH_GATEWAY_CA_FILE") or None
+    if not tls and ca_file is None:
+        return grpc.insecure_channel(target)
+    root = None
+    if ca_file is not None:
+        try:
+            root = Path(ca_file).read_bytes()
+        except OSError as exc:
+            raise MeshError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"cannot read the CA file {ca_file}: {exc}"
+            ) from None
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root))
+
+
 class Client:
     """mlmesh through its gateway.
 
@@ -52,15 +72,25 @@ class Client:
 
     ``target`` defaults to ``MLMESH_GATEWAY`` or 127.0.0.1:8000, ``api_key`` to
     ``MLMESH_API_KEY``. Read-only registry calls work without a key.
+
+    A gateway that speaks TLS takes ``tls=True``: the client then trusts the system's CAs, or
+    only the PEM file ``ca_file`` (default ``MLMESH_GATEWAY_CA_FILE``; naming one turns TLS
+    on), e.g. the development certificate `python -m services.launcher dev-cert` writes.
     """
 
     def __init__(
-        self, target: str | None = None, api_key: str | None = None, timeout_s: float = 30.0
+        self,
+        target: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        *,
+        tls: bool = False,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.target = target or os.environ.get("MLMESH_GATEWAY", DEFAULT_TARGET)
         self._api_key = api_key if api_key is not None else os.environ.get("MLMESH_API_KEY")
         self._timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(self.target)
+        self._channel = gateway_channel(self.target, tls=tls, ca_file=ca_file)
         self.registry = registry_pb2_grpc.RegistryServiceStub(self._channel)
         self.training = training_pb2_grpc.TrainingServiceStub(self._channel)
         self.inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
