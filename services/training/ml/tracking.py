@@ -54,6 +54,11 @@ _CONNECTION_ERRORS = (
 )
 
 
+# What skops must trust to load the scikit-learn models training makes (gradient boosting's
+# decision trees), recorded in the model's flavor configuration for whoever loads it.
+SKLEARN_TRUSTED_TYPES = ("sklearn.tree._tree.Tree",)
+
+
 def signature(features: int, classes: int) -> ModelSignature:
     """What a served network takes and gives: a batch of flat rows (an image's pixels, channels
     last, or a table's features), one probability per class each."""
@@ -238,6 +243,9 @@ class RunTracker:
                 signature=mlflow.models.infer_signature(input_example, proba),
                 input_example=input_example,
                 pyfunc_predict_fn="predict_proba",
+                # MLflow saves with skops, which loads only the types it is told to trust;
+                # the trees are the one type a gradient-boosting model adds, made here.
+                skops_trusted_types=list(SKLEARN_TRUSTED_TYPES),
                 pip_requirements=[
                     f"scikit-learn=={sklearn.__version__}",
                     f"mlflow=={mlflow.__version__}",
