@@ -453,7 +453,7 @@ def test_a_model_registered_by_other_means_serves_on_torch_without_a_drift_score
     # MLflow's pytorch flavor only: no ONNX export, no input_reference.json. Serving knows
     # nothing of training's datasets, so the version is served without a drift score.
     name = f"{models.name}-external"
-    module = Probabilities(build_model("mlp")).eval()
+    module = Probabilities(build_model("mlp", "images", (28, 28, 1), 10)).eval()
     mlflow.set_tracking_uri(mesh.settings.mlflow_tracking_uri)
     try:
         # An experiment of its own, named in start_run: set_experiment would leave it active
