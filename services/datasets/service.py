@@ -20,10 +20,12 @@ from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import asyncpg
 import numpy as np
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, check_page_size
 from services.common.pagination import Page
+from services.common.settings import Settings
 from services.datasets import builtin
 from services.datasets.arrays import IMAGES, TABLE, TEST, DatasetArrays, digest_file
 from services.datasets.formats import UploadOptions, check_fractions, read_upload
@@ -79,6 +81,23 @@ class Sample:
 
 class Datasets:
     """What the Datasets service does, over its PostgreSQL table and MLflow."""
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, pool: asyncpg.Pool, in_use: InUse, decode: Executor | None = None
+    ) -> Datasets:
+        """The domain as the settings configure it; ``decode`` runs image decoding (None: in
+        this process, for callers that only read and check against datasets)."""
+        return cls(
+            DatasetStore(pool),
+            ArtifactStore(settings.mlflow_tracking_uri),
+            decode,
+            max_bytes=settings.dataset_max_bytes,
+            max_classes=settings.dataset_max_classes,
+            cache_dir=Path(settings.dataset_cache_dir).expanduser(),
+            data_dir=settings.data_dir,
+            in_use=in_use,
+        )
 
     def __init__(
         self,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 from mlmesh.datasets.v1 import datasets_pb2, datasets_pb2_grpc
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
@@ -15,7 +14,6 @@ from services.common.settings import Settings
 from services.datasets.formats import cpu_count
 from services.datasets.service import Datasets
 from services.datasets.servicer import DatasetServicer
-from services.datasets.store import ArtifactStore, DatasetStore
 from services.training.jobs import JobStore
 from services.training.ml.search import storage_url
 from services.training.service import Training
@@ -27,28 +25,19 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 DATASETS_SERVICE_NAME = datasets_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
 
 
-def datasets_of(settings: Settings, backends: Backends, jobs: JobStore) -> Datasets:
+def datasets_of(backends: Backends, jobs: JobStore) -> Datasets:
     """The Datasets domain this process serves: uploads decode images in processes of their
     own, one per core, started now so that the first upload does not wait for them."""
     decode = ProcessPoolExecutor(cpu_count(), mp_context=multiprocessing.get_context("spawn"))
     for _ in range(cpu_count()):
         decode.submit(int)
-    return Datasets(
-        DatasetStore(backends.pool),
-        ArtifactStore(settings.mlflow_tracking_uri),
-        decode,
-        max_bytes=settings.dataset_max_bytes,
-        max_classes=settings.dataset_max_classes,
-        cache_dir=Path(settings.dataset_cache_dir).expanduser(),
-        data_dir=settings.data_dir,
-        in_use=jobs.using_dataset,
-    )
+    return Datasets.from_settings(backends.settings, backends.pool, jobs.using_dataset, decode)
 
 
 def build(backends: Backends) -> ServiceParts:
     s = backends.settings
     jobs = JobStore(backends.pool, backends.redis)
-    datasets = datasets_of(s, backends, jobs)
+    datasets = datasets_of(backends, jobs)
     training = Training(jobs, backends.redis, s.training_queue, datasets)
     sweeps = Sweeps(
         SweepStore(backends.pool, backends.redis),

@@ -20,6 +20,7 @@ from arq.connections import ArqRedis
 
 from services.common import db
 from services.common.settings import Settings
+from services.datasets.service import Datasets
 from services.launcher.mesh import Mesh, child_env
 from services.training.jobs import Job, JobStore
 from services.training.params import Submission
@@ -65,7 +66,9 @@ async def _submit(settings: Settings) -> str:
     pool = await db.connect_pool(settings.database_url)
     redis = ArqRedis.from_url(settings.redis_url)
     try:
-        training = Training(JobStore(pool, redis), redis, settings.training_queue)
+        jobs = JobStore(pool, redis)
+        datasets = Datasets.from_settings(settings, pool, jobs.using_dataset)
+        training = Training(jobs, redis, settings.training_queue, datasets)
         params = {"train_subset": 1000, "epochs": 1}
         sub = Submission(params | {"experiment_name": "it-outage", "model_name": "it-outage"})
         return (await training.submit(sub, "tester")).job_id
