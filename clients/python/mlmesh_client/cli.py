@@ -1,4 +1,5 @@
-"""The `mlmesh` command: run the mesh locally and talk to it through the gateway."""
+"""The `mlmesh` command: talk to a running mesh through its gateway (`mlmesh-server up`, the
+server's own command, starts one)."""
 
 from __future__ import annotations
 
@@ -478,10 +479,15 @@ def _sweep(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def _up(_: argparse.Namespace) -> None:
-    from services.launcher.cli import main as launcher_main  # the server side, only for `up`
+UP_MOVED = (
+    "moved to the server: the mesh is started by `mlmesh-server up` (or `make up`) "
+    "in a checkout installed with `make install`; this package (mlmesh-client) only talks to a "
+    "running mesh"
+)
 
-    sys.exit(launcher_main(["up"]))
+
+def _up(_: argparse.Namespace) -> None:
+    raise UsageError(UP_MOVED)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -500,9 +506,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("up", help="start the whole mesh locally until Ctrl-C").set_defaults(
-        run=_up
-    )
+    commands.add_parser("up", help="moved to the server: `mlmesh-server up`").set_defaults(run=_up)
     p = commands.add_parser("experiments", help="list experiments")
     p.add_argument("--filter", default="", help="MLflow filter, e.g. \"name LIKE 'mnist%%'\"")
     p.set_defaults(run=_experiments)
