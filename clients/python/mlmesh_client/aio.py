@@ -13,47 +13,24 @@ retries and errors are the same (mlmesh_client.api writes each call once for bot
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from mlmesh.training.v1 import sweep_pb2 as sweeps
-from mlmesh.training.v1 import training_pb2 as training
-from mlmesh_client.api import DEFAULT_TIMEOUT_S, Call, MeshApi, Requests, Send, channel_credentials
-from mlmesh_client.retry import RetryPolicy
-
-
-def aio_gateway_channel(
-    target: str, *, tls: bool = False, ca_file: str | os.PathLike[str] | None = None
-) -> grpc.aio.Channel:
-    """An asyncio channel to the gateway, as ``gateway_channel`` makes a sync one."""
-    credentials = channel_credentials(tls, ca_file)
-    if credentials is None:
-        return grpc.aio.insecure_channel(target)
-    return grpc.aio.secure_channel(target, credentials)
+from mlmesh_client.api import Call, Followed, MeshApi, OnEvent, Requests, Send
 
 
 class AsyncClient(MeshApi):
     """mlmesh through its gateway, for asyncio; the arguments are ``Client``'s. Make it inside
     the event loop that uses it (a grpc.aio channel belongs to one loop)."""
 
-    def __init__(
-        self,
-        target: str | None = None,
-        api_key: str | None = None,
-        timeout_s: float | None = DEFAULT_TIMEOUT_S,
-        *,
-        tls: bool = False,
-        ca_file: str | os.PathLike[str] | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        def channel(target: str) -> grpc.aio.Channel:
-            return aio_gateway_channel(target, tls=tls, ca_file=ca_file)
-
-        super().__init__(target, api_key, timeout_s, retry, channel)
+    @staticmethod
+    def _open_channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(target)
+        return grpc.aio.secure_channel(target, credentials)
 
     async def _run(self, call: Call) -> Any:
         plan = self._plan(call)
@@ -86,29 +63,12 @@ class AsyncClient(MeshApi):
             stream.cancel()
         Requests.raise_error(call.request)
 
-    async def train(
-        self,
-        on_event: Callable[[training.WatchTrainingJobResponse], None] | None = None,
-        **fields: object,
-    ) -> training.TrainingJob:
-        """Submit a job and follow it to the end; returns the finished job."""
-        job = await self.submit_training_job(**fields)
-        async for event in self.watch_training_job(job.job_id):
+    async def _follow(self, kind: Followed, submitted: Any, on_event: OnEvent) -> Any:
+        started = getattr(await submitted, kind.id_field)
+        async for event in getattr(self, kind.watch)(started):
             if on_event is not None:
                 on_event(event)
-        return await self.get_training_job(job.job_id)
-
-    async def sweep(
-        self,
-        on_event: Callable[[sweeps.WatchSweepResponse], None] | None = None,
-        **fields: object,
-    ) -> sweeps.Sweep:
-        """Submit a sweep and follow it to the end; returns the finished sweep."""
-        sweep = await self.submit_sweep(**fields)
-        async for event in self.watch_sweep(sweep.sweep_id):
-            if on_event is not None:
-                on_event(event)
-        return await self.get_sweep(sweep.sweep_id)
+        return await getattr(self, kind.get)(started)
 
     async def close(self) -> None:
         await self._channel.close()

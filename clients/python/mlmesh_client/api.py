@@ -84,6 +84,20 @@ class Send:
 
 
 _UNSET: Any = object()
+OnEvent = Callable[[Any], None] | None
+
+
+@dataclass(frozen=True)
+class Followed:
+    """What ``train`` and ``sweep`` follow: the id field, the watch and the get methods."""
+
+    id_field: str
+    watch: str
+    get: str
+
+
+JOBS = Followed("job_id", "watch_training_job", "get_training_job")
+SWEEPS = Followed("sweep_id", "watch_sweep", "get_sweep")
 
 
 def channel_credentials(tls: bool, ca_file: str | os.PathLike[str] | None):
@@ -111,17 +125,19 @@ class MeshApi:
 
     def __init__(
         self,
-        target: str | None,
-        api_key: str | None,
-        timeout_s: float | None,
-        retry: RetryPolicy | None,
-        channel: Any,
+        target: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        *,
+        tls: bool = False,
+        ca_file: str | os.PathLike[str] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.target = target or os.environ.get("MLMESH_GATEWAY", DEFAULT_TARGET)
         self._api_key = api_key if api_key is not None else os.environ.get("MLMESH_API_KEY")
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
-        self._channel = channel(self.target)
+        self._channel = self._open_channel(self.target, channel_credentials(tls, ca_file))
         self._stubs = {name: stub(self._channel) for name, stub in _STUBS.items()}
 
     def with_options(
@@ -136,6 +152,11 @@ class MeshApi:
         if retry is not None:
             other._retry = retry
         return other
+
+    @staticmethod
+    def _open_channel(target: str, credentials: grpc.ChannelCredentials | None) -> Any:
+        """A channel to ``target``, TLS with ``credentials``, else plain text."""
+        raise NotImplementedError
 
     def _metadata(self) -> list[tuple[str, str]]:
         return [(API_KEY_HEADER, self._api_key)] if self._api_key else []
@@ -181,6 +202,15 @@ class MeshApi:
 
     def _change(self, service: str, method: str, request: Message, **how: Any) -> Any:
         return self._run(Call(service, method, request, idempotent=False, **how))
+
+    def _submit(self, method: str, request: Any, result: Callable[[Any], Any]) -> Any:
+        """A submission: idempotent, so retried, only when it carries an idempotency key."""
+        return self._run(Call("training", method, request, bool(request.idempotency_key), result))
+
+    def _follow(self, kind: Followed, submitted: Any, on_event: OnEvent) -> Any:
+        """Follow a submitted job or sweep to its end (each event to ``on_event``), then get
+        it again: the sync client returns it, the asyncio one an awaitable of it."""
+        raise NotImplementedError
 
     # -- registry --------------------------------------------------------------------------
     def list_experiments(self, filter: str = "") -> list[registry.Experiment]:
@@ -312,10 +342,7 @@ class MeshApi:
     def submit_training_job(self, **fields: object) -> training.TrainingJob:
         """Queue a job; fields are SubmitTrainingJobRequest's (epochs, learning_rate, ...).
         Retried on UNAVAILABLE only when it carries an ``idempotency_key``."""
-        request = training.SubmitTrainingJobRequest(**fields)
-        return self._run(
-            Call("training", "SubmitTrainingJob", request, bool(request.idempotency_key), _job)
-        )
+        return self._submit("SubmitTrainingJob", training.SubmitTrainingJobRequest(**fields), _job)
 
     def get_training_job(self, job_id: str) -> training.TrainingJob:
         request = training.GetTrainingJobRequest(job_id=job_id)
@@ -335,6 +362,12 @@ class MeshApi:
         request = training.WatchTrainingJobRequest(job_id=job_id)
         return self._stream(Call("training", "WatchTrainingJob", request, False))
 
+    def train(self, on_event: OnEvent = None, **fields: object) -> training.TrainingJob:
+        """Submit a job (``fields`` as for ``submit_training_job``) and follow it to the end,
+        each event (a WatchTrainingJobResponse) to ``on_event``; returns the finished job,
+        whose ``state`` says how it ended."""
+        return self._follow(JOBS, self.submit_training_job(**fields), on_event)
+
     # -- sweeps (need an API key) ---------------------------------------------------------
     def submit_sweep(self, **fields: object) -> sweeps.Sweep:
         """Start a hyperparameter sweep; fields are SubmitSweepRequest's. ``search_space`` may
@@ -348,9 +381,7 @@ class MeshApi:
         for key, value in fields.items():
             if hasattr(value, "DESCRIPTOR"):  # a message given as itself
                 getattr(request, key).CopyFrom(value)
-        return self._run(
-            Call("training", "SubmitSweep", request, bool(request.idempotency_key), _sweep)
-        )
+        return self._submit("SubmitSweep", request, _sweep)
 
     def get_sweep(self, sweep_id: str) -> sweeps.Sweep:
         request = sweeps.GetSweepRequest(sweep_id=sweep_id)
@@ -369,6 +400,11 @@ class MeshApi:
         first, until the terminal one."""
         request = sweeps.WatchSweepRequest(sweep_id=sweep_id)
         return self._stream(Call("training", "WatchSweep", request, False))
+
+    def sweep(self, on_event: OnEvent = None, **fields: object) -> sweeps.Sweep:
+        """Submit a sweep and follow it to the end (events: WatchSweepResponse); returns the
+        finished sweep."""
+        return self._follow(SWEEPS, self.submit_sweep(**fields), on_event)
 
     # -- inference (needs an API key) -----------------------------------------------------
     # An image is an array (height x width [x channels]) or a flat sequence of floats in

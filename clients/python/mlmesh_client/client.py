@@ -5,27 +5,25 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from mlmesh.training.v1 import sweep_pb2 as sweeps
-from mlmesh.training.v1 import training_pb2 as training
 from mlmesh_client.api import (
     DATASET_FORMATS,
     DATASET_SPLITS,
     DEFAULT_TARGET,
-    DEFAULT_TIMEOUT_S,
     Call,
+    Followed,
     MeshApi,
+    OnEvent,
     Requests,
     Send,
     channel_credentials,
 )
 from mlmesh_client.errors import MeshError
-from mlmesh_client.retry import RetryPolicy
 
 __all__ = [
     "DATASET_FORMATS",
@@ -42,10 +40,7 @@ def gateway_channel(
 ) -> grpc.Channel:
     """A channel to the gateway: plain text (h2c), or TLS when ``tls`` or a CA file is given
     (``ca_file``, else MLMESH_GATEWAY_CA_FILE)."""
-    credentials = channel_credentials(tls, ca_file)
-    if credentials is None:
-        return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, credentials)
+    return Client._open_channel(target, channel_credentials(tls, ca_file))
 
 
 class Client(MeshApi):
@@ -67,20 +62,11 @@ class Client(MeshApi):
     ``MeshError`` subclasses that carry the gRPC code (mlmesh_client.errors).
     """
 
-    def __init__(
-        self,
-        target: str | None = None,
-        api_key: str | None = None,
-        timeout_s: float | None = DEFAULT_TIMEOUT_S,
-        *,
-        tls: bool = False,
-        ca_file: str | os.PathLike[str] | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        def channel(target: str) -> grpc.Channel:
-            return gateway_channel(target, tls=tls, ca_file=ca_file)
-
-        super().__init__(target, api_key, timeout_s, retry, channel)
+    @staticmethod
+    def _open_channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+        if credentials is None:
+            return grpc.insecure_channel(target)
+        return grpc.secure_channel(target, credentials)
 
     def _run(self, call: Call) -> Any:
         plan = self._plan(call)
@@ -113,30 +99,12 @@ class Client(MeshApi):
             stream.cancel()
         Requests.raise_error(call.request)
 
-    def train(
-        self,
-        on_event: Callable[[training.WatchTrainingJobResponse], None] | None = None,
-        **fields: object,
-    ) -> training.TrainingJob:
-        """Submit a job and follow it to the end, each event to ``on_event``; returns the
-        finished job (its ``state`` says how it ended)."""
-        job = self.submit_training_job(**fields)
-        for event in self.watch_training_job(job.job_id):
+    def _follow(self, kind: Followed, submitted: Any, on_event: OnEvent) -> Any:
+        started = getattr(submitted, kind.id_field)
+        for event in getattr(self, kind.watch)(started):
             if on_event is not None:
                 on_event(event)
-        return self.get_training_job(job.job_id)
-
-    def sweep(
-        self,
-        on_event: Callable[[sweeps.WatchSweepResponse], None] | None = None,
-        **fields: object,
-    ) -> sweeps.Sweep:
-        """Submit a sweep and follow it to the end; returns the finished sweep."""
-        sweep = self.submit_sweep(**fields)
-        for event in self.watch_sweep(sweep.sweep_id):
-            if on_event is not None:
-                on_event(event)
-        return self.get_sweep(sweep.sweep_id)
+        return getattr(self, kind.get)(started)
 
     def close(self) -> None:
         self._channel.close()
