@@ -15,7 +15,9 @@ from google.protobuf.message import Message
 from mlmesh.datasets.v1 import datasets_pb2
 from mlmesh.registry.v1 import registry_pb2
 from mlmesh.training.v1 import sweep_pb2, training_pb2
-from mlmesh_client.client import DATASET_FORMATS, Client, MeshError
+from mlmesh_client.api import DATASET_FORMATS, DEFAULT_TIMEOUT_S
+from mlmesh_client.client import Client
+from mlmesh_client.errors import MeshError
 from mlmesh_client.images import ImageError, read_image_file
 
 
@@ -24,7 +26,13 @@ class UsageError(Exception):
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.gateway, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file)
+    return Client(
+        args.gateway,
+        api_key=args.api_key,
+        timeout_s=args.timeout or None,
+        tls=args.tls,
+        ca_file=args.ca_file,
+    )
 
 
 def _experiments(args: argparse.Namespace) -> None:
@@ -503,6 +511,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--ca-file",
         help="PEM CA to trust for the gateway's TLS (implies --tls; default "
         "$MLMESH_GATEWAY_CA_FILE)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="each call's deadline (0: none; default %(default)g); a stream (train's, sweep's "
+        "watching) and an upload have none",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
