@@ -174,9 +174,10 @@ class MeshApi:
         items: list = []
         while True:
             tries = Tries(self._retry, call.idempotent, self._timeout_s if call.deadline else None)
-            while isinstance(
-                answer := (yield Send(call.request, tries.timeout_s())), grpc.RpcError
-            ):
+            while True:
+                answer = yield Send(call.request, tries.timeout_s())
+                if not isinstance(answer, grpc.RpcError):
+                    break
                 wait = tries.wait_s(answer.code())
                 if wait is None:
                     raise self._error(answer) from None
