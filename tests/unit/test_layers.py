@@ -8,6 +8,7 @@ what its layer may import.
   other; the datasets domain imports none of them, and only Training imports it;
 - the gateway takes from the kit only its leaves (the settings, the header names, the grammar
   of the rate limits the settings check), which import nothing of the project but each other;
+- no service imports the gateway;
 - nothing imports the launcher (the composition root) but the launcher, the scripts, the
   benchmarks and the tests.
 """
@@ -137,6 +138,12 @@ def _rule_broken(importer: str, name: str, client_deps: set[str]) -> str:
             if other != service and _under(name, f"services.{other}"):
                 if other not in SERVICE_MAY_IMPORT.get(service, set()):
                     return f"services.{service} may not import services.{other}"
+    if (
+        _under(name, "gateway")
+        and _under(importer, "services")
+        and not _under(importer, "services.launcher")
+    ):
+        return "no service imports the gateway: the launcher composes the two"
     if _under(importer, "gateway") and _under(name, "services") and name not in KIT_LEAVES:
         return "the gateway takes only the kit's leaves (settings, header names) from it"
     if importer in KIT_LEAVES and _under(name, "services", "gateway", "mlmesh"):
@@ -168,6 +175,7 @@ PLANTED = [
     ("gateway.render", "from services.common.interceptors import X", "the gateway takes only"),
     ("services.training.server", "import services.launcher.mesh", "only the launcher"),
     ("services.common.headers", "from services.common import server", "import nothing of"),
+    ("services.registry.server", "from gateway.keys import load_api_keys", "no service imports"),
 ]
 
 
