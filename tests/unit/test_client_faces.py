@@ -25,6 +25,7 @@ from mlmesh_client import (
     AsyncClient,
     Client,
     DeadlineExceeded,
+    ImageError,
     MeshError,
     NotFound,
     ResourceExhausted,
@@ -33,6 +34,7 @@ from mlmesh_client import (
     Unavailable,
 )
 from mlmesh_client.retry import Tries
+from tests.unit.test_client_predict import stand_in  # noqa: F401 (a fixture)
 
 FAST = RetryPolicy(attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 
@@ -195,3 +197,20 @@ def test_backoff_grows_within_its_cap_and_the_deadline() -> None:
     assert Tries(policy, True, 0.0).wait_s(grpc.StatusCode.UNAVAILABLE) is None  # no time left
     with pytest.raises(ValueError):
         RetryPolicy(attempts=0)
+
+
+def test_the_async_client_streams_and_stops_at_a_bad_image(stand_in) -> None:  # noqa: F811
+    servicer, target = stand_in
+
+    async def calls() -> tuple[list[str], list[str]]:
+        async with AsyncClient(target, api_key="k" * 20) as mesh:
+            answers = [a async for a in mesh.predict_stream([bytes(784), [0.0] * 784])]
+            got = []
+            with pytest.raises(ImageError, match="784 bytes, got 3"):
+                async for answer in mesh.predict_stream([bytes(784), b"bad", bytes(784)]):
+                    got.append(answer.request_id)
+            return [a.request_id for a in answers], got
+
+    answered, before_the_bad_one = asyncio.run(calls())
+    assert answered == ["0", "1"] and before_the_bad_one == ["0"]
+    assert servicer.keys == ["k" * 20] * 3
