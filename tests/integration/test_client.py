@@ -86,8 +86,10 @@ def test_a_clean_venv_gets_a_working_client_and_nothing_of_the_server(
     assert "\nmlmesh-client==0.1.0" in f"\n{listed}"
 
     gateway = f"127.0.0.1:{mesh.settings.gateway_port}"
-    models = run(mlmesh, "--gateway", gateway, "--api-key", keys["alice"], "datasets", "list")
-    assert models.returncode == 0 and "mnist@" in models.stdout, models.stdout + models.stderr
+    datasets = run(mlmesh, "--gateway", gateway, "--api-key", keys["alice"], "datasets", "list")
+    assert datasets.returncode == 0 and "mnist@" in datasets.stdout, datasets.stderr
+    readme = run(mlmesh, "--gateway", gateway, "models")  # the README's line: a public read
+    assert readme.returncode == 0, readme.stderr
     sdk = run(
         python, "-c",
         "from mlmesh_client import Client, NotFound\n"
