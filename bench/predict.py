@@ -897,21 +897,24 @@ def register_mnist(settings: Settings, train_images: int, work_dir: Path) -> Mod
     """Train a CNN for one epoch with the jobs' own code, register it, promote to Production."""
     from services.training.ml.data import load_dataset
     from services.training.ml.train import TrainSpec, train
-    from services.training.params import JobParams
+    from services.training.params import validate
 
     spec = TrainSpec(
         job_id=f"bench-{secrets.token_hex(4)}",
-        params=JobParams(
-            dataset="mnist",
-            architecture="cnn",
-            epochs=1,
-            learning_rate=1e-3,
-            batch_size=128,
-            optimizer="adam",
-            seed=42,
-            train_subset=train_images,
-            experiment_name="bench-predict",
-            model_name=settings.default_model_name,
+        # validate: the other parameters take their defaults, as a submitted job's do
+        params=validate(
+            {
+                "dataset": "mnist",
+                "architecture": "cnn",
+                "epochs": 1,
+                "learning_rate": 1e-3,
+                "batch_size": 128,
+                "optimizer": "adam",
+                "seed": 42,
+                "train_subset": train_images,
+                "experiment_name": "bench-predict",
+                "model_name": settings.default_model_name,
+            }
         ),
         tracking_uri=settings.mlflow_tracking_uri,
         data_dir=str(settings.data_dir) if settings.data_dir else None,

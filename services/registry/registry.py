@@ -204,7 +204,7 @@ class Registry:
             production = await self._serving_production(conn, name)
             if stage != PRODUCTION and production == version:
                 why = (
-                    f"v{version} is {name!r}'s production version: moving it to {stage} "
+                    f"v{version} is the production version of {name!r}: moving it to {stage} "
                     f"would leave {name!r} without a production version"
                 )
                 if not force:
