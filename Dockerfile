@@ -15,7 +15,7 @@ COPY clients clients
 COPY services services
 COPY gateway gateway
 COPY scripts scripts
-RUN pip install --no-deps -e . \
+RUN pip install --no-deps -e ./clients/python -e . \
     && useradd --create-home --uid 10001 mlmesh \
     && mkdir -p /var/lib/mlmesh && chown mlmesh /var/lib/mlmesh
 USER mlmesh

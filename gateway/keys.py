@@ -17,12 +17,11 @@ import re
 import secrets
 from pathlib import Path
 
-from services.common.interceptors import CLIENT_HEADER
+from services.common.headers import API_KEY_HEADER, CLIENT_HEADER
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-API_KEY_HEADER = "x-api-key"  # where callers send their key, over REST and gRPC alike
 # MLflow clients send MLFLOW_TRACKING_TOKEN as "Authorization: Bearer <token>"; on the MLflow
 # listener the key may come that way too (api_key_auth drops a "Bearer " prefix itself).
 BEARER_HEADER = "authorization"

@@ -36,7 +36,7 @@ from gateway.policy import (
     SERVICE_CLUSTERS,
     MlflowRule,
 )
-from services.common.interceptors import CLIENT_HEADER
+from services.common.headers import CLIENT_HEADER
 from services.common.settings import MESH_SERVICE_NAME, Settings, split_address
 
 ROOT = Path(__file__).resolve().parents[1]

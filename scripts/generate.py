@@ -45,6 +45,7 @@ def generate(dest: Path) -> None:
         generated = Path(tmp) / "mlmesh"
         for directory in [generated, *[d for d in generated.rglob("*") if d.is_dir()]]:
             (directory / "__init__.py").write_text(HEADER)
+        (generated / "py.typed").write_text("")  # PEP 561: the .pyi stubs are the types
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(generated, dest)

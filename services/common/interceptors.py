@@ -22,13 +22,12 @@ from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 
 from services.common.errors import InvalidArgument, MeshError
+from services.common.headers import CLIENT_HEADER, RETRY_AFTER_HEADER
 from services.common.ratelimit import RPC_CLASSES, RateLimited, RateLimiter
 from services.common.text import check_message
 
 log = logging.getLogger(__name__)
 
-# Set by the gateway's api_key_auth filter after it strips any copy the client sent.
-CLIENT_HEADER = "x-mlmesh-client"
 ANONYMOUS = "anonymous"
 
 _client: contextvars.ContextVar[str] = contextvars.ContextVar("mlmesh_client", default=ANONYMOUS)
@@ -81,7 +80,7 @@ def _client_from(context: grpc.aio.ServicerContext) -> str:
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
     if isinstance(exc, RateLimited):
         # REST callers get it as the Retry-After header (see gateway/envoy.yaml.j2).
-        context.set_trailing_metadata((("retry-after", exc.retry_after),))
+        context.set_trailing_metadata(((RETRY_AFTER_HEADER, exc.retry_after),))
     if isinstance(exc, MeshError):
         await context.abort(exc.code, str(exc))
     log.exception("unhandled error in %s", method)

@@ -15,8 +15,9 @@ import asyncpg
 from arq.connections import ArqRedis
 
 from services.common import db
+from services.common.limits import parse_limits
 from services.common.ops import OpsServer, mlflow_check, postgres_check, redis_check
-from services.common.ratelimit import RateLimiter, parse_limits
+from services.common.ratelimit import RateLimiter
 from services.common.server import GrpcServer, Registration, wait_for_termination
 from services.common.settings import Settings, split_address
 

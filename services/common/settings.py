@@ -340,7 +340,7 @@ class Settings(BaseSettings):
     @field_validator("rate_limits")
     @classmethod
     def _valid_rate_limits(cls, value: str) -> str:
-        from services.common.ratelimit import parse_limits  # raises ValueError naming the entry
+        from services.common.limits import parse_limits  # raises ValueError naming the entry
 
         parse_limits(value)
         return value

@@ -25,7 +25,8 @@ import numpy as np
 from aiohttp import web
 
 from services.common.errors import InvalidArgument, MeshError
-from services.common.interceptors import ANONYMOUS, CLIENT_HEADER
+from services.common.headers import CLIENT_HEADER, RETRY_AFTER_HEADER
+from services.common.interceptors import ANONYMOUS
 from services.common.model_contract import DATATYPES, RequestTensor, TensorSpec
 from services.common.ratelimit import PREDICTIONS, RateLimited, RateLimiter
 from services.common.text import check_text
@@ -295,7 +296,7 @@ class OipHttpServer:
         except MeshError as exc:
             response = _error(_STATUS.get(exc.code, 500), str(exc))
             if isinstance(exc, RateLimited):
-                response.headers["Retry-After"] = exc.retry_after
+                response.headers[RETRY_AFTER_HEADER] = exc.retry_after
         except _TooLarge as exc:
             response = _error(413, str(exc))
         except web.HTTPException as exc:  # no such route, method not allowed

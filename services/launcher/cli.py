@@ -1,4 +1,5 @@
-"""`python -m services.launcher up`: start the local mesh and keep it up until Ctrl-C/SIGTERM."""
+"""`mlmesh-server up` (or `python -m services.launcher up`): start the local mesh and keep it up
+until Ctrl-C/SIGTERM; and the server's other commands (dev-cert, mesh-certs, reset)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the launcher; the exit code is 0 after a requested stop, 1 when something failed."""
     parser = argparse.ArgumentParser(
-        prog="python -m services.launcher",
+        prog="mlmesh-server",
         description="Run mlmesh on this machine; configuration comes from MLMESH_* variables.",
     )
     commands = parser.add_subparsers(dest="command", required=True)

@@ -14,7 +14,7 @@ import grpc
 
 from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.errors import FailedPrecondition, Unavailable
-from services.common.interceptors import CLIENT_HEADER
+from services.common.headers import CLIENT_HEADER
 from services.common.server import aio_service_channel
 from services.common.settings import Settings
 

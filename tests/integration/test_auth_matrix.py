@@ -32,7 +32,7 @@ from gateway.keys import (
 from gateway.policy import HTTP_ACCESS, OIP_REST_ROUTES, OIP_SERVICE, RPC_ACCESS
 from gateway.render import NOT_CLASSIFIED, classify_mlflow, mlflow_routes
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
-from services.common.interceptors import CLIENT_HEADER
+from services.common.headers import CLIENT_HEADER
 from services.common.settings import Settings
 from services.launcher.mesh import Mesh
 from tests.conftest import cancel_live_jobs

@@ -44,7 +44,8 @@ from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.aliases import recorded_alias
 from services.common.events import MODEL_EVENTS_CHANNEL
-from services.common.interceptors import CLIENT_HEADER, NO_CERTIFICATE
+from services.common.headers import CLIENT_HEADER
+from services.common.interceptors import NO_CERTIFICATE
 from services.common.server import CHANNEL_OPTIONS, service_channel
 from services.common.settings import MESH_SERVICE_NAME
 from services.launcher.mesh import Mesh

@@ -24,16 +24,14 @@ from mlmesh.inference.v1 import inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.common.errors import Unavailable
-from services.common.ratelimit import (
+from services.common.limits import (
     CLASSES,
-    KEY_PREFIX,
     PREDICTIONS,
     REGISTRY_WRITES,
     TRAINING_SUBMISSIONS,
-    RateLimited,
-    RateLimiter,
     parse_limits,
 )
+from services.common.ratelimit import KEY_PREFIX, RateLimited, RateLimiter
 from services.launcher.mesh import Mesh
 from tests.conftest import SHARED_REDIS, free_port, metric_sample
 from tests.integration.replicas import inference_replica, second_gateway

@@ -29,7 +29,7 @@ from mlmesh.registry.v1 import registry_pb2 as pb
 from mlmesh.registry.v1 import registry_pb2_grpc
 from services.common import db
 from services.common.events import MODEL_EVENTS_CHANNEL
-from services.common.interceptors import CLIENT_HEADER
+from services.common.headers import CLIENT_HEADER
 from services.common.process import serving
 from services.common.server import aio_service_channel
 from services.common.settings import Settings

@@ -1,4 +1,5 @@
-"""The `mlmesh` command: run the mesh locally and talk to it through the gateway."""
+"""The `mlmesh` command: talk to a running mesh through its gateway (`mlmesh-server up`, the
+server's own command, starts one)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from google.protobuf.message import Message
 from mlmesh.datasets.v1 import datasets_pb2
 from mlmesh.registry.v1 import registry_pb2
 from mlmesh.training.v1 import sweep_pb2, training_pb2
-from mlmesh_client.client import DATASET_FORMATS, Client, MeshError
+from mlmesh_client.api import DATASET_FORMATS, DEFAULT_TIMEOUT_S
+from mlmesh_client.client import Client
+from mlmesh_client.errors import MeshError
 from mlmesh_client.images import ImageError, read_image_file
 
 
@@ -23,7 +26,13 @@ class UsageError(Exception):
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.gateway, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file)
+    return Client(
+        args.gateway,
+        api_key=args.api_key,
+        timeout_s=args.timeout or None,
+        tls=args.tls,
+        ca_file=args.ca_file,
+    )
 
 
 def _experiments(args: argparse.Namespace) -> None:
@@ -478,10 +487,15 @@ def _sweep(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def _up(_: argparse.Namespace) -> None:
-    from services.launcher.cli import main as launcher_main  # the server side, only for `up`
+UP_MOVED = (
+    "moved to the server: the mesh is started by `mlmesh-server up` (or `make up`) "
+    "in a checkout installed with `make install`; this package (mlmesh-client) only talks to a "
+    "running mesh"
+)
 
-    sys.exit(launcher_main(["up"]))
+
+def _up(_: argparse.Namespace) -> None:
+    raise UsageError(UP_MOVED)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -498,11 +512,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="PEM CA to trust for the gateway's TLS (implies --tls; default "
         "$MLMESH_GATEWAY_CA_FILE)",
     )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="each call's deadline (0: none; default %(default)g); a stream (train's, sweep's "
+        "watching) and an upload have none",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("up", help="start the whole mesh locally until Ctrl-C").set_defaults(
-        run=_up
-    )
+    commands.add_parser("up", help="moved to the server: `mlmesh-server up`").set_defaults(run=_up)
     p = commands.add_parser("experiments", help="list experiments")
     p.add_argument("--filter", default="", help="MLflow filter, e.g. \"name LIKE 'mnist%%'\"")
     p.set_defaults(run=_experiments)
