@@ -42,6 +42,7 @@ from services.inference.oip import (
     decode_raw,
     encode_raw,
 )
+from services.inference.rollouts import ROUTING_KEY
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ class OipHttpServer:
             inputs,
             names,
             read_cache=NO_CACHE not in request.headers.get("cache-control", "").lower(),
+            routing_key=request.headers.get(ROUTING_KEY, ""),
         )
         # Binary output for the outputs that ask for it or, for those named without saying
         # (or when none is named), as the request says.
@@ -248,6 +250,7 @@ class OipHttpServer:
         reply: dict[str, Any] = {
             "model_name": answer.model_name,
             "model_version": answer.model_version,
+            "parameters": {"prediction_id": answer.prediction_id},
             "outputs": [],
         }
         if request_id:

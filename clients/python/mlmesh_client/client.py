@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -393,6 +393,68 @@ class Client:
         yield from self._stream(self.inference.PredictStream, sent)
         if sent.error is not None:  # after the answers to the images before it
             raise sent.error
+
+    # -- rollouts and feedback ----------------------------------------------------------------
+    def start_rollout(
+        self,
+        model_name: str,
+        candidate_version: int,
+        *,
+        mode: str = "canary",
+        weight: int = 0,
+        weight_steps: Sequence[int] = (),
+        step_interval_s: float = 0.0,
+        **guards: float,
+    ) -> registry.Rollout:
+        """Start a canary (``weight`` percent of requests, stepping up through
+        ``weight_steps`` every ``step_interval_s``) or shadow rollout of a candidate version;
+        ``guards`` are RolloutGuards fields (min_requests=200, max_accuracy_drop=0.02, ...)."""
+        modes = {"canary": registry.ROLLOUT_MODE_CANARY, "shadow": registry.ROLLOUT_MODE_SHADOW}
+        request = registry.StartRolloutRequest(
+            model_name=model_name,
+            candidate_version=candidate_version,
+            mode=modes.get(mode, registry.ROLLOUT_MODE_UNSPECIFIED),
+            weight=weight,
+            weight_steps=list(weight_steps),
+            step_interval_seconds=step_interval_s,
+            guards=registry.RolloutGuards(**guards) if guards else None,
+        )
+        return self._call(self.registry.StartRollout, request).rollout
+
+    def get_rollout(self, rollout_id: str) -> registry.Rollout:
+        """One rollout with its live figures."""
+        request = registry.GetRolloutRequest(rollout_id=rollout_id)
+        return self._call(self.registry.GetRollout, request).rollout
+
+    def list_rollouts(self, model_name: str = "") -> list[registry.Rollout]:
+        """Every rollout (of one model), newest first."""
+        request = registry.ListRolloutsRequest(model_name=model_name, page_size=1000)
+        return self._all(self.registry.ListRollouts, request, "rollouts")
+
+    def watch_rollout(self, rollout_id: str) -> Iterator[registry.Rollout]:
+        """The rollout now and each time it changes, until it ends."""
+        request = registry.WatchRolloutRequest(rollout_id=rollout_id)
+        for answer in self._stream(self.registry.WatchRollout, request):
+            yield answer.rollout
+
+    def promote_rollout(self, rollout_id: str) -> registry.Rollout:
+        """Promote a running rollout's candidate now."""
+        request = registry.PromoteRolloutRequest(rollout_id=rollout_id)
+        return self._call(self.registry.PromoteRollout, request).rollout
+
+    def abort_rollout(self, rollout_id: str, reason: str = "") -> registry.Rollout:
+        """End a running rollout; production keeps serving."""
+        request = registry.AbortRolloutRequest(rollout_id=rollout_id, reason=reason)
+        return self._call(self.registry.AbortRollout, request).rollout
+
+    def submit_feedback(
+        self, labels: Iterable[tuple[str, int]]
+    ) -> inference.SubmitFeedbackResponse:
+        """True labels of earlier answers: (prediction_id, label) pairs."""
+        request = inference.SubmitFeedbackRequest(
+            feedback=[inference.Feedback(prediction_id=p, label=y) for p, y in labels]
+        )
+        return self._call(self.inference.SubmitFeedback, request)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
