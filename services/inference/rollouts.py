@@ -44,6 +44,7 @@ from services.inference.repository import LoadedModel, ModelRepository
 log = logging.getLogger(__name__)
 
 FLUSH_S = 0.25
+SHADOW_WORKERS = 32
 ROUTING_KEY = "x-mlmesh-routing-key"
 PREDICTION_KEY_PREFIX = "mlmesh:prediction"
 PRODUCTION = "production"
@@ -96,8 +97,13 @@ class Tally:
                 self._counts[key].update(fields)
 
     async def flush_forever(self, interval_s: float = FLUSH_S) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
+        """Flush every ``interval_s``, and once more when the process stops (a replica that
+        stops loses none of what it counted; one killed, at most ``interval_s`` of it)."""
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                await self.flush()
+        finally:
             await self.flush()
 
 
@@ -214,6 +220,11 @@ class ShadowQueue:
         return True
 
     async def run(self) -> None:
+        """Work the queue with SHADOW_WORKERS requests in flight, so that the candidate's
+        batcher batches them as it does production's."""
+        await asyncio.gather(*(self._work() for _ in range(SHADOW_WORKERS)))
+
+    async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             item = await self._queue.get()

@@ -112,11 +112,9 @@ def registered_model(m: RegisteredModel) -> pb.RegisteredModel:
 
 
 def audit_event(e: AuditEvent) -> pb.AuditEvent:
-    ts = Timestamp()
-    ts.FromDatetime(e.time)
     return pb.AuditEvent(
         event_id=e.event_id,
-        time=ts,
+        time=_time(e.time),
         client=e.client,
         action=e.action,
         model_name=e.model_name,

@@ -11,11 +11,15 @@ version identical to v1 is the good candidate.
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
@@ -26,9 +30,15 @@ from mlmesh.inference.v1 import inference_pb2 as ipb
 from mlmesh.inference.v1 import inference_pb2_grpc
 from mlmesh.registry.v1 import registry_pb2 as pb
 from mlmesh.registry.v1 import registry_pb2_grpc
+from services.common.server import service_channel
 from services.launcher.mesh import Mesh
-from tests.conftest import metric_sample
+from services.training.ml.train import train
+from tests.conftest import free_port, metric_sample
 from tests.integration.models import log_classifier
+from tests.integration.replicas import inference_replica
+from tests.integration.test_training_ml import a_spec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -315,3 +325,97 @@ def test_manual_transition_ends_the_rollout(ctx: Ctx) -> None:
         pb.ListRolloutsRequest(model_name=name), metadata=ctx.auth
     ).rollouts
     assert [r.rollout_id for r in listed] == [rollout.rollout_id]
+
+
+def test_a_fresh_replica_carries_on_mid_rollout(ctx: Ctx, tmp_path: Path) -> None:
+    """What a restart finds: a new Inference replica follows the running rollout from
+    PostgreSQL at once, and what it answered stays in the figures after it is gone; the
+    controller decides from them."""
+    name = ctx.model([0, 3])
+    guards = pb.RolloutGuards(min_requests=40, max_error_rate=0.0)
+    rollout = ctx.start(name, 2, mode=pb.ROLLOUT_MODE_CANARY, weight=50, guards=guards)
+    settings = ctx.mesh.settings.model_copy(
+        update={
+            "inference_address": f"127.0.0.1:{free_port()}",
+            "inference_ops_port": free_port(),
+            "inference_http_port": free_port(),
+            "inference_health_port": free_port(),
+        }
+    )
+    with inference_replica(settings, tmp_path / "replica.log"):
+        with service_channel(settings, settings.inference_address) as channel:
+            replica = inference_pb2_grpc.InferenceServiceStub(channel)
+            versions = [
+                replica.Predict(
+                    ipb.PredictRequest(image=image.tolist(), model_name=name)
+                ).model_version
+                for image in images(30)
+            ]
+    assert set(versions) == {1, 2}, versions
+    # The figures hold what the replica (now gone) answered.
+    seen = ctx.wait(rollout.rollout_id, lambda r: r.candidate.requests == versions.count(2))
+    assert seen.state == pb.ROLLOUT_STATE_RUNNING
+    assert seen.production.requests == versions.count(1)
+    for image in images(100):  # the mesh's own replica, until the guards decide
+        if ctx.get(rollout.rollout_id).state != pb.ROLLOUT_STATE_RUNNING:
+            break
+        ctx.predict(name, image)
+    ended = ctx.wait(rollout.rollout_id, lambda r: r.state != pb.ROLLOUT_STATE_RUNNING)
+    assert ended.state == pb.ROLLOUT_STATE_PROMOTED, ended
+    assert ended.candidate.requests >= 40
+
+
+def _walk_through() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Safe rollouts") :]
+    section = section[: section.index("\n### ", 1)]
+    (block,) = re.findall(r"^```bash\n(.*?)^```", section, flags=re.M | re.S)[:1]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_readme_walk_through_rolls_back_the_weaker_version(
+    ctx: Ctx, keys: dict[str, str]
+) -> None:
+    name = f"it-walk-{secrets.token_hex(3)}"
+    # v1, trained well, in production (the README's `make demo` leaves one).
+    v1 = train(a_spec(ctx.mesh, model_name=name, train_subset=3000), lambda _: None,
+               lambda: False)  # fmt: skip
+    assert v1.model_version == 1
+    ctx.registry.TransitionModelVersion(
+        pb.TransitionModelVersionRequest(model_name=name, version=1, stage="production"),
+        metadata=ctx.auth,
+    )
+    gateway = f"127.0.0.1:{ctx.mesh.settings.gateway_port}"
+    env = {**os.environ, "MLMESH_GATEWAY": gateway, "MLMESH_API_KEY": keys["alice"]}
+    said = {}
+    for line in _walk_through():
+        done = subprocess.run(
+            ["bash", "-c", line.replace("mnist-classifier", name)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, (line, done.stdout, done.stderr)
+        said[line.split()[1] + " " + line.split()[2]] = done.stdout
+        print(f"$ {line}\n{done.stdout}")
+    watched = said["rollout watch"]
+    assert "[rolled_back]" in watched and "max_accuracy_drop broke" in watched, watched
+    ended = ctx.registry.ListRollouts(
+        pb.ListRolloutsRequest(model_name=name), metadata=ctx.auth
+    ).rollouts[0]
+    assert ended.decision.guard == "max_accuracy_drop"
+    # The traffic script's own count of each version's answers and accuracy: the rollout's
+    # final figures are those up to its decision (later answers are production's alone, and
+    # a few labels come after it), so they are a part of the script's, close in accuracy.
+    traffic = said["scripts/rollout_traffic.py mnist-classifier"]
+    for version, figures in ((1, ended.production), (2, ended.candidate)):
+        found = re.search(rf"v{version}: answered (\d+), accuracy (\d\.\d+)", traffic)
+        assert found, traffic
+        assert 100 <= figures.feedback <= int(found.group(1))
+        assert figures.accuracy == pytest.approx(float(found.group(2)), abs=0.08)
+    assert ended.candidate.accuracy < ended.production.accuracy - 0.02
+    assert "rollout_rolled_back" in said["audit --model"]

@@ -186,10 +186,9 @@ def _audit(args: argparse.Namespace) -> None:
     with _client(args) as mesh:
         for e in mesh.list_audit_events(args.model, args.limit):
             when = e.time.ToDatetime().isoformat(timespec="seconds")
-            print(
-                f"{when}  {e.client:<12} {e.action} {e.model_name} v{e.version}: "
-                f"{e.from_stage} -> {e.to_stage}"
-            )
+            # A rollout's events move no stage: their note says what happened.
+            change = f"{e.from_stage} -> {e.to_stage}" if e.to_stage else e.note
+            print(f"{when}  {e.client:<12} {e.action} {e.model_name} v{e.version}: {change}")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -543,14 +542,26 @@ def _follow(mesh: Client, rollout_id: str) -> None:
         print("\n".join(describe_rollout(rollout)), flush=True)
 
 
+def _rollout_id(mesh: Client, args: argparse.Namespace) -> str:
+    """The rollout ID names, or the newest of --model."""
+    if args.rollout_id:
+        return args.rollout_id
+    if not args.model:
+        raise UsageError("give a rollout ID or --model NAME (its newest rollout)")
+    found = mesh.list_rollouts(args.model)
+    if not found:
+        raise UsageError(f"model {args.model!r} has no rollout")
+    return found[0].rollout_id
+
+
 def _rollout_watch(args: argparse.Namespace) -> None:
     with _client(args) as mesh:
-        _follow(mesh, args.rollout_id)
+        _follow(mesh, _rollout_id(mesh, args))
 
 
 def _rollout_show(args: argparse.Namespace) -> None:
     with _client(args) as mesh:
-        print("\n".join(describe_rollout(mesh.get_rollout(args.rollout_id))))
+        print("\n".join(describe_rollout(mesh.get_rollout(_rollout_id(mesh, args)))))
 
 
 def _rollout_list(args: argparse.Namespace) -> None:
@@ -770,6 +781,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     for verb, run, what in (
         ("watch", _rollout_watch, "follow a rollout live until it ends"),
         ("show", _rollout_show, "one rollout with its figures"),
+    ):
+        r = rollout.add_parser(verb, help=what)
+        r.add_argument("rollout_id", nargs="?", default="")
+        r.add_argument("--model", default="", help="the newest rollout of this model")
+        r.set_defaults(run=run)
+    for verb, run, what in (
         ("promote", _rollout_promote, "promote the candidate now"),
         ("abort", _rollout_abort, "end the rollout; production keeps serving"),
     ):

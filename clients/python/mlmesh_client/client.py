@@ -99,9 +99,10 @@ class Client:
     def _metadata(self) -> list[tuple[str, str]]:
         return [("x-api-key", self._api_key)] if self._api_key else []
 
-    def _call(self, method, request):
+    def _call(self, method, request, extra_metadata: Sequence[tuple[str, str]] = ()):
         try:
-            return method(request, metadata=self._metadata(), timeout=self._timeout_s)
+            metadata = [*self._metadata(), *extra_metadata]
+            return method(request, metadata=metadata, timeout=self._timeout_s)
         except grpc.RpcError as err:
             raise MeshError(err.code(), err.details() or "") from None
 
@@ -347,11 +348,13 @@ class Client:
         model_name: str = "",
         model_version: str | int = "",
         shape: Shape | None = None,
+        routing_key: str = "",
     ) -> inference.PredictResponse:
         """The class of one image (its name too, when the model names its classes), with the
-        model version that answered and whether the answer was cached. The image's size comes
-        from ``shape`` (height, width, channels) or its array's dimensions; 784 flat values
-        are 28x28 grey."""
+        model version that answered, whether the answer was cached, and its prediction_id
+        (for submit_feedback). The image's size comes from ``shape`` (height, width,
+        channels) or its array's dimensions; 784 flat values are 28x28 grey. During a canary
+        rollout, one ``routing_key`` (a user, a session) is always answered by one version."""
         pixels = to_image(image, shape)
         request = inference.PredictRequest(
             image=pixels.pixels,
@@ -362,7 +365,8 @@ class Client:
             model_name=model_name,
             model_version=str(model_version),
         )
-        return self._call(self.inference.Predict, request)
+        keyed = [("x-mlmesh-routing-key", routing_key)] if routing_key else []
+        return self._call(self.inference.Predict, request, keyed)
 
     def predict_batch(
         self, images: Iterable[ImageLike], *, model_name: str = "", model_version: str | int = ""
