@@ -2363,8 +2363,16 @@ def main(argv: list[str] | None = None) -> int:
         help="MLMESH_RATE_LIMITS of the mesh (default: checked, never reached; "
         "predictions=off skips the check)",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the report (default bench/results/predict.md; with --only, "
+        "predict-PARTS.md beside it, so a partial run leaves the full report alone)",
+    )
     args = parser.parse_args(argv)
+    if args.out is None:
+        stem = "predict-" + "-".join(sorted(args.only)) if args.only else "predict"
+        args.out = ROOT / "bench" / "results" / f"{stem}.md"
     if not 1 <= args.loadgen_threads <= MAX_LOADGEN_THREADS:
         parser.error(f"--loadgen-threads must be 1 to {MAX_LOADGEN_THREADS}")
     if args.only - set(PARTS):

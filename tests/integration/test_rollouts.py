@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -35,7 +36,7 @@ from services.launcher.mesh import Mesh
 from services.training.ml.train import train
 from tests.conftest import free_port, metric_sample
 from tests.integration.models import log_classifier
-from tests.integration.replicas import inference_replica
+from tests.integration.replicas import inference_replica, service_replica
 from tests.integration.test_training_ml import a_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -363,6 +364,50 @@ def test_a_fresh_replica_carries_on_mid_rollout(ctx: Ctx, tmp_path: Path) -> Non
     ended = ctx.wait(rollout.rollout_id, lambda r: r.state != pb.ROLLOUT_STATE_RUNNING)
     assert ended.state == pb.ROLLOUT_STATE_PROMOTED, ended
     assert ended.candidate.requests >= 40
+
+
+def test_another_registry_decides_while_the_first_is_stopped(ctx: Ctx, tmp_path: Path) -> None:
+    """A controller's state is all in PostgreSQL and Redis: with the mesh's Registry stopped
+    (SIGSTOP) mid-rollout, a second Registry process's controller picks the rollout up and
+    promotes the candidate."""
+    name = ctx.model([0, 3, 0])  # v3 answers as v1 does
+    guards = pb.RolloutGuards(min_requests=30, max_error_rate=0.0)
+    rollout = ctx.start(name, 3, mode=pb.ROLLOUT_MODE_CANARY, weight=50, guards=guards)
+    for image in images(10):
+        ctx.predict(name, image)
+    settings = ctx.mesh.settings.model_copy(
+        update={
+            "registry_address": f"127.0.0.1:{free_port()}",
+            "registry_ops_port": free_port(),
+            "registry_health_port": free_port(),
+        }
+    )
+    first = ctx.mesh.pids()["registry"]
+    with service_replica(settings, "registry", settings.registry_address, tmp_path / "r.log"):
+        os.kill(first, signal.SIGSTOP)
+        try:
+            with service_channel(settings, settings.registry_address) as channel:
+                second = registry_pb2_grpc.RegistryServiceStub(channel)
+                request = pb.GetRolloutRequest(rollout_id=rollout.rollout_id)
+                deadline = time.monotonic() + 60
+                while (found := second.GetRollout(request).rollout).state == (
+                    pb.ROLLOUT_STATE_RUNNING
+                ):
+                    assert time.monotonic() < deadline, found
+                    ctx.predict(name, images(1)[0])  # Inference, through the gateway
+        finally:
+            os.kill(first, signal.SIGCONT)
+    assert found.state == pb.ROLLOUT_STATE_PROMOTED, found
+    assert found.candidate.requests >= 30 and found.ended_by == "controller"
+    # The mesh's Registry answers again, and agrees.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert ctx.get(rollout.rollout_id).state == pb.ROLLOUT_STATE_PROMOTED
+            break
+        except grpc.RpcError as exc:  # the gateway's health check has not seen it back yet
+            assert time.monotonic() < deadline, exc
+            time.sleep(0.5)
 
 
 def _walk_through() -> list[str]:
