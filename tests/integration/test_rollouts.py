@@ -464,3 +464,36 @@ def test_the_readme_walk_through_rolls_back_the_weaker_version(
         assert figures.accuracy == pytest.approx(float(found.group(2)), abs=0.08)
     assert ended.candidate.accuracy < ended.production.accuracy - 0.02
     assert "rollout_rolled_back" in said["audit --model"]
+
+
+def test_feedback_over_rest_and_the_open_inference_protocol(
+    ctx: Ctx, rest: httpx.Client, keys: dict[str, str]
+) -> None:
+    name = ctx.model([0])
+    key = {"x-api-key": keys["alice"]}
+    body = {
+        "inputs": [
+            {"name": "input-0", "shape": [2, 784], "datatype": "FP32",
+             "data": images(2).ravel().tolist()}
+        ]
+    }  # fmt: skip
+    answer = rest.post(f"/v2/models/{name}/infer", json=body, headers=key)
+    assert answer.status_code == 200, answer.text
+    ids = answer.json()["parameters"]["prediction_id"].split(",")
+    assert len(ids) == 2 and all(ids)
+    feedback = {"feedback": [{"prediction_id": ids[0], "label": 0},
+                             {"prediction_id": ids[1], "label": 5},
+                             {"prediction_id": "never-issued", "label": 1}]}  # fmt: skip
+    done = rest.post("/v1/feedback", json=feedback, headers=key)
+    assert done.status_code == 200, done.text
+    assert done.json() == {"recorded": 2, "correct": 1, "unknown_ids": ["never-issued"]}
+    for bad, words in (
+        ({"feedback": []}, "at least one"),
+        ({"feedback": [{"prediction_id": "x", "label": -1}]}, "label must be 0 or more"),
+        ({"feedback": [{"prediction_id": "x"}, {"prediction_id": "x"}]}, "given twice"),
+        ({"feedback": [{"label": 1}]}, "prediction_id is required"),
+    ):
+        refused = rest.post("/v1/feedback", json=bad, headers=key)
+        assert refused.status_code == 400, (bad, refused.text)
+        assert words in refused.json()["message"], refused.text
+    assert rest.post("/v1/feedback", json=feedback).status_code == 401
