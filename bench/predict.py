@@ -898,21 +898,24 @@ def register_mnist(settings: Settings, train_images: int, work_dir: Path) -> Mod
     """Train a CNN for one epoch with the jobs' own code, register it, promote to Production."""
     from services.training.ml.data import load_dataset
     from services.training.ml.train import TrainSpec, train
-    from services.training.params import JobParams
+    from services.training.params import validate
 
     spec = TrainSpec(
         job_id=f"bench-{secrets.token_hex(4)}",
-        params=JobParams(
-            dataset="mnist",
-            architecture="cnn",
-            epochs=1,
-            learning_rate=1e-3,
-            batch_size=128,
-            optimizer="adam",
-            seed=42,
-            train_subset=train_images,
-            experiment_name="bench-predict",
-            model_name=settings.default_model_name,
+        # validate: the parameters not named here get their defaults
+        params=validate(
+            {
+                "dataset": "mnist",
+                "architecture": "cnn",
+                "epochs": 1,
+                "learning_rate": 1e-3,
+                "batch_size": 128,
+                "optimizer": "adam",
+                "seed": 42,
+                "train_subset": train_images,
+                "experiment_name": "bench-predict",
+                "model_name": settings.default_model_name,
+            }
         ),
         tracking_uri=settings.mlflow_tracking_uri,
         data_dir=str(settings.data_dir) if settings.data_dir else None,
@@ -2199,7 +2202,9 @@ def rollout_rows(bench: Bench, settings: Settings, model: Model, h2: H2load) -> 
         return
     client = MlflowClient(settings.mlflow_tracking_uri)
     production = client.get_model_version_by_alias(model.name, "production")
-    candidate = client.create_model_version(model.name, production.source, run_id=production.run_id)
+    candidate = client.create_model_version(
+        model.name, production.source, run_id=production.run_id, model_id=production.model_id
+    )
     host, port = settings.gateway_host, settings.gateway_port
     _, key = settings.api_keys.split(",")[0].split("=", 1)
     auth = [(API_KEY_HEADER, key)]

@@ -266,6 +266,9 @@ class FeedbackStore:
         self._redis = redis
         self._retention_s = retention_s
         self._tally = tally
+        self._pending: list[tuple[str, str]] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()  # held: the loop's refs are weak
 
     @staticmethod
     def new_ids(count: int) -> list[str]:
@@ -280,19 +283,36 @@ class FeedbackStore:
         rollout: Rollout | None,
     ) -> None:
         """Keep each answer's version and class under its id (nothing for answers without a
-        class); a Redis failure only costs their feedback."""
+        class); a Redis failure only costs their feedback. The answers of every request that
+        asks in one turn of the event loop go out in one pipeline (as the cache's writes)."""
         if classes is None or self._retention_s <= 0:
             return
         base = {"m": model.name, "v": model.version, "s": role,
                 "r": rollout.rollout_id if rollout else ""}  # fmt: skip
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._write())
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+        waiter = self._waiter
+        for pid, cls in zip(ids, classes.tolist(), strict=True):
+            self._pending.append((f"{PREDICTION_KEY_PREFIX}:{pid}", json.dumps({**base, "p": cls})))
+        await asyncio.shield(waiter)
+
+    async def _write(self) -> None:
+        await asyncio.sleep(0)  # the requests of this turn of the loop join the pipeline
+        pending, self._pending = self._pending, []
+        waiter, self._waiter = self._waiter, None
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for pid, cls in zip(ids, classes.tolist(), strict=True):
-                    value = json.dumps({**base, "p": int(cls)})
-                    pipe.set(f"{PREDICTION_KEY_PREFIX}:{pid}", value, ex=self._retention_s)
+                for key, value in pending:
+                    pipe.set(key, value, ex=self._retention_s)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("could not keep %d answers for feedback: %s", len(ids), exc)
+            log.warning("could not keep %d answers for feedback: %s", len(pending), exc)
+        finally:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     async def label(self, feedback: Sequence[tuple[str, int]], max_batch: int) -> Labelled:
         """Score true labels against the answers kept; each id once."""
