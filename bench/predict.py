@@ -2202,8 +2202,12 @@ def rollout_rows(bench: Bench, settings: Settings, model: Model, h2: H2load) -> 
         return
     client = MlflowClient(settings.mlflow_tracking_uri)
     production = client.get_model_version_by_alias(model.name, "production")
+    # MLflow 3 registers a logged model ("models:/m-..."): the new version names it too.
+    logged = production.source.removeprefix("models:/") if production.source.startswith(
+        "models:/m-"
+    ) else None  # fmt: skip
     candidate = client.create_model_version(
-        model.name, production.source, run_id=production.run_id, model_id=production.model_id
+        model.name, production.source, run_id=production.run_id, model_id=logged
     )
     host, port = settings.gateway_host, settings.gateway_port
     _, key = settings.api_keys.split(",")[0].split("=", 1)
