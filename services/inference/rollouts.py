@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import secrets
+import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from services.common.rollouts import (
     running_rollout,
 )
 from services.inference import metrics
+from services.inference.cache import BACKOFF_S
 from services.inference.repository import LoadedModel, ModelRepository
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,7 @@ class FeedbackStore:
         self._retention_s = retention_s
         self._tally = tally
         self._pending: list[tuple[str, str]] = []
+        self._paused_until = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()  # held: the loop's refs are weak
 
@@ -285,7 +288,7 @@ class FeedbackStore:
         """Keep each answer's version and class under its id (nothing for answers without a
         class); a Redis failure only costs their feedback. The answers of every request that
         asks in one turn of the event loop go out in one pipeline (as the cache's writes)."""
-        if classes is None or self._retention_s <= 0:
+        if classes is None or self._retention_s <= 0 or time.monotonic() < self._paused_until:
             return
         base = {"m": model.name, "v": model.version, "s": role,
                 "r": rollout.rollout_id if rollout else ""}  # fmt: skip
@@ -309,7 +312,10 @@ class FeedbackStore:
                     pipe.set(key, value, ex=self._retention_s)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("could not keep %d answers for feedback: %s", len(pending), exc)
+            # As the prediction cache does: a Redis outage costs one try, not one per request.
+            self._paused_until = time.monotonic() + BACKOFF_S
+            log.warning("could not keep %d answers for feedback (not trying for %.0f s): %s",
+                        len(pending), BACKOFF_S, exc)  # fmt: skip
         finally:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
