@@ -646,6 +646,7 @@ class Bench:
     counter: int = 0  # next unused counter range (each uncached row gets its own)
     loads: list[float] = field(default_factory=list)  # 1-min load average before each row
     checks: list[Check] = field(default_factory=list)
+    rollouts: list[RolloutSlice] = field(default_factory=list)
 
     def next_range(self) -> int:
         first = self.counter
@@ -1440,6 +1441,7 @@ PARTS = {
     "mlflow": MLFLOW_SERVE,
     "mlserver": "Seldon MLServer",
     "forward": "the in-process forward pass",
+    "rollout": "rollouts: canary and shadow against none (MNIST Predict, concurrency 32)",
 }
 
 
@@ -2149,6 +2151,7 @@ def report(bench: Bench, command: str, started: float, tools: str) -> str:
         if model.key == "mnist":
             lines += oip_section(bench)
     lines += checks_section(bench)
+    lines += rollout_section(bench)
     lines += forward_section(bench)
     if bench.notes:
         lines += ["", "## Notes", ""] + [f"- {' '.join(n.split())}" for n in bench.notes]
@@ -2161,6 +2164,130 @@ def print_targets(bench: Bench) -> None:
     for t, m, ok in found + any_model_targets(bench):
         mark = {None: "n/a   ", True: "HOLDS ", False: "MISSES"}[ok]
         print(f"  [{mark}] {t}: {m.replace('**', '')}", flush=True)
+
+
+# -- rollouts: what a canary and a shadow cost on the answering path ----------------------------
+
+ROLLOUT_MODES = ("none", "canary 20%", "shadow")
+ROLLOUT_CONCURRENCY = 32
+TARGET_CANARY_LOSS = 0.10  # a canary costs at most 10% of the requests/s without one
+
+
+@dataclass
+class RolloutSlice:
+    mode: str
+    result: LoadResult
+
+
+def rollout_rows(bench: Bench, settings: Settings, model: Model, h2: H2load) -> None:
+    """MNIST's Predict through the gateway at concurrency 32, uncached (``cache-control:
+    no-cache``: every request is computed), with no rollout, a 20% canary and a shadow of a
+    second version of the same model (so both versions cost the same), interleaved over
+    ``--rounds`` rounds. The guards are set so that the rollouts never end on their own."""
+    from mlflow import MlflowClient
+
+    from mlmesh.inference.v1 import inference_pb2
+    from mlmesh.registry.v1 import registry_pb2 as rpb
+    from mlmesh.registry.v1 import registry_pb2_grpc
+
+    why = wait_for_model(settings, model, timeout_s=120.0)
+    if why:
+        bench.skip("rollout rows", why)
+        return
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    production = client.get_model_version_by_alias(model.name, "production")
+    # MLflow 3 registers a logged model ("models:/m-..."): the new version names it too.
+    logged = production.source.removeprefix("models:/") if production.source.startswith(
+        "models:/m-"
+    ) else None  # fmt: skip
+    candidate = client.create_model_version(
+        model.name, production.source, run_id=production.run_id, model_id=logged
+    )
+    host, port = settings.gateway_host, settings.gateway_port
+    _, key = settings.api_keys.split(",")[0].split("=", 1)
+    auth = [(API_KEY_HEADER, key)]
+    message = inference_pb2.PredictRequest(image=model.inputs(0)[0].array.ravel().tolist())
+    target = GrpcTarget(
+        "rollout", host, port, PREDICT_PATH, message.SerializeToString(), 0,
+        {API_KEY_HEADER: key, "cache-control": "no-cache"},
+    )  # fmt: skip
+    never = rpb.RolloutGuards(min_requests=10**15, max_error_rate=1.0)
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+
+        def start(mode: str) -> str:
+            if mode == "none":
+                return ""
+            fields: dict[str, object] = (
+                {"mode": rpb.ROLLOUT_MODE_CANARY, "weight": 20, "guards": never}
+                if mode.startswith("canary")
+                else {"mode": rpb.ROLLOUT_MODE_SHADOW, "guards": never}
+            )
+            request = rpb.StartRolloutRequest(
+                model_name=model.name, candidate_version=int(candidate.version), **fields
+            )
+            return registry.StartRollout(request, metadata=auth, timeout=120).rollout.rollout_id
+
+        slices: list[RolloutSlice] = []
+        for _ in range(bench.args.rounds):
+            for mode in ROLLOUT_MODES:
+                rollout_id = start(mode)
+                time.sleep(1.0)  # every replica follows at once (a model event); be sure
+                answer = grpc_call(host, port, PREDICT_PATH, target.message, target.headers)
+                target.response_bytes = 5 + len(answer)
+                try:
+                    result = h2.run(
+                        target, ROLLOUT_CONCURRENCY, bench.args.duration, bench.args.warm_up
+                    )
+                finally:
+                    if rollout_id:
+                        registry.AbortRollout(
+                            rpb.AbortRolloutRequest(rollout_id=rollout_id, reason="bench"),
+                            metadata=auth,
+                        )
+                slices.append(RolloutSlice(mode, result))
+                print(f"  rollout {mode:<11} c={ROLLOUT_CONCURRENCY} {result.rps:8.1f} req/s  "
+                      f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  errors "
+                      f"{result.errors}", flush=True)  # fmt: skip
+    bench.rollouts = slices
+
+
+def rollout_section(bench: Bench) -> list[str]:
+    if not bench.rollouts:
+        return []
+    lines = [
+        "",
+        "## Rollouts: what a canary and a shadow cost on the answering path",
+        "",
+        f"MNIST `Predict` over gRPC through Envoy (h2load), concurrency {ROLLOUT_CONCURRENCY}, "
+        "`cache-control: no-cache` (every request computed); the candidate is a second "
+        "version of the same model (the same cost), the guards never decide. The modes are "
+        f"interleaved, {bench.args.rounds} rounds of {bench.args.duration:g} s each; req/s is "
+        "the mean over rounds, p50/p99 over every measured request.",
+        "",
+        "| mode | req/s (each round) | req/s | vs none | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    means = {}
+    for mode in ROLLOUT_MODES:
+        mine = [s.result for s in bench.rollouts if s.mode == mode]
+        means[mode] = sum(r.rps for r in mine) / len(mine)
+        latencies = sorted(x for r in mine for x in r.latencies)
+        ratio = means[mode] / means["none"] if means.get("none") else math.nan
+        lines.append(
+            f"| {mode} | {', '.join(f'{r.rps:.0f}' for r in mine)} | {means[mode]:.0f} | "
+            f"{ratio:.1%} | {percentile(latencies, 50):.2f} | {percentile(latencies, 99):.2f} "
+            f"| {sum(r.errors for r in mine)} |"
+        )
+    loss = 1 - means["canary 20%"] / means["none"]
+    lines += [
+        "",
+        f"Target: a canary costs at most {TARGET_CANARY_LOSS:.0%} of the requests/s: measured "
+        f"{loss:.1%} fewer, {verdict(loss <= TARGET_CANARY_LOSS)}. A shadow computes every "
+        "request twice (production and the candidate share the forward-pass thread), so it "
+        "costs more; its queue drops what it cannot keep up with (`shadow_dropped_total`).",
+    ]
+    return lines
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -2225,6 +2352,13 @@ def main(argv: list[str] | None = None) -> int:
         default=set(),
         help=f"comma-separated parts to leave out: {', '.join(PARTS)}",
     )
+    parser.add_argument(
+        "--only",
+        type=lambda s: set(comma_set(s)),
+        default=set(),
+        help=f"comma-separated parts to run, the others skipped: {', '.join(PARTS)} (e.g. "
+        "--only rollout, with --models mnist)",
+    )
     parser.add_argument("--reinstall-mlserver", action="store_true")
     parser.add_argument(
         "--rate-limits",
@@ -2232,10 +2366,22 @@ def main(argv: list[str] | None = None) -> int:
         help="MLMESH_RATE_LIMITS of the mesh (default: checked, never reached; "
         "predictions=off skips the check)",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the report (default bench/results/predict.md; with --only, "
+        "predict-PARTS.md beside it, so a partial run leaves the full report alone)",
+    )
     args = parser.parse_args(argv)
+    if args.out is None:
+        stem = "predict-" + "-".join(sorted(args.only)) if args.only else "predict"
+        args.out = ROOT / "bench" / "results" / f"{stem}.md"
     if not 1 <= args.loadgen_threads <= MAX_LOADGEN_THREADS:
         parser.error(f"--loadgen-threads must be 1 to {MAX_LOADGEN_THREADS}")
+    if args.only - set(PARTS):
+        parser.error(f"--only takes {', '.join(PARTS)}; got {', '.join(sorted(args.only))}")
+    if args.only:
+        args.skip |= set(PARTS) - args.only
     if args.skip - set(PARTS):
         parser.error(f"--skip takes {', '.join(PARTS)}; got {', '.join(sorted(args.skip))}")
     if not args.models or set(args.models) - set(MODELS):
@@ -2285,7 +2431,7 @@ def main(argv: list[str] | None = None) -> int:
                     bench.skip(f"{key}: every row", f"registering it failed: {exc}")
             # Per model, the in-process pass and then mlmesh's rows, close in time: the
             # machine's other load changes by the minute. Then the peers.
-            for part in ("forward", "mlmesh"):
+            for part in ("forward", "mlmesh", "rollout"):
                 if part in args.skip:
                     bench.skip(PARTS[part], f"--skip {part}")
             for model in bench.models.values():
@@ -2297,6 +2443,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"\n== {model.title}: {PARTS['mlmesh']} ==", flush=True)
                     pid = mesh.pids().get("inference", 0)
                     mlmesh_rows(bench, settings, model, wrk, h2, forward, pid)
+                if model.key == "mnist" and "rollout" not in args.skip:
+                    print(f"\n== {model.title}: {PARTS['rollout']} ==", flush=True)
+                    rollout_rows(bench, settings, model, h2)
             peers = {
                 "mlflow": lambda: mlflow_serve_rows(bench, settings, wrk, mesh.log_dir),
                 "mlserver": lambda: mlserver_rows(bench, wrk, h2, work_dir, mesh.log_dir),

@@ -27,6 +27,13 @@ RPC_ACCESS: dict[str, Access] = {
     "/mlmesh.registry.v1.RegistryService/GetModelVersion": "public",
     "/mlmesh.registry.v1.RegistryService/TransitionModelVersion": "protected",
     "/mlmesh.registry.v1.RegistryService/ListAuditEvents": "protected",
+    # Rollouts change what serves (and show live traffic figures): all keyed.
+    "/mlmesh.registry.v1.RegistryService/StartRollout": "protected",
+    "/mlmesh.registry.v1.RegistryService/GetRollout": "protected",
+    "/mlmesh.registry.v1.RegistryService/ListRollouts": "protected",
+    "/mlmesh.registry.v1.RegistryService/WatchRollout": "protected",
+    "/mlmesh.registry.v1.RegistryService/PromoteRollout": "protected",
+    "/mlmesh.registry.v1.RegistryService/AbortRollout": "protected",
     # Training: everything is protected.
     "/mlmesh.training.v1.TrainingService/SubmitTrainingJob": "protected",
     "/mlmesh.training.v1.TrainingService/GetTrainingJob": "protected",
@@ -50,6 +57,7 @@ RPC_ACCESS: dict[str, Access] = {
     "/mlmesh.inference.v1.InferenceService/PredictBatch": "protected",
     "/mlmesh.inference.v1.InferenceService/PredictStream": "protected",
     "/mlmesh.inference.v1.InferenceService/LoadModelVersion": "protected",
+    "/mlmesh.inference.v1.InferenceService/SubmitFeedback": "protected",
     # The Open Inference Protocol (KServe V2): its health RPCs are public like /health and
     # /ready (probes carry no key); metadata and inference are protected.
     "/inference.GRPCInferenceService/ServerLive": "public",

@@ -35,7 +35,7 @@ _RECORDED = """
     )
 """
 
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 async def recorded_alias(
@@ -45,7 +45,7 @@ async def recorded_alias(
     log, or None when no transition put one there; Unavailable when PostgreSQL cannot say."""
     try:
         return await db.fetchval(_RECORDED, model_name, STAGE_OF_ALIAS[alias])
-    except _DB_ERRORS as exc:
+    except DB_ERRORS as exc:
         raise Unavailable(
             f"cannot read the recorded {alias} alias of {model_name!r} from PostgreSQL: {exc}"
         ) from exc
@@ -57,6 +57,6 @@ async def audited_models(db: asyncpg.Pool | asyncpg.Connection) -> list[str]:
         rows = await db.fetch(
             "SELECT DISTINCT model_name FROM audit_events WHERE action = 'transition'"
         )
-    except _DB_ERRORS as exc:
+    except DB_ERRORS as exc:
         raise Unavailable(f"cannot read the audit log from PostgreSQL: {exc}") from exc
     return [r["model_name"] for r in rows]

@@ -182,6 +182,35 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        7,
+        """
+        -- Canary and shadow rollouts (services/registry/rollouts.py); at most one running
+        -- per model. Live figures live in Redis while it runs, the final ones here.
+        CREATE TABLE rollouts (
+            rollout_id         TEXT PRIMARY KEY,
+            model_name         TEXT NOT NULL,
+            production_version INTEGER NOT NULL,
+            candidate_version  INTEGER NOT NULL,
+            mode               TEXT NOT NULL,
+            weight             INTEGER NOT NULL,
+            weight_steps       INTEGER[] NOT NULL DEFAULT '{}',
+            step_interval_s    DOUBLE PRECISION NOT NULL DEFAULT 0,
+            guards             JSONB NOT NULL,
+            state              TEXT NOT NULL,
+            decision           JSONB NOT NULL DEFAULT '{}',
+            figures            JSONB NOT NULL DEFAULT '{}',
+            started_by         TEXT NOT NULL,
+            ended_by           TEXT NOT NULL DEFAULT '',
+            step_time          TIMESTAMPTZ NOT NULL DEFAULT now(),
+            create_time        TIMESTAMPTZ NOT NULL DEFAULT now(),
+            end_time           TIMESTAMPTZ
+        );
+        CREATE UNIQUE INDEX rollouts_one_running ON rollouts (model_name)
+            WHERE state = 'running';
+        CREATE INDEX rollouts_list_idx ON rollouts (create_time DESC, rollout_id DESC);
+        """,
+    ),
 ]
 
 # Any fixed number works; it only has to be the same in every process that migrates.

@@ -12,3 +12,6 @@ CLIENT_HEADER = "x-mlmesh-client"
 # Whole seconds until a rate-limited caller may try again: a trailer over gRPC, a header over
 # REST (Envoy copies the trailer; the OIP HTTP face sets it itself).
 RETRY_AFTER_HEADER = "retry-after"
+# During a canary rollout, requests that carry the same routing key (a user, a session) are
+# answered by the same version; a header over REST, metadata over gRPC.
+ROUTING_KEY_HEADER = "x-mlmesh-routing-key"

@@ -44,9 +44,13 @@ RPC_CLASSES: dict[str, str] = {
     "/mlmesh.training.v1.TrainingService/SubmitTrainingJob": TRAINING_SUBMISSIONS,
     "/mlmesh.training.v1.TrainingService/SubmitSweep": TRAINING_SUBMISSIONS,
     "/mlmesh.registry.v1.RegistryService/TransitionModelVersion": REGISTRY_WRITES,
+    "/mlmesh.registry.v1.RegistryService/StartRollout": REGISTRY_WRITES,
+    "/mlmesh.registry.v1.RegistryService/PromoteRollout": REGISTRY_WRITES,
+    "/mlmesh.registry.v1.RegistryService/AbortRollout": REGISTRY_WRITES,
     "/mlmesh.inference.v1.InferenceService/Predict": PREDICTIONS,
     "/mlmesh.inference.v1.InferenceService/PredictBatch": PREDICTIONS,
     "/mlmesh.inference.v1.InferenceService/PredictStream": PREDICTIONS,
+    "/mlmesh.inference.v1.InferenceService/SubmitFeedback": PREDICTIONS,
     "/inference.GRPCInferenceService/ModelInfer": PREDICTIONS,
 }
 

@@ -202,6 +202,21 @@ class Settings(BaseSettings):
         description="How often the Registry compares MLflow's production and staging aliases "
         "with the audit log, and records a difference as changed_outside_mlmesh.",
     )
+    rollout_check_interval_s: float = Field(
+        1.0,
+        description="How often the Registry's rollout controller judges the guards of the "
+        "running rollouts and steps canary weights (one Registry replica acts at a time).",
+    )
+    feedback_retention_s: int = Field(
+        86400,
+        description="How long an answer's prediction_id can be labelled through "
+        "SubmitFeedback (the answers are kept in Redis this long).",
+    )
+    shadow_queue_size: int = Field(
+        256,
+        description="Shadow requests waiting for the candidate at most, per Inference "
+        "replica; more are dropped and counted (shadow work never slows production answers).",
+    )
     prediction_cache_ttl_s: int = Field(
         3600, description="Lifetime of a cached prediction in Redis; 0 turns the cache off."
     )

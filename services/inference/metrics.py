@@ -87,3 +87,32 @@ ALIAS_VERSION = Gauge(
     "The version an alias (production, staging) points at, as this replica serves it.",
     ("model_name", "alias"),
 )
+ROLLOUT_REQUESTS = Counter(
+    "rollout_requests_total",
+    "Requests answered during a rollout (canary: by either version; shadow: the candidate's "
+    "shadow computations too), by model, version and role (production, candidate).",
+    (*MODEL_LABELS, "role"),
+)
+SHADOW_ANSWERS = Counter(
+    "shadow_answers_total",
+    "Rows a shadow candidate computed, by model, candidate version and outcome: agreed or "
+    "disagreed with production's answer, or failed (the request failed on the candidate).",
+    (*MODEL_LABELS, "outcome"),
+)
+SHADOW_DROPPED = Counter(
+    "shadow_dropped_total",
+    "Shadow requests dropped because the shadow queue (MLMESH_SHADOW_QUEUE_SIZE) was full.",
+    ("model_name",),
+)
+FEEDBACK = Counter(
+    "model_feedback_total",
+    "Answers labelled through SubmitFeedback, by model, the version that answered, and what "
+    "it served as then (production, candidate, other).",
+    (*MODEL_LABELS, "served_as"),
+)
+FEEDBACK_CORRECT = Counter(
+    "model_feedback_correct_total",
+    "Labelled answers that matched the true label (live accuracy: this over "
+    "model_feedback_total), by model, version and what it served as.",
+    (*MODEL_LABELS, "served_as"),
+)

@@ -137,6 +137,9 @@ class InferAnswer:
     model_name: str
     model_version: str
     outputs: list[tuple[TensorSpec, np.ndarray]]
+    # The answer's prediction ids for SubmitFeedback, one per row, joined by commas (the
+    # response parameter "prediction_id").
+    prediction_id: str = ""
 
 
 class OpenInference:
@@ -177,10 +180,13 @@ class OpenInference:
         outputs: Sequence[str],
         *,
         read_cache: bool = True,
+        routing_key: str = "",
     ) -> InferAnswer:
         """Run ``inputs`` through the version; ``outputs`` names the outputs wanted (none:
-        all)."""
-        model = await self._repository.model(_model_name(name), version)
+        all). Without a version, a rollout of the model may pick it (sticky by
+        ``routing_key``)."""
+        routed = await self._inference.route(_model_name(name), version, routing_key)
+        model = routed.model
         arrays = model.contract.check_inputs(inputs)
         if model.contract.batched:
             rows = len(next(iter(arrays.values())))
@@ -191,11 +197,12 @@ class OpenInference:
                     f"outputs[{i}] asks for {wanted!r}; the model's outputs are "
                     + ", ".join(repr(o.name) for o in model.contract.outputs)
                 )
-        answer = await self._inference.infer(model, arrays, outputs, read_cache=read_cache)
+        answer = await self._inference.answer(routed, arrays, outputs, read_cache=read_cache)
         return InferAnswer(
             model_name=answer.model_name,
             model_version=str(answer.model_version),
             outputs=[(model.contract.output(n), a) for n, a in answer.outputs.items()],
+            prediction_id=",".join(answer.prediction_ids),
         )
 
 

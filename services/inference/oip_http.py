@@ -25,7 +25,7 @@ import numpy as np
 from aiohttp import web
 
 from services.common.errors import InvalidArgument, MeshError
-from services.common.headers import CLIENT_HEADER, RETRY_AFTER_HEADER
+from services.common.headers import CLIENT_HEADER, RETRY_AFTER_HEADER, ROUTING_KEY_HEADER
 from services.common.interceptors import ANONYMOUS
 from services.common.model_contract import DATATYPES, RequestTensor, TensorSpec
 from services.common.ratelimit import PREDICTIONS, RateLimited, RateLimiter
@@ -238,6 +238,7 @@ class OipHttpServer:
             inputs,
             names,
             read_cache=NO_CACHE not in request.headers.get("cache-control", "").lower(),
+            routing_key=request.headers.get(ROUTING_KEY_HEADER, ""),
         )
         # Binary output for the outputs that ask for it or, for those named without saying
         # (or when none is named), as the request says.
@@ -249,6 +250,7 @@ class OipHttpServer:
         reply: dict[str, Any] = {
             "model_name": answer.model_name,
             "model_version": answer.model_version,
+            "parameters": {"prediction_id": answer.prediction_id},
             "outputs": [],
         }
         if request_id:

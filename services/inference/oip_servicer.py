@@ -24,7 +24,7 @@ from services.inference.oip import (
     decode_raw,
     encode_raw,
 )
-from services.inference.servicer import fresh_requested
+from services.inference.servicer import fresh_requested, routing_key
 
 # The InferTensorContents field that carries each datatype's elements (FP16 has none: raw only).
 CONTENTS_FIELDS = {
@@ -146,10 +146,12 @@ class OipServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
             _inputs(request),
             [o.name for o in request.outputs],
             read_cache=not fresh_requested(context),
+            routing_key=routing_key(context),
         )
         response = pb.ModelInferResponse(
             model_name=answer.model_name, model_version=answer.model_version, id=request.id
         )
+        response.parameters["prediction_id"].string_param = answer.prediction_id
         # Raw when asked raw, or when an output's datatype has no typed field (FP16): the
         # protocol has raw_output_contents hold every output or none.
         raw = bool(request.raw_input_contents) or any(

@@ -20,7 +20,7 @@ import logging
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +148,9 @@ class ModelRepository:
         self._aliases: dict[tuple[str, str], int] = {}
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Task[LoadedModel]] = {}
+        # Called with a model's name (None: every model) whenever its aliases are re-read,
+        # so that what else follows the Registry (the rollouts) follows it at the same time.
+        self.followers: list[Callable[[str | None], Awaitable[None]]] = []
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -187,6 +190,10 @@ class ModelRepository:
             task.add_done_callback(lambda _: self._loading.pop(key, None))
         # shield: a caller that goes away must not cancel a load other callers wait for
         return await asyncio.shield(task)
+
+    def production_version(self, name: str) -> int | None:
+        """The version this replica serves as ``name``'s production (None: not known yet)."""
+        return self._aliases.get((name, DEFAULT_ALIAS))
 
     def holds(self, name: str, version: int) -> bool:
         """Whether version ``version`` of ``name`` is in memory."""
@@ -239,6 +246,8 @@ class ModelRepository:
             self._set_alias(model_name, alias, version)
             metrics.ALIAS_SWITCHES.labels(model_name, alias).inc()
             log.info("%s@%s now serves v%d (was %s)", model_name, alias, version, current)
+        for follower in self.followers:
+            await follower(name)
 
     async def warm(self, name: str) -> None:
         """Load the production version of ``name`` at start-up, if it has one."""

@@ -20,6 +20,7 @@ from services.inference.oip import OpenInference
 from services.inference.oip_http import OipHttpServer
 from services.inference.oip_servicer import OipServicer
 from services.inference.repository import ModelRepository
+from services.inference.rollouts import FeedbackStore, RolloutFollower, Tally
 from services.inference.service import Inference
 from services.inference.servicer import InferenceServicer
 
@@ -33,8 +34,14 @@ def build(backends: Backends) -> ServiceParts:
     # form the next batch (see batching.py).
     forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
     repository = ModelRepository(s, forward, backends.pool)
+    tally = Tally(backends.redis)
     inference = Inference(
-        repository, PredictionCache(backends.redis, s.prediction_cache_ttl_s), s.default_model_name
+        repository,
+        PredictionCache(backends.redis, s.prediction_cache_ttl_s),
+        s.default_model_name,
+        RolloutFollower(repository, backends.pool, tally),
+        FeedbackStore(backends.redis, s.feedback_retention_s, tally),
+        s.shadow_queue_size,
     )
     oip = OpenInference(inference, repository, s.inference_max_batch_images)
 
@@ -59,6 +66,8 @@ def build(backends: Backends) -> ServiceParts:
             warm_up(),
             repository.follow_events(backends.redis),
             repository.refresh_forever(s.model_refresh_interval_s),
+            inference.shadow.run(),
+            tally.flush_forever(),
         ],
         sites=[
             OipHttpServer(

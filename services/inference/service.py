@@ -8,16 +8,28 @@ contract names them) with ``infer``, and mlmesh's own Predict RPCs (image classi
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from services.common.errors import FailedPrecondition, Internal, InvalidArgument
+from services.common.rollouts import CANARY, SHADOW, Rollout
 from services.inference import metrics
 from services.inference.cache import PredictionCache, cache_keys, decode_outputs, encode_outputs
 from services.inference.inputs import DEFAULT_SHAPE, IMAGE_PIXELS, Shape
 from services.inference.repository import LoadedModel, ModelRepository, parse_version
+from services.inference.rollouts import (
+    CANDIDATE,
+    PRODUCTION,
+    FeedbackStore,
+    Labelled,
+    RolloutFollower,
+    ShadowQueue,
+    canary_picks_candidate,
+    classes_of,
+)
 from services.inference.runtime import ModelRaised
 
 log = logging.getLogger(__name__)
@@ -32,6 +44,16 @@ class Loaded:
 
 
 @dataclass(frozen=True)
+class Routed:
+    """The version that answers a request, and the rollout that chose it (if any)."""
+
+    model: LoadedModel
+    rollout: Rollout | None = None
+    role: str = ""  # production or candidate, during a rollout
+    shadow: LoadedModel | None = None  # the candidate that also computes it (shadow)
+
+
+@dataclass(frozen=True)
 class Answer:
     """A version's answers to one request."""
 
@@ -39,6 +61,7 @@ class Answer:
     model_version: int
     outputs: dict[str, np.ndarray]  # the outputs asked for, every row
     cached: np.ndarray  # (rows,) bool, or (1,) for a model without a batch dimension
+    prediction_ids: tuple[str, ...] = ()  # one per row (one for an unbatched model)
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,7 @@ class Predictions:
     probabilities: np.ndarray  # (N, classes) float32
     cached: np.ndarray  # (N,) bool
     class_names: tuple[str, ...] = ()  # the model's own, in class order; empty when unnamed
+    prediction_ids: tuple[str, ...] = ()  # one per image, for SubmitFeedback
 
     def class_name(self, index: int) -> str:
         return self.class_names[index] if index < len(self.class_names) else ""
@@ -59,11 +83,85 @@ class Inference:
     """Answers requests for the registered models the repository resolves."""
 
     def __init__(
-        self, repository: ModelRepository, cache: PredictionCache, default_model_name: str
+        self,
+        repository: ModelRepository,
+        cache: PredictionCache,
+        default_model_name: str,
+        rollouts: RolloutFollower,
+        feedback: FeedbackStore,
+        shadow_queue_size: int,
     ) -> None:
         self._repository = repository
         self._cache = cache
         self._default_model_name = default_model_name
+        self._rollouts = rollouts
+        self._feedback = feedback
+        self.shadow = ShadowQueue(rollouts, self._shadow_compute, shadow_queue_size)
+
+    async def route(self, model_name: str, model_version: str, routing_key: str = "") -> Routed:
+        """The version that answers for ``model_name`` at ``model_version``: the one asked
+        for, or, when production is asked for during a rollout, the one the rollout picks
+        (canary: the candidate for its weight's share, sticky by ``routing_key``; shadow:
+        production, with the candidate computing it too)."""
+        name = model_name.strip() or self._default_model_name
+        model = await self._repository.model(name, model_version)
+        if model_version.strip():
+            return Routed(model)
+        rollout = await self._rollouts.running(name)
+        # A rollout of another production (an alias moved meanwhile) is not followed.
+        if rollout is None or rollout.production_version != model.version:
+            return Routed(model)
+        candidate = await self._repository.get(name, rollout.candidate_version)
+        if rollout.mode == CANARY and canary_picks_candidate(rollout, routing_key):
+            return Routed(candidate, rollout, CANDIDATE)
+        return Routed(model, rollout, PRODUCTION, candidate if rollout.mode == SHADOW else None)
+
+    async def answer(
+        self,
+        routed: Routed,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] = (),
+        *,
+        read_cache: bool = True,
+    ) -> Answer:
+        """``infer`` for a routed request: timed and counted in its rollout's figures,
+        shadowed when the rollout says so, and its answers kept for feedback."""
+        model, rollout = routed.model, routed.rollout
+        started = time.perf_counter()
+        try:
+            answer = await self.infer(model, inputs, outputs, read_cache=read_cache)
+        except Internal:
+            if rollout is not None:
+                self._rollouts.record(rollout, model, routed.role,
+                                      time.perf_counter() - started, True)  # fmt: skip
+            raise
+        if rollout is not None:
+            self._rollouts.record(rollout, model, routed.role, time.perf_counter() - started,
+                                  False)  # fmt: skip
+            if routed.shadow is not None:
+                self.shadow.offer(rollout, routed.shadow, inputs, answer.outputs)
+        rows = len(answer.cached)
+        ids = self._feedback.new_ids(rows)
+        role = routed.role or (
+            PRODUCTION if self._repository.production_version(model.name) == model.version
+            else ""
+        )  # fmt: skip
+        classes = classes_of(answer.outputs) if model.contract.batched else None
+        await self._feedback.remember(ids, model, classes, role, rollout)
+        return Answer(answer.model_name, answer.model_version, answer.outputs, answer.cached,
+                      tuple(ids))  # fmt: skip
+
+    async def feedback(self, labels: Sequence[tuple[str, int]], max_batch: int) -> Labelled:
+        """Score true labels against the answers their prediction ids name."""
+        return await self._feedback.label(labels, max_batch)
+
+    async def _shadow_compute(
+        self, model: LoadedModel, inputs: Mapping[str, np.ndarray]
+    ) -> Mapping[str, np.ndarray]:
+        """A shadow request on the candidate: computed fresh, not cached, not counted as
+        answered (model_predictions_total)."""
+        rows = len(next(iter(inputs.values()))) if model.contract.batched else None
+        return await self._compute(model, inputs, rows, list(range(rows or 1)))
 
     async def model(self, model_name: str, model_version: str) -> LoadedModel:
         """The loaded version ``model_version`` ("" = production) of ``model_name`` (""
@@ -138,12 +236,14 @@ class Inference:
         model_version: str,
         *,
         read_cache: bool = True,
+        routing_key: str = "",
     ) -> Predictions:
         """Class probabilities of ``images`` ((N, height x width x channels) float32 in [0, 1],
         rows row-major with channels last, each of ``shape``) by an image classifier: a
         version that takes one FP32 image tensor a row and answers one numeric tensor of
         class scores a row."""
-        model = await self.model(model_name, model_version)
+        routed = await self.route(model_name, model_version, routing_key)
+        model = routed.model
         contract = model.contract
         image = contract.inputs[0] if len(contract.inputs) == 1 else None
         scores = contract.outputs[0] if len(contract.outputs) == 1 else None
@@ -173,10 +273,17 @@ class Inference:
         if channels_first:
             batch = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
         batch = batch.reshape((len(images), *image.shape[1:]))
-        answer = await self.infer(model, {image.name: batch}, [scores.name], read_cache=read_cache)
+        answer = await self.answer(
+            routed, {image.name: batch}, [scores.name], read_cache=read_cache
+        )
         probabilities = answer.outputs[scores.name].astype(np.float32, copy=False)
         return Predictions(
-            model.name, model.version, probabilities, answer.cached, contract.class_names
+            model.name,
+            model.version,
+            probabilities,
+            answer.cached,
+            contract.class_names,
+            answer.prediction_ids,
         )
 
     async def _compute(

@@ -12,6 +12,7 @@ import numpy as np
 from mlmesh.inference.v1 import inference_pb2 as pb
 from mlmesh.inference.v1 import inference_pb2_grpc
 from services.common.errors import InvalidArgument
+from services.common.headers import ROUTING_KEY_HEADER
 from services.inference import metrics
 from services.inference.inputs import Shape, check_batch_size, image_array, image_shape
 from services.inference.service import Inference, Predictions
@@ -28,6 +29,15 @@ def fresh_requested(context: grpc.aio.ServicerContext) -> bool:
     return False
 
 
+def routing_key(context: grpc.aio.ServicerContext) -> str:
+    """The caller's routing key (x-mlmesh-routing-key): during a canary rollout, the same key
+    is answered by the same version."""
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTING_KEY_HEADER:
+            return str(value)
+    return ""
+
+
 def _prediction(p: Predictions, i: int) -> pb.Prediction:
     probabilities = p.probabilities[i]
     best = int(probabilities.argmax())
@@ -37,6 +47,7 @@ def _prediction(p: Predictions, i: int) -> pb.Prediction:
         probabilities=probabilities.tolist(),
         cached=bool(p.cached[i]),
         class_name=p.class_name(best),
+        prediction_id=p.prediction_ids[i] if i < len(p.prediction_ids) else "",
     )
 
 
@@ -51,6 +62,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, inference: Inference, max_batch_images: int) -> None:
         self._inference = inference
         self._max_batch_images = max_batch_images
+        # Labels of one SubmitFeedback at most: as many as the answers of a few batches.
+        self._max_feedback = 10 * max_batch_images
 
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
@@ -64,6 +77,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             request.model_name,
             request.model_version,
             read_cache=not fresh_requested(context),
+            routing_key=routing_key(context),
         )
         answer = _prediction(p, 0)
         metrics.PREDICTION_DURATION.labels("Predict").observe(time.perf_counter() - started)
@@ -75,6 +89,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             model_version=p.model_version,
             cached=answer.cached,
             class_name=answer.class_name,
+            prediction_id=answer.prediction_id,
         )
 
     async def PredictBatch(
@@ -97,6 +112,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             request.model_name,
             request.model_version,
             read_cache=not fresh_requested(context),
+            routing_key=routing_key(context),
         )
         metrics.PREDICTION_DURATION.labels("PredictBatch").observe(time.perf_counter() - started)
         return pb.PredictBatchResponse(
@@ -116,6 +132,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             already_loaded=loaded.already_loaded,
         )
 
+    async def SubmitFeedback(
+        self, request: pb.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitFeedbackResponse:
+        done = await self._inference.feedback(
+            [(f.prediction_id, f.label) for f in request.feedback], self._max_feedback
+        )
+        return pb.SubmitFeedbackResponse(
+            recorded=done.recorded, correct=done.correct, unknown_ids=done.unknown_ids
+        )
+
     async def PredictStream(
         self,
         request_iterator: AsyncIterator[pb.PredictStreamRequest],
@@ -124,6 +150,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Answers in request order; up to STREAM_WINDOW messages are in flight at once, so
         one stream's images share forward passes."""
         read_cache = not fresh_requested(context)
+        key = routing_key(context)
         pending: asyncio.Queue[asyncio.Task[pb.PredictStreamResponse] | None] = asyncio.Queue(
             STREAM_WINDOW
         )
@@ -140,6 +167,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 request.model_name,
                 request.model_version,
                 read_cache=read_cache,
+                routing_key=key,
             )
             metrics.PREDICTION_DURATION.labels("PredictStream").observe(
                 time.perf_counter() - started

@@ -1,9 +1,11 @@
 """The audit log of registry changes, in mlmesh's own PostgreSQL tables.
 
-Two actions: ``transition`` (a TransitionModelVersion, recorded in the transaction that moves
-MLflow's alias) and ``changed_outside_mlmesh`` (the Registry found MLflow's production or
+Actions: ``transition`` (a TransitionModelVersion, recorded in the transaction that moves
+MLflow's alias), ``changed_outside_mlmesh`` (the Registry found MLflow's production or
 staging alias where no transition put it: someone changed it with direct access to MLflow or
-its database).
+its database), and a rollout's start and end (``rollout_started``, ``rollout_promoted``,
+``rollout_rolled_back``, ``rollout_aborted``, ``rollout_superseded``; version is the
+candidate, previous_version production, the note the decision).
 """
 
 from __future__ import annotations
@@ -63,6 +65,38 @@ async def record_transition(
         transition.archived_versions,
         note,
         TRANSITION,
+    )
+    return _event(row)
+
+
+def rollout_action(state: str) -> str:
+    """The audit action of a rollout that started (``running``) or ended in ``state``."""
+    return "rollout_started" if state == "running" else f"rollout_{state}"
+
+
+async def record_rollout(
+    conn: asyncpg.Connection,
+    client: str,
+    action: str,
+    name: str,
+    candidate: int,
+    production: int,
+    note: str,
+) -> AuditEvent:
+    """Insert the audit row of a rollout's start or end on ``conn`` (the caller's transaction)."""
+    row = await conn.fetchrow(
+        """
+        INSERT INTO audit_events (client, action, model_name, version, from_stage, to_stage,
+                                  previous_version, archived_versions, note)
+        VALUES ($1, $2, $3, $4, '', '', $5, '{}', $6)
+        RETURNING *
+        """,
+        client,
+        action,
+        name,
+        candidate,
+        production,
+        note,
     )
     return _event(row)
 

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from google.protobuf.timestamp_pb2 import Timestamp
 from mlflow.entities import Experiment, FileInfo, Metric, Run
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
 from mlmesh.registry.v1 import registry_pb2 as pb
+from services.common.rollouts import (
+    ABORTED,
+    CANARY,
+    PROMOTED,
+    ROLLED_BACK,
+    RUNNING,
+    SHADOW,
+    SUPERSEDED,
+    Guards,
+    VersionFigures,
+)
 from services.registry.audit import AuditEvent
 from services.registry.registry import Comparison
+from services.registry.rollouts import RolloutView
 
 _RUN_STATUS = {
     "RUNNING": pb.RUN_STATUS_RUNNING,
@@ -98,11 +112,9 @@ def registered_model(m: RegisteredModel) -> pb.RegisteredModel:
 
 
 def audit_event(e: AuditEvent) -> pb.AuditEvent:
-    ts = Timestamp()
-    ts.FromDatetime(e.time)
     return pb.AuditEvent(
         event_id=e.event_id,
-        time=ts,
+        time=_time(e.time),
         client=e.client,
         action=e.action,
         model_name=e.model_name,
@@ -123,4 +135,87 @@ def comparison(c: Comparison) -> pb.MetricComparison:
         production_version=c.production_version,
         production_value=c.production_value,
         worse=c.worse,
+    )
+
+
+MODES = {CANARY: pb.ROLLOUT_MODE_CANARY, SHADOW: pb.ROLLOUT_MODE_SHADOW}
+_STATES = {
+    RUNNING: pb.ROLLOUT_STATE_RUNNING,
+    PROMOTED: pb.ROLLOUT_STATE_PROMOTED,
+    ROLLED_BACK: pb.ROLLOUT_STATE_ROLLED_BACK,
+    ABORTED: pb.ROLLOUT_STATE_ABORTED,
+    SUPERSEDED: pb.ROLLOUT_STATE_SUPERSEDED,
+}
+
+
+def mode(m: int) -> str:
+    """A request's RolloutMode as the domain's name ("" for one it does not know)."""
+    return next((name for name, value in MODES.items() if value == m), "")
+
+
+def guards(g: pb.RolloutGuards) -> Guards:
+    """A request's guards (the domain checks them)."""
+
+    def optional(field: str) -> float | None:
+        return getattr(g, field) if g.HasField(field) else None
+
+    return Guards(
+        min_requests=g.min_requests,
+        max_error_rate=optional("max_error_rate"),
+        max_p99_latency_ms=optional("max_p99_latency_ms"),
+        max_p99_latency_ratio=optional("max_p99_latency_ratio"),
+        min_agreement=optional("min_agreement"),
+        max_accuracy_drop=optional("max_accuracy_drop"),
+        min_feedback=g.min_feedback,
+    )
+
+
+def _time(t: datetime | None) -> Timestamp | None:
+    if t is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(t)
+    return ts
+
+
+def _figures(f: VersionFigures) -> pb.VersionFigures:
+    return pb.VersionFigures(
+        version=f.version,
+        requests=f.requests,
+        errors=f.errors,
+        error_rate=f.error_rate,
+        p99_latency_ms=f.p99_latency_ms,
+        feedback=f.feedback,
+        correct=f.correct,
+        accuracy=f.accuracy,
+    )
+
+
+def rollout(view: RolloutView) -> pb.Rollout:
+    r, f = view.rollout, view.figures
+    d = r.decision
+    return pb.Rollout(
+        rollout_id=r.rollout_id,
+        model_name=r.model_name,
+        production_version=r.production_version,
+        candidate_version=r.candidate_version,
+        mode=MODES[r.mode],
+        weight=r.weight,
+        weight_steps=r.weight_steps,
+        step_interval_seconds=r.step_interval_s,
+        guards=pb.RolloutGuards(**{k: v for k, v in r.guards.__dict__.items() if v is not None}),
+        state=_STATES[r.state],
+        production=_figures(f.production),
+        candidate=_figures(f.candidate),
+        shadow=pb.ShadowFigures(
+            compared=f.shadow.compared,
+            agreed=f.shadow.agreed,
+            agreement=f.shadow.agreement,
+            dropped=f.shadow.dropped,
+        ),
+        decision=pb.RolloutDecision(**d) if d else None,
+        started_by=r.started_by,
+        ended_by=r.ended_by,
+        start_time=_time(r.create_time),
+        end_time=_time(r.end_time),
     )

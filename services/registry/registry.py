@@ -22,7 +22,9 @@ from services.common.errors import (
 )
 from services.common.events import MODEL_EVENTS_CHANNEL
 from services.common.pagination import Page
+from services.common.rollouts import Figures, Rollout, read_figures, running_rollout
 from services.registry import audit, metrics
+from services.registry.rollouts import RolloutEnd, end_rollout, superseding
 from services.registry.serving import ServingCheck
 from services.registry.store import STAGE_ALIASES, RegistryStore, Transition, parse_stage
 
@@ -178,6 +180,7 @@ class Registry:
         stage: str,
         archive_existing: bool,
         force: bool = False,
+        ending: RolloutEnd | None = None,
     ) -> TransitionOutcome:
         """Move a version to a stage and audit it; changes to one model are serialised.
 
@@ -185,6 +188,10 @@ class Registry:
         Inference service cannot load, to Production or Staging; without ``force``, a move
         of the production version elsewhere (the model would have none), and a production
         candidate worse than production on the promotion metric.
+
+        A running rollout of the model ends with it, in the same transaction: ``ending``
+        (a rollout promoting its candidate) says how; any other transition supersedes it,
+        and both audit records say so.
         """
         _require(name, "model_name")
         if version <= 0:
@@ -198,9 +205,9 @@ class Registry:
                 metrics.TRANSITIONS_REFUSED.labels("cannot_serve").inc()
                 raise
         notes: list[str] = []
+        ended: audit.AuditEvent | None = None
         async with self._pool.acquire() as conn, conn.transaction():
-            # One transition per model at a time, across every replica of this service.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", name)
+            await self.lock_model(conn, name)
             production = await self._serving_production(conn, name)
             if stage != PRODUCTION and production == version:
                 why = (
@@ -225,16 +232,53 @@ class Registry:
                             "--force) to promote it anyway"
                         )
                     notes.append(f"forced: {comparison.describe(version)}")
+            running = await running_rollout(conn, name)
+            # A transition of production, or of either version of a running rollout, ends it.
+            touches = running is not None and (
+                stage == PRODUCTION
+                or version in (running.candidate_version, running.production_version)
+            )
+            if ending is None and running is not None and touches:
+                ending = superseding(running, await self._figures(running), client, version, stage)
+            if ending is not None:
+                ended = await end_rollout(conn, ending)
+                if ended is not None:
+                    notes.append(ended.note)
             change = await asyncio.to_thread(
                 self._store.transition, name, version, stage, archive_existing
             )
             event = await audit.record_transition(conn, client, name, change, "; ".join(notes))
         metrics.TRANSITIONS.labels(name, stage).inc()
         metrics.AUDIT_EVENTS.labels(event.action).inc()
-        await self._publish(event)
+        if ended is not None:
+            metrics.AUDIT_EVENTS.labels(ended.action).inc()
+        await self.publish(event)
         log.info("client=%s moved %s v%d %s -> %s%s", client, name, version, change.from_stage,
                  stage, f" ({event.note})" if event.note else "")  # fmt: skip
         return TransitionOutcome(change, event, comparison, bool(notes))
+
+    @staticmethod
+    async def lock_model(conn: asyncpg.Connection, name: str) -> None:
+        """Serialise changes to one model (transitions, rollouts) across every replica, for
+        the rest of ``conn``'s transaction."""
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", name)
+
+    async def model_version(self, name: str, version: int) -> ModelVersion:
+        return await asyncio.to_thread(self._store.get_model_version, name, version)
+
+    async def require_loadable(self, client: str, name: str, version: int) -> None:
+        """FailedPrecondition when the Inference service cannot load the version."""
+        await self._serving.require_loadable(client, name, version)
+
+    async def serving_production(self, conn: asyncpg.Connection, name: str) -> int:
+        return await self._serving_production(conn, name)
+
+    async def _figures(self, rollout: Rollout) -> Figures | None:
+        try:
+            return await read_figures(self._redis, rollout)
+        except (RedisError, OSError) as exc:
+            log.warning("cannot read rollout %s's figures: %s", rollout.rollout_id, exc)
+            return None
 
     async def _serving_production(self, conn: asyncpg.Connection, name: str) -> int:
         """The production version the Inference service serves (0: none): as mlmesh recorded
@@ -337,16 +381,25 @@ class Registry:
                 log.exception("comparing MLflow's aliases with the audit log failed")
             await asyncio.sleep(interval_s)
 
-    async def _publish(self, event: audit.AuditEvent) -> None:
-        # Best effort: inference replicas also poll the registry, so a lost event only delays.
-        message = json.dumps(
+    async def publish(self, event: audit.AuditEvent) -> None:
+        """Announce a change of a model (a transition, a rollout) on the model-events channel."""
+        await self._announce(
             {
                 "model_name": event.model_name,
                 "version": event.version,
                 "stage": event.to_stage,
                 "event_id": event.event_id,
+                "action": event.action,
             }
         )
+
+    async def publish_model(self, name: str) -> None:
+        """Announce that something of ``name`` changed that is not audited (a canary step)."""
+        await self._announce({"model_name": name, "action": "rollout_changed"})
+
+    async def _announce(self, event: dict) -> None:
+        # Best effort: inference replicas also poll the registry, so a lost event only delays.
+        message = json.dumps(event)
         try:
             await self._redis.publish(MODEL_EVENTS_CHANNEL, message)
         except RedisError as exc:

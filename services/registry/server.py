@@ -10,6 +10,7 @@ from services.common.process import Backends, ServiceParts, serve_process
 from services.common.server import Registration, configure_logging, configure_mlflow_client
 from services.common.settings import Settings
 from services.registry.registry import Registry
+from services.registry.rollouts import Rollouts
 from services.registry.servicer import RegistryServicer
 from services.registry.serving import ServingCheck
 from services.registry.store import RegistryStore
@@ -32,15 +33,19 @@ def build(backends: Backends) -> ServiceParts:
         s.promotion_metric,
         s.inference_follow_mlflow_aliases,
     )
+    rollouts = Rollouts(registry, backends.pool, backends.redis)
     return ServiceParts(
         registrations=[
             Registration(
-                RegistryServicer(registry),
+                RegistryServicer(registry, rollouts),
                 registry_pb2_grpc.add_RegistryServiceServicer_to_server,
                 SERVICE_NAME,
             )
         ],
-        background=[registry.watch_aliases(s.registry_alias_check_interval_s)],
+        background=[
+            registry.watch_aliases(s.registry_alias_check_interval_s),
+            rollouts.control_forever(s.rollout_check_interval_s),
+        ],
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from mlmesh.registry.v1 import registry_pb2 as pb
@@ -9,13 +11,18 @@ from mlmesh.registry.v1 import registry_pb2_grpc
 from services.common.interceptors import current_client
 from services.registry import convert
 from services.registry.registry import Registry
+from services.registry.rollouts import Rollouts
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     """Thin adapter from the generated service to the Registry domain."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(
+        self, registry: Registry, rollouts: Rollouts, watch_interval_s: float = 0.5
+    ) -> None:
         self._registry = registry
+        self._rollouts = rollouts
+        self._watch_interval_s = watch_interval_s
 
     async def ListExperiments(
         self, request: pb.ListExperimentsRequest, context: grpc.aio.ServicerContext
@@ -129,3 +136,51 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             audit_events=[convert.audit_event(e) for e in page.items],
             next_page_token=page.next_page_token,
         )
+
+    async def StartRollout(
+        self, request: pb.StartRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartRolloutResponse:
+        view = await self._rollouts.start(
+            current_client(),
+            request.model_name,
+            request.candidate_version,
+            convert.mode(request.mode),
+            request.weight,
+            list(request.weight_steps),
+            request.step_interval_seconds,
+            convert.guards(request.guards) if request.HasField("guards") else None,
+        )
+        return pb.StartRolloutResponse(rollout=convert.rollout(view))
+
+    async def GetRollout(
+        self, request: pb.GetRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRolloutResponse:
+        view = await self._rollouts.get(request.rollout_id)
+        return pb.GetRolloutResponse(rollout=convert.rollout(view))
+
+    async def ListRollouts(
+        self, request: pb.ListRolloutsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRolloutsResponse:
+        page = await self._rollouts.list(request.model_name, request.page_size, request.page_token)
+        return pb.ListRolloutsResponse(
+            rollouts=[convert.rollout(v) for v in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def WatchRollout(
+        self, request: pb.WatchRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchRolloutResponse]:
+        async for view in self._rollouts.watch(request.rollout_id, self._watch_interval_s):
+            yield pb.WatchRolloutResponse(rollout=convert.rollout(view))
+
+    async def PromoteRollout(
+        self, request: pb.PromoteRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PromoteRolloutResponse:
+        view = await self._rollouts.promote(current_client(), request.rollout_id)
+        return pb.PromoteRolloutResponse(rollout=convert.rollout(view))
+
+    async def AbortRollout(
+        self, request: pb.AbortRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortRolloutResponse:
+        view = await self._rollouts.abort(current_client(), request.rollout_id, request.reason)
+        return pb.AbortRolloutResponse(rollout=convert.rollout(view))

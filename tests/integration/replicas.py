@@ -1,5 +1,5 @@
 """Processes a test starts beside the session's mesh: a private Redis, an extra Inference
-replica, a second gateway."""
+or Registry replica, a second gateway."""
 
 from __future__ import annotations
 
@@ -51,18 +51,21 @@ class PrivateRedisServer:
 
 
 @contextlib.contextmanager
-def inference_replica(settings: Settings, log_path: Path) -> Iterator[None]:
-    """An Inference process of ``settings`` (give it ports of its own), until the block ends."""
+def service_replica(
+    settings: Settings, service: str, address: str, log_path: Path
+) -> Iterator[None]:
+    """A process of ``services.<service>`` with ``settings`` (give it ports of its own),
+    serving at ``address``, until the block ends."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.inference"],
+            [sys.executable, "-m", f"services.{service}"],
             env=child_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         try:
             deadline = time.monotonic() + 60
-            while not grpc_serving(settings.health_address(settings.inference_address)):
+            while not grpc_serving(settings.health_address(address)):
                 assert process.poll() is None, f"the replica exited; see {log_path}"
                 assert time.monotonic() < deadline, f"the replica did not start; see {log_path}"
                 time.sleep(0.25)
@@ -70,6 +73,11 @@ def inference_replica(settings: Settings, log_path: Path) -> Iterator[None]:
         finally:
             process.terminate()
             process.wait(30)
+
+
+def inference_replica(settings: Settings, log_path: Path) -> contextlib.AbstractContextManager:
+    """An Inference process of ``settings`` (give it ports of its own), until the block ends."""
+    return service_replica(settings, "inference", settings.inference_address, log_path)
 
 
 @contextlib.contextmanager

@@ -234,6 +234,7 @@ async def test_a_transition_is_announced_to_inference_replicas(services: Service
         "version": 1,
         "stage": "Production",
         "event_id": done.audit_event.event_id,
+        "action": "transition",
     }
 
 

@@ -78,8 +78,7 @@ def triton(
             f"127.0.0.1:{mesh.settings.gateway_port}",
             "--protocol",
             protocol,
-            "--key",
-            key,
+            f"--key={key}",  # one form: a key may start with "-" (token_urlsafe)
             "--model",
             name,
             "--version",

@@ -46,6 +46,11 @@ KNOWN_METRICS = frozenset(
         "model_input_drift_psi",
         "model_input_drift_window_images",
         "inference_models_loaded",
+        "model_feedback_total",
+        "model_feedback_correct_total",
+        "rollout_requests_total",
+        "shadow_answers_total",
+        "shadow_dropped_total",
         # training service
         "training_jobs_submitted_total",
         "training_sweeps_submitted_total",

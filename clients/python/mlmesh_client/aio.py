@@ -47,13 +47,13 @@ class AsyncClient(MeshApi):
             return None
         method = self._method(call)
         try:
-            return await method(step.request, metadata=self._metadata(), timeout=step.timeout_s)
+            return await method(step.request, metadata=self._metadata(call), timeout=step.timeout_s)
         except grpc.RpcError as err:
             return err
 
     async def _stream(self, call: Call) -> AsyncIterator:
         """A server-streaming call's answers; leaving the loop early cancels the call."""
-        stream = self._method(call)(call.request, metadata=self._metadata())
+        stream = self._method(call)(call.request, metadata=self._metadata(call))
         try:
             async for answer in stream:
                 yield answer

@@ -35,6 +35,9 @@ from mlmesh_client.retry import RetryPolicy, Tries
 
 DEFAULT_TARGET = "127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 30.0
+# During a canary rollout, requests with the same routing key are answered by the same version.
+ROUTING_KEY_HEADER = "x-mlmesh-routing-key"
+ROLLOUT_MODES = {"canary": registry.ROLLOUT_MODE_CANARY, "shadow": registry.ROLLOUT_MODE_SHADOW}
 UPLOAD_CHUNK_BYTES = 1 << 20  # well under a gRPC message's 4 MiB limit
 DATASET_FORMATS = {
     "": datasets.DATASET_FORMAT_UNSPECIFIED,
@@ -73,6 +76,7 @@ class Call:
     result: Callable[[Any], Any] = _itself
     pages: str = ""
     deadline: bool = True
+    metadata: tuple[tuple[str, str], ...] = ()  # beside the API key (a routing key)
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,9 @@ class MeshApi:
         """A channel to ``target``, TLS with ``credentials``, else plain text."""
         raise NotImplementedError
 
-    def _metadata(self) -> list[tuple[str, str]]:
-        return [(API_KEY_HEADER, self._api_key)] if self._api_key else []
+    def _metadata(self, call: Call) -> list[tuple[str, str]]:
+        key = [(API_KEY_HEADER, self._api_key)] if self._api_key else []
+        return [*key, *call.metadata]
 
     def _method(self, call: Call) -> Any:
         return getattr(self._stubs[call.service], call.method)
@@ -419,10 +424,13 @@ class MeshApi:
         model_name: str = "",
         model_version: str | int = "",
         shape: Shape | None = None,
+        routing_key: str = "",
     ) -> inference.PredictResponse:
         """The class of one image (its name too, when the model names its classes), with the
-        model version that answered and whether the answer was cached. The image's size comes
-        from ``shape`` (height, width, channels) or its array's dimensions."""
+        model version that answered, whether the answer was cached, and its prediction_id
+        (for submit_feedback). The image's size comes from ``shape`` (height, width,
+        channels) or its array's dimensions. During a canary rollout, one ``routing_key`` (a
+        user, a session) is always answered by one version."""
         pixels = to_image(image, shape)
         request = inference.PredictRequest(
             image=pixels.pixels,
@@ -433,7 +441,8 @@ class MeshApi:
             model_name=model_name,
             model_version=str(model_version),
         )
-        return self._read("inference", "Predict", request)
+        routed = ((ROUTING_KEY_HEADER, routing_key),) if routing_key else ()
+        return self._read("inference", "Predict", request, metadata=routed)
 
     def predict_batch(
         self, images: Iterable[ImageLike], *, model_name: str = "", model_version: str | int = ""
@@ -463,9 +472,74 @@ class MeshApi:
         )
         return self._stream(Call("inference", "PredictStream", Requests(requests), False))
 
+    def submit_feedback(
+        self, labels: Iterable[tuple[str, int]]
+    ) -> inference.SubmitFeedbackResponse:
+        """True labels of earlier answers, as (prediction_id, label) pairs; each id is scored
+        against the version that answered it (once). Not retried: a label counts once."""
+        request = inference.SubmitFeedbackRequest(
+            feedback=[inference.Feedback(prediction_id=p, label=y) for p, y in labels]
+        )
+        return self._change("inference", "SubmitFeedback", request)
+
+    # -- rollouts (need an API key) --------------------------------------------------------
+    def start_rollout(
+        self,
+        model_name: str,
+        candidate_version: int,
+        *,
+        mode: str = "canary",
+        weight: int = 0,
+        weight_steps: Iterable[int] = (),
+        step_interval_s: float = 0.0,
+        **guards: float,
+    ) -> registry.Rollout:
+        """Start a canary (``weight`` percent of requests, stepping up through
+        ``weight_steps`` every ``step_interval_s``) or shadow rollout of a candidate version;
+        ``guards`` are RolloutGuards fields (min_requests=200, max_accuracy_drop=0.02, ...)."""
+        request = registry.StartRolloutRequest(
+            model_name=model_name,
+            candidate_version=candidate_version,
+            mode=ROLLOUT_MODES.get(mode, registry.ROLLOUT_MODE_UNSPECIFIED),
+            weight=weight,
+            weight_steps=list(weight_steps),
+            step_interval_seconds=step_interval_s,
+            guards=registry.RolloutGuards(**guards) if guards else None,
+        )
+        return self._change("registry", "StartRollout", request, result=_rollout)
+
+    def get_rollout(self, rollout_id: str) -> registry.Rollout:
+        """One rollout with its live figures."""
+        request = registry.GetRolloutRequest(rollout_id=rollout_id)
+        return self._read("registry", "GetRollout", request, result=_rollout)
+
+    def list_rollouts(self, model_name: str = "") -> list[registry.Rollout]:
+        """Every rollout (of one model), newest first."""
+        request = registry.ListRolloutsRequest(model_name=model_name, page_size=1000)
+        return self._read("registry", "ListRollouts", request, pages="rollouts")
+
+    def watch_rollout(self, rollout_id: str) -> Iterator[registry.WatchRolloutResponse]:
+        """The rollout now and each time it changes (``.rollout``), until it ends."""
+        request = registry.WatchRolloutRequest(rollout_id=rollout_id)
+        return self._stream(Call("registry", "WatchRollout", request, False))
+
+    def promote_rollout(self, rollout_id: str) -> registry.Rollout:
+        """Promote a running rollout's candidate now."""
+        request = registry.PromoteRolloutRequest(rollout_id=rollout_id)
+        return self._change("registry", "PromoteRollout", request, result=_rollout)
+
+    def abort_rollout(self, rollout_id: str, reason: str = "") -> registry.Rollout:
+        """End a running rollout; production keeps serving."""
+        request = registry.AbortRolloutRequest(rollout_id=rollout_id, reason=reason)
+        return self._change("registry", "AbortRollout", request, result=_rollout)
+
 
 def _model_version(answer: registry.GetModelVersionResponse) -> registry.ModelVersion:
     return answer.model_version
+
+
+def _rollout(answer: Any) -> registry.Rollout:
+    return answer.rollout
 
 
 def _audit_events(answer: registry.ListAuditEventsResponse) -> list[registry.AuditEvent]:

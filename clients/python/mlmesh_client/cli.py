@@ -195,10 +195,9 @@ def _audit(args: argparse.Namespace) -> None:
     with _client(args) as mesh:
         for e in mesh.list_audit_events(args.model, args.limit):
             when = e.time.ToDatetime().isoformat(timespec="seconds")
-            print(
-                f"{when}  {e.client:<12} {e.action} {e.model_name} v{e.version}: "
-                f"{e.from_stage} -> {e.to_stage}"
-            )
+            # A rollout's events move no stage: their note says what happened.
+            change = f"{e.from_stage} -> {e.to_stage}" if e.to_stage else e.note
+            print(f"{when}  {e.client:<12} {e.action} {e.model_name} v{e.version}: {change}")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -494,6 +493,133 @@ UP_MOVED = (
 )
 
 
+def _figures(f: registry_pb2.VersionFigures) -> str:
+    accuracy = f"{f.accuracy:.3f} of {f.feedback}" if f.HasField("accuracy") else "-"
+    return (
+        f"v{f.version}: {f.requests} req, errors {f.error_rate:.1%}, p99 "
+        f"{f.p99_latency_ms:g} ms, accuracy {accuracy}"
+    )
+
+
+def describe_rollout(r: registry_pb2.Rollout) -> list[str]:
+    """A rollout in a few lines: what, where it stands, both versions' figures, the decision."""
+    mode = registry_pb2.RolloutMode.Name(r.mode).removeprefix("ROLLOUT_MODE_").lower()
+    state = registry_pb2.RolloutState.Name(r.state).removeprefix("ROLLOUT_STATE_").lower()
+    share = f" at {r.weight}%" if r.mode == registry_pb2.ROLLOUT_MODE_CANARY else ""
+    lines = [
+        f"{r.rollout_id}  {r.model_name}: {mode} of v{r.candidate_version}{share} against "
+        f"v{r.production_version}  [{state}]",
+        f"  production {_figures(r.production)}",
+        f"  candidate  {_figures(r.candidate)}",
+    ]
+    if r.mode == registry_pb2.ROLLOUT_MODE_SHADOW:
+        agreement = f"{r.shadow.agreement:.3f}" if r.shadow.HasField("agreement") else "-"
+        lines.append(
+            f"  shadow     agreement {agreement} over {r.shadow.compared}, dropped "
+            f"{r.shadow.dropped}"
+        )
+    if r.HasField("decision"):
+        lines.append(f"  decision   {r.decision.guard}: {r.decision.message}")
+    return lines
+
+
+def _rollout_start(args: argparse.Namespace) -> None:
+    guards = {
+        name: value
+        for name, value in (
+            ("min_requests", args.min_requests),
+            ("max_error_rate", args.max_error_rate),
+            ("max_p99_latency_ms", args.max_p99_ms),
+            ("max_p99_latency_ratio", args.max_p99_ratio),
+            ("min_agreement", args.min_agreement),
+            ("max_accuracy_drop", args.max_accuracy_drop),
+            ("min_feedback", args.min_feedback),
+        )
+        if value is not None
+    }
+    steps = [int(w) for w in args.steps.split(",") if w.strip()] if args.steps else []
+    with _client(args) as mesh:
+        rollout = mesh.start_rollout(
+            args.name,
+            args.version,
+            mode="shadow" if args.shadow else "canary",
+            weight=args.canary or 0,
+            weight_steps=steps,
+            step_interval_s=args.every,
+            **guards,
+        )
+        print("\n".join(describe_rollout(rollout)))
+        if args.watch:
+            _follow(mesh, rollout.rollout_id)
+
+
+def _follow(mesh: Client, rollout_id: str) -> None:
+    for answer in mesh.watch_rollout(rollout_id):
+        print("\n".join(describe_rollout(answer.rollout)), flush=True)
+
+
+def _rollout_id(mesh: Client, args: argparse.Namespace) -> str:
+    """The rollout ID names, or the newest of --model."""
+    if args.rollout_id:
+        return args.rollout_id
+    if not args.model:
+        raise UsageError("give a rollout ID or --model NAME (its newest rollout)")
+    found = mesh.list_rollouts(args.model)
+    if not found:
+        raise UsageError(f"model {args.model!r} has no rollout")
+    return found[0].rollout_id
+
+
+def _rollout_watch(args: argparse.Namespace) -> None:
+    with _client(args) as mesh:
+        _follow(mesh, _rollout_id(mesh, args))
+
+
+def _rollout_show(args: argparse.Namespace) -> None:
+    with _client(args) as mesh:
+        print("\n".join(describe_rollout(mesh.get_rollout(_rollout_id(mesh, args)))))
+
+
+def _rollout_list(args: argparse.Namespace) -> None:
+    with _client(args) as mesh:
+        for rollout in mesh.list_rollouts(args.model):
+            print(describe_rollout(rollout)[0])
+
+
+def _rollout_promote(args: argparse.Namespace) -> None:
+    with _client(args) as mesh:
+        print("\n".join(describe_rollout(mesh.promote_rollout(args.rollout_id))))
+
+
+def _rollout_abort(args: argparse.Namespace) -> None:
+    with _client(args) as mesh:
+        print("\n".join(describe_rollout(mesh.abort_rollout(args.rollout_id, args.reason))))
+
+
+def _feedback(args: argparse.Namespace) -> None:
+    pairs = list(args.labels)
+    if args.file:
+        with open(args.file, encoding="utf-8") as lines:
+            pairs += [line.strip().replace(",", "=") for line in lines if line.strip()]
+    labels = []
+    for pair in pairs:
+        pid, _, label = pair.partition("=")
+        if not pid or not label.strip().isdigit():
+            raise UsageError(f"{pair!r} is not PREDICTION_ID=LABEL (a class index)")
+        labels.append((pid, int(label)))
+    if not labels:
+        raise UsageError("give PREDICTION_ID=LABEL pairs or --file")
+    with _client(args) as mesh:
+        done = mesh.submit_feedback(labels)
+    print(f"recorded {done.recorded} labels, {done.correct} of them answered right")
+    for pid in done.unknown_ids:
+        print(f"unknown (expired, never issued, or labelled before): {pid}")
+
+
+def _up(_: argparse.Namespace) -> None:
+    pass  # the server side, only for `up`
+
+
 def _up(_: argparse.Namespace) -> None:
     raise UsageError(UP_MOVED)
 
@@ -647,6 +773,62 @@ def main(argv: Sequence[str] | None = None) -> None:
     d = datasets.add_parser("delete", help="delete NAME@VERSION (not while a job uses it)")
     d.add_argument("reference")
     d.set_defaults(run=_datasets_delete)
+
+    p = commands.add_parser(
+        "rollout",
+        help="canary and shadow rollouts of a candidate version (needs an API key)",
+    )
+    rollout = p.add_subparsers(dest="rollout_command", required=True)
+    r = rollout.add_parser(
+        "start",
+        help="start a rollout of NAME's VERSION against production",
+        description="Send a share of the traffic (--canary PERCENT) or a copy of it "
+        "(--shadow) to a candidate version; the guards decide: it is promoted when they all "
+        "hold over --min-requests, rolled back when one breaks.",
+    )
+    r.add_argument("name")
+    r.add_argument("version", type=int)
+    how = r.add_mutually_exclusive_group(required=True)
+    how.add_argument("--canary", type=int, metavar="PERCENT", help="the candidate's share, 1-99")
+    how.add_argument("--shadow", action="store_true", help="compute every request on it too")
+    r.add_argument("--steps", default="", help="later canary weights, e.g. 50,80")
+    r.add_argument("--every", type=float, default=0.0, help="seconds between weight steps")
+    r.add_argument("--min-requests", type=int, help="requests before any decision")
+    r.add_argument("--max-error-rate", type=float, help="0 to 1")
+    r.add_argument("--max-p99-ms", type=float, help="largest p99 latency, ms")
+    r.add_argument("--max-p99-ratio", type=float, help="largest p99 relative to production")
+    r.add_argument("--min-agreement", type=float, help="shadow: lowest agreement, 0 to 1")
+    r.add_argument("--max-accuracy-drop", type=float, help="live accuracy below production")
+    r.add_argument("--min-feedback", type=int, help="labels each version needs first")
+    r.add_argument("--watch", action="store_true", help="follow it until it ends")
+    r.set_defaults(run=_rollout_start)
+    for verb, run, what in (
+        ("watch", _rollout_watch, "follow a rollout live until it ends"),
+        ("show", _rollout_show, "one rollout with its figures"),
+    ):
+        r = rollout.add_parser(verb, help=what)
+        r.add_argument("rollout_id", nargs="?", default="")
+        r.add_argument("--model", default="", help="the newest rollout of this model")
+        r.set_defaults(run=run)
+    for verb, run, what in (
+        ("promote", _rollout_promote, "promote the candidate now"),
+        ("abort", _rollout_abort, "end the rollout; production keeps serving"),
+    ):
+        r = rollout.add_parser(verb, help=what)
+        r.add_argument("rollout_id")
+        if verb == "abort":
+            r.add_argument("--reason", default="")
+        r.set_defaults(run=run)
+    r = rollout.add_parser("list", help="rollouts, newest first")
+    r.add_argument("--model", default="", help="only this registered model")
+    r.set_defaults(run=_rollout_list)
+    p = commands.add_parser(
+        "feedback",
+        help="true labels of earlier answers, by prediction_id (needs an API key)",
+    )
+    p.add_argument("labels", nargs="*", metavar="PREDICTION_ID=LABEL")
+    p.add_argument("--file", help="a file of PREDICTION_ID,LABEL lines")
+    p.set_defaults(run=_feedback)
 
     args = parser.parse_args(argv)
     try:

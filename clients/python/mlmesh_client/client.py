@@ -83,14 +83,14 @@ class Client(MeshApi):
             return None
         try:
             return self._method(call)(
-                step.request, metadata=self._metadata(), timeout=step.timeout_s
+                step.request, metadata=self._metadata(call), timeout=step.timeout_s
             )
         except grpc.RpcError as err:
             return err
 
     def _stream(self, call: Call) -> Iterator:
         """A server-streaming call's answers; closing the iterator early cancels the call."""
-        stream = self._method(call)(call.request, metadata=self._metadata())
+        stream = self._method(call)(call.request, metadata=self._metadata(call))
         try:
             yield from stream
         except grpc.RpcError as err:

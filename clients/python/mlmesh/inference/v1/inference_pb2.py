@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#mlmesh/inference/v1/inference.proto\x12\x13mlmesh.inference.v1\x1a\x1cgoogle/api/annotations.proto\"U\n\x05Image\x12\x0e\n\x06pixels\x18\x01 \x03(\x02\x12\x0b\n\x03raw\x18\x02 \x01(\x0c\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x05 \x01(\x05\"o\n\nPrediction\x12\x12\n\nprediction\x18\x01 \x01(\x05\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x12\n\nclass_name\x18\x05 \x01(\t\"\x8e\x01\n\x0ePredictRequest\x12\r\n\x05image\x18\x01 \x03(\x02\x12\x11\n\timage_raw\x18\x02 \x01(\x0c\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x07 \x01(\x05\"\x9f\x01\n\x0fPredictResponse\x12\x12\n\nprediction\x18\x01 \x01(\x05\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12\x12\n\nclass_name\x18\x07 \x01(\t\"l\n\x13PredictBatchRequest\x12*\n\x06images\x18\x01 \x03(\x0b\x32\x1a.mlmesh.inference.v1.Image\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"w\n\x14PredictBatchResponse\x12\x34\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1f.mlmesh.inference.v1.Prediction\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x05\"\x80\x01\n\x14PredictStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05image\x18\x02 \x01(\x0b\x32\x1a.mlmesh.inference.v1.Image\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x8b\x01\n\x15PredictStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x33\n\nprediction\x18\x02 \x01(\x0b\x32\x1f.mlmesh.inference.v1.Prediction\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x05\"D\n\x17LoadModelVersionRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"n\n\x18LoadModelVersionResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x05\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x04 \x01(\x08\x32\xd3\x04\n\x10InferenceService\x12{\n\x07Predict\x12#.mlmesh.inference.v1.PredictRequest\x1a$.mlmesh.inference.v1.PredictResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x0b/v1/predict:\x01*Z\r\"\x08/predict:\x01*\x12\x81\x01\n\x0cPredictBatch\x12(.mlmesh.inference.v1.PredictBatchRequest\x1a).mlmesh.inference.v1.PredictBatchResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/predict:batch:\x01*\x12\xb1\x01\n\x10LoadModelVersion\x12,.mlmesh.inference.v1.LoadModelVersionRequest\x1a-.mlmesh.inference.v1.LoadModelVersionResponse\"@\x82\xd3\xe4\x93\x02:\"5/v1/models/{model_name}/versions/{model_version}:load:\x01*\x12\x89\x01\n\rPredictStream\x12).mlmesh.inference.v1.PredictStreamRequest\x1a*.mlmesh.inference.v1.PredictStreamResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/v1/predict:stream:\x01*(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#mlmesh/inference/v1/inference.proto\x12\x13mlmesh.inference.v1\x1a\x1cgoogle/api/annotations.proto\"U\n\x05Image\x12\x0e\n\x06pixels\x18\x01 \x03(\x02\x12\x0b\n\x03raw\x18\x02 \x01(\x0c\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x05 \x01(\x05\"\x86\x01\n\nPrediction\x12\x12\n\nprediction\x18\x01 \x01(\x05\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x12\n\nclass_name\x18\x05 \x01(\t\x12\x15\n\rprediction_id\x18\x06 \x01(\t\"\x8e\x01\n\x0ePredictRequest\x12\r\n\x05image\x18\x01 \x03(\x02\x12\x11\n\timage_raw\x18\x02 \x01(\x0c\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x07 \x01(\x05\"\xb6\x01\n\x0fPredictResponse\x12\x12\n\nprediction\x18\x01 \x01(\x05\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12\x12\n\nclass_name\x18\x07 \x01(\t\x12\x15\n\rprediction_id\x18\x08 \x01(\t\"l\n\x13PredictBatchRequest\x12*\n\x06images\x18\x01 \x03(\x0b\x32\x1a.mlmesh.inference.v1.Image\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"w\n\x14PredictBatchResponse\x12\x34\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1f.mlmesh.inference.v1.Prediction\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x05\"\x80\x01\n\x14PredictStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05image\x18\x02 \x01(\x0b\x32\x1a.mlmesh.inference.v1.Image\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x8b\x01\n\x15PredictStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x33\n\nprediction\x18\x02 \x01(\x0b\x32\x1f.mlmesh.inference.v1.Prediction\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x05\"D\n\x17LoadModelVersionRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"n\n\x18LoadModelVersionResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x05\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x04 \x01(\x08\"0\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\x05\"H\n\x15SubmitFeedbackRequest\x12/\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x1d.mlmesh.inference.v1.Feedback\"P\n\x16SubmitFeedbackResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x05\x12\x13\n\x0bunknown_ids\x18\x03 \x03(\t2\xd8\x05\n\x10InferenceService\x12{\n\x07Predict\x12#.mlmesh.inference.v1.PredictRequest\x1a$.mlmesh.inference.v1.PredictResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x0b/v1/predict:\x01*Z\r\"\x08/predict:\x01*\x12\x81\x01\n\x0cPredictBatch\x12(.mlmesh.inference.v1.PredictBatchRequest\x1a).mlmesh.inference.v1.PredictBatchResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/predict:batch:\x01*\x12\xb1\x01\n\x10LoadModelVersion\x12,.mlmesh.inference.v1.LoadModelVersionRequest\x1a-.mlmesh.inference.v1.LoadModelVersionResponse\"@\x82\xd3\xe4\x93\x02:\"5/v1/models/{model_name}/versions/{model_version}:load:\x01*\x12\x82\x01\n\x0eSubmitFeedback\x12*.mlmesh.inference.v1.SubmitFeedbackRequest\x1a+.mlmesh.inference.v1.SubmitFeedbackResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/feedback:\x01*\x12\x89\x01\n\rPredictStream\x12).mlmesh.inference.v1.PredictStreamRequest\x1a*.mlmesh.inference.v1.PredictStreamResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/v1/predict:stream:\x01*(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,28 +38,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCESERVICE'].methods_by_name['PredictBatch']._serialized_options = b'\202\323\344\223\002\026\"\021/v1/predict:batch:\001*'
   _globals['_INFERENCESERVICE'].methods_by_name['LoadModelVersion']._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['LoadModelVersion']._serialized_options = b'\202\323\344\223\002:\"5/v1/models/{model_name}/versions/{model_version}:load:\001*'
+  _globals['_INFERENCESERVICE'].methods_by_name['SubmitFeedback']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['SubmitFeedback']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/feedback:\001*'
   _globals['_INFERENCESERVICE'].methods_by_name['PredictStream']._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['PredictStream']._serialized_options = b'\202\323\344\223\002\027\"\022/v1/predict:stream:\001*'
   _globals['_IMAGE']._serialized_start=90
   _globals['_IMAGE']._serialized_end=175
-  _globals['_PREDICTION']._serialized_start=177
-  _globals['_PREDICTION']._serialized_end=288
-  _globals['_PREDICTREQUEST']._serialized_start=291
-  _globals['_PREDICTREQUEST']._serialized_end=433
-  _globals['_PREDICTRESPONSE']._serialized_start=436
-  _globals['_PREDICTRESPONSE']._serialized_end=595
-  _globals['_PREDICTBATCHREQUEST']._serialized_start=597
-  _globals['_PREDICTBATCHREQUEST']._serialized_end=705
-  _globals['_PREDICTBATCHRESPONSE']._serialized_start=707
-  _globals['_PREDICTBATCHRESPONSE']._serialized_end=826
-  _globals['_PREDICTSTREAMREQUEST']._serialized_start=829
-  _globals['_PREDICTSTREAMREQUEST']._serialized_end=957
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=960
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=1099
-  _globals['_LOADMODELVERSIONREQUEST']._serialized_start=1101
-  _globals['_LOADMODELVERSIONREQUEST']._serialized_end=1169
-  _globals['_LOADMODELVERSIONRESPONSE']._serialized_start=1171
-  _globals['_LOADMODELVERSIONRESPONSE']._serialized_end=1281
-  _globals['_INFERENCESERVICE']._serialized_start=1284
-  _globals['_INFERENCESERVICE']._serialized_end=1879
+  _globals['_PREDICTION']._serialized_start=178
+  _globals['_PREDICTION']._serialized_end=312
+  _globals['_PREDICTREQUEST']._serialized_start=315
+  _globals['_PREDICTREQUEST']._serialized_end=457
+  _globals['_PREDICTRESPONSE']._serialized_start=460
+  _globals['_PREDICTRESPONSE']._serialized_end=642
+  _globals['_PREDICTBATCHREQUEST']._serialized_start=644
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=752
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=754
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=873
+  _globals['_PREDICTSTREAMREQUEST']._serialized_start=876
+  _globals['_PREDICTSTREAMREQUEST']._serialized_end=1004
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=1007
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=1146
+  _globals['_LOADMODELVERSIONREQUEST']._serialized_start=1148
+  _globals['_LOADMODELVERSIONREQUEST']._serialized_end=1216
+  _globals['_LOADMODELVERSIONRESPONSE']._serialized_start=1218
+  _globals['_LOADMODELVERSIONRESPONSE']._serialized_end=1328
+  _globals['_FEEDBACK']._serialized_start=1330
+  _globals['_FEEDBACK']._serialized_end=1378
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=1380
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=1452
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=1454
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=1534
+  _globals['_INFERENCESERVICE']._serialized_start=1537
+  _globals['_INFERENCESERVICE']._serialized_end=2265
 # @@protoc_insertion_point(module_scope)

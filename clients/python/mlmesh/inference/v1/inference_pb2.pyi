@@ -22,18 +22,20 @@ class Image(_message.Message):
     def __init__(self, pixels: _Optional[_Iterable[float]] = ..., raw: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("prediction", "confidence", "probabilities", "cached", "class_name")
+    __slots__ = ("prediction", "confidence", "probabilities", "cached", "class_name", "prediction_id")
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
     prediction: int
     confidence: float
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     cached: bool
     class_name: str
-    def __init__(self, prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., cached: _Optional[bool] = ..., class_name: _Optional[str] = ...) -> None: ...
+    prediction_id: str
+    def __init__(self, prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., cached: _Optional[bool] = ..., class_name: _Optional[str] = ..., prediction_id: _Optional[str] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("image", "image_raw", "model_name", "model_version", "height", "width", "channels")
@@ -54,7 +56,7 @@ class PredictRequest(_message.Message):
     def __init__(self, image: _Optional[_Iterable[float]] = ..., image_raw: _Optional[bytes] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("prediction", "confidence", "probabilities", "model_name", "model_version", "cached", "class_name")
+    __slots__ = ("prediction", "confidence", "probabilities", "model_name", "model_version", "cached", "class_name", "prediction_id")
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,7 @@ class PredictResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
     prediction: int
     confidence: float
     probabilities: _containers.RepeatedScalarFieldContainer[float]
@@ -69,7 +72,8 @@ class PredictResponse(_message.Message):
     model_version: int
     cached: bool
     class_name: str
-    def __init__(self, prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., cached: _Optional[bool] = ..., class_name: _Optional[str] = ...) -> None: ...
+    prediction_id: str
+    def __init__(self, prediction: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., cached: _Optional[bool] = ..., class_name: _Optional[str] = ..., prediction_id: _Optional[str] = ...) -> None: ...
 
 class PredictBatchRequest(_message.Message):
     __slots__ = ("images", "model_name", "model_version")
@@ -134,3 +138,27 @@ class LoadModelVersionResponse(_message.Message):
     runtime: str
     already_loaded: bool
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., runtime: _Optional[str] = ..., already_loaded: _Optional[bool] = ...) -> None: ...
+
+class Feedback(_message.Message):
+    __slots__ = ("prediction_id", "label")
+    PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    prediction_id: str
+    label: int
+    def __init__(self, prediction_id: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
+
+class SubmitFeedbackRequest(_message.Message):
+    __slots__ = ("feedback",)
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    feedback: _containers.RepeatedCompositeFieldContainer[Feedback]
+    def __init__(self, feedback: _Optional[_Iterable[_Union[Feedback, _Mapping]]] = ...) -> None: ...
+
+class SubmitFeedbackResponse(_message.Message):
+    __slots__ = ("recorded", "correct", "unknown_ids")
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_IDS_FIELD_NUMBER: _ClassVar[int]
+    recorded: int
+    correct: int
+    unknown_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, recorded: _Optional[int] = ..., correct: _Optional[int] = ..., unknown_ids: _Optional[_Iterable[str]] = ...) -> None: ...

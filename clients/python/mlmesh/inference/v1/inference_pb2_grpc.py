@@ -51,6 +51,11 @@ class InferenceServiceStub:
                 request_serializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionRequest.SerializeToString,
                 response_deserializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionResponse.FromString,
                 _registered_method=True)
+        self.SubmitFeedback = channel.unary_unary(
+                '/mlmesh.inference.v1.InferenceService/SubmitFeedback',
+                request_serializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.SubmitFeedbackRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.SubmitFeedbackResponse.FromString,
+                _registered_method=True)
         self.PredictStream = channel.stream_stream(
                 '/mlmesh.inference.v1.InferenceService/PredictStream',
                 request_serializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.PredictStreamRequest.SerializeToString,
@@ -86,6 +91,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitFeedback(self, request, context):
+        """SubmitFeedback records the true labels of earlier answers, by their prediction_id,
+        against the version that gave each answer (live accuracy, rollout guards). Ids are kept
+        for MLMESH_FEEDBACK_RETENTION_S; each can be labelled once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PredictStream(self, request_iterator, context):
         """PredictStream classifies a stream of images and answers each in order.
         """
@@ -110,6 +124,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.LoadModelVersion,
                     request_deserializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionRequest.FromString,
                     response_serializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionResponse.SerializeToString,
+            ),
+            'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedback,
+                    request_deserializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.SubmitFeedbackRequest.FromString,
+                    response_serializer=mlmesh_dot_inference_dot_v1_dot_inference__pb2.SubmitFeedbackResponse.SerializeToString,
             ),
             'PredictStream': grpc.stream_stream_rpc_method_handler(
                     servicer.PredictStream,
@@ -200,6 +219,33 @@ class InferenceService:
             '/mlmesh.inference.v1.InferenceService/LoadModelVersion',
             mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionRequest.SerializeToString,
             mlmesh_dot_inference_dot_v1_dot_inference__pb2.LoadModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.inference.v1.InferenceService/SubmitFeedback',
+            mlmesh_dot_inference_dot_v1_dot_inference__pb2.SubmitFeedbackRequest.SerializeToString,
+            mlmesh_dot_inference_dot_v1_dot_inference__pb2.SubmitFeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

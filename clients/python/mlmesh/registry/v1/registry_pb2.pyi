@@ -19,12 +19,36 @@ class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_STATUS_FINISHED: _ClassVar[RunStatus]
     RUN_STATUS_FAILED: _ClassVar[RunStatus]
     RUN_STATUS_KILLED: _ClassVar[RunStatus]
+
+class RolloutMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_MODE_UNSPECIFIED: _ClassVar[RolloutMode]
+    ROLLOUT_MODE_CANARY: _ClassVar[RolloutMode]
+    ROLLOUT_MODE_SHADOW: _ClassVar[RolloutMode]
+
+class RolloutState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_STATE_UNSPECIFIED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_RUNNING: _ClassVar[RolloutState]
+    ROLLOUT_STATE_PROMOTED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ROLLED_BACK: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ABORTED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_SUPERSEDED: _ClassVar[RolloutState]
 RUN_STATUS_UNSPECIFIED: RunStatus
 RUN_STATUS_RUNNING: RunStatus
 RUN_STATUS_SCHEDULED: RunStatus
 RUN_STATUS_FINISHED: RunStatus
 RUN_STATUS_FAILED: RunStatus
 RUN_STATUS_KILLED: RunStatus
+ROLLOUT_MODE_UNSPECIFIED: RolloutMode
+ROLLOUT_MODE_CANARY: RolloutMode
+ROLLOUT_MODE_SHADOW: RolloutMode
+ROLLOUT_STATE_UNSPECIFIED: RolloutState
+ROLLOUT_STATE_RUNNING: RolloutState
+ROLLOUT_STATE_PROMOTED: RolloutState
+ROLLOUT_STATE_ROLLED_BACK: RolloutState
+ROLLOUT_STATE_ABORTED: RolloutState
+ROLLOUT_STATE_SUPERSEDED: RolloutState
 
 class Experiment(_message.Message):
     __slots__ = ("experiment_id", "name", "artifact_location", "lifecycle_stage", "tags", "create_time", "update_time")
@@ -427,3 +451,199 @@ class ListAuditEventsResponse(_message.Message):
     audit_events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
     next_page_token: str
     def __init__(self, audit_events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RolloutGuards(_message.Message):
+    __slots__ = ("min_requests", "max_error_rate", "max_p99_latency_ms", "max_p99_latency_ratio", "min_agreement", "max_accuracy_drop", "min_feedback")
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    MIN_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    min_requests: int
+    max_error_rate: float
+    max_p99_latency_ms: float
+    max_p99_latency_ratio: float
+    min_agreement: float
+    max_accuracy_drop: float
+    min_feedback: int
+    def __init__(self, min_requests: _Optional[int] = ..., max_error_rate: _Optional[float] = ..., max_p99_latency_ms: _Optional[float] = ..., max_p99_latency_ratio: _Optional[float] = ..., min_agreement: _Optional[float] = ..., max_accuracy_drop: _Optional[float] = ..., min_feedback: _Optional[int] = ...) -> None: ...
+
+class VersionFigures(_message.Message):
+    __slots__ = ("version", "requests", "errors", "error_rate", "p99_latency_ms", "feedback", "correct", "accuracy")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    P99_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    requests: int
+    errors: int
+    error_rate: float
+    p99_latency_ms: float
+    feedback: int
+    correct: int
+    accuracy: float
+    def __init__(self, version: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., p99_latency_ms: _Optional[float] = ..., feedback: _Optional[int] = ..., correct: _Optional[int] = ..., accuracy: _Optional[float] = ...) -> None: ...
+
+class ShadowFigures(_message.Message):
+    __slots__ = ("compared", "agreed", "agreement", "dropped")
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    AGREED_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    compared: int
+    agreed: int
+    agreement: float
+    dropped: int
+    def __init__(self, compared: _Optional[int] = ..., agreed: _Optional[int] = ..., agreement: _Optional[float] = ..., dropped: _Optional[int] = ...) -> None: ...
+
+class RolloutDecision(_message.Message):
+    __slots__ = ("guard", "candidate_value", "production_value", "limit", "message")
+    GUARD_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTION_VALUE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    guard: str
+    candidate_value: float
+    production_value: float
+    limit: float
+    message: str
+    def __init__(self, guard: _Optional[str] = ..., candidate_value: _Optional[float] = ..., production_value: _Optional[float] = ..., limit: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("rollout_id", "model_name", "production_version", "candidate_version", "mode", "weight", "weight_steps", "step_interval_seconds", "guards", "state", "production", "candidate", "shadow", "decision", "started_by", "ended_by", "start_time", "end_time")
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GUARDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_BY_FIELD_NUMBER: _ClassVar[int]
+    ENDED_BY_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    model_name: str
+    production_version: int
+    candidate_version: int
+    mode: RolloutMode
+    weight: int
+    weight_steps: _containers.RepeatedScalarFieldContainer[int]
+    step_interval_seconds: float
+    guards: RolloutGuards
+    state: RolloutState
+    production: VersionFigures
+    candidate: VersionFigures
+    shadow: ShadowFigures
+    decision: RolloutDecision
+    started_by: str
+    ended_by: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, rollout_id: _Optional[str] = ..., model_name: _Optional[str] = ..., production_version: _Optional[int] = ..., candidate_version: _Optional[int] = ..., mode: _Optional[_Union[RolloutMode, str]] = ..., weight: _Optional[int] = ..., weight_steps: _Optional[_Iterable[int]] = ..., step_interval_seconds: _Optional[float] = ..., guards: _Optional[_Union[RolloutGuards, _Mapping]] = ..., state: _Optional[_Union[RolloutState, str]] = ..., production: _Optional[_Union[VersionFigures, _Mapping]] = ..., candidate: _Optional[_Union[VersionFigures, _Mapping]] = ..., shadow: _Optional[_Union[ShadowFigures, _Mapping]] = ..., decision: _Optional[_Union[RolloutDecision, _Mapping]] = ..., started_by: _Optional[str] = ..., ended_by: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class StartRolloutRequest(_message.Message):
+    __slots__ = ("model_name", "candidate_version", "mode", "weight", "weight_steps", "step_interval_seconds", "guards")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GUARDS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    candidate_version: int
+    mode: RolloutMode
+    weight: int
+    weight_steps: _containers.RepeatedScalarFieldContainer[int]
+    step_interval_seconds: float
+    guards: RolloutGuards
+    def __init__(self, model_name: _Optional[str] = ..., candidate_version: _Optional[int] = ..., mode: _Optional[_Union[RolloutMode, str]] = ..., weight: _Optional[int] = ..., weight_steps: _Optional[_Iterable[int]] = ..., step_interval_seconds: _Optional[float] = ..., guards: _Optional[_Union[RolloutGuards, _Mapping]] = ...) -> None: ...
+
+class StartRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("rollout_id",)
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    def __init__(self, rollout_id: _Optional[str] = ...) -> None: ...
+
+class GetRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class ListRolloutsRequest(_message.Message):
+    __slots__ = ("model_name", "page_size", "page_token")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    page_size: int
+    page_token: str
+    def __init__(self, model_name: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListRolloutsResponse(_message.Message):
+    __slots__ = ("rollouts", "next_page_token")
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
+    next_page_token: str
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class WatchRolloutRequest(_message.Message):
+    __slots__ = ("rollout_id",)
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    def __init__(self, rollout_id: _Optional[str] = ...) -> None: ...
+
+class WatchRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class PromoteRolloutRequest(_message.Message):
+    __slots__ = ("rollout_id",)
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    def __init__(self, rollout_id: _Optional[str] = ...) -> None: ...
+
+class PromoteRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class AbortRolloutRequest(_message.Message):
+    __slots__ = ("rollout_id", "reason")
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    reason: str
+    def __init__(self, rollout_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AbortRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...

@@ -95,6 +95,36 @@ class RegistryServiceStub:
                 request_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/mlmesh.registry.v1.RegistryService/StartRollout',
+                request_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.StartRolloutResponse.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/mlmesh.registry.v1.RegistryService/GetRollout',
+                request_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/mlmesh.registry.v1.RegistryService/ListRollouts',
+                request_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.WatchRollout = channel.unary_stream(
+                '/mlmesh.registry.v1.RegistryService/WatchRollout',
+                request_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutResponse.FromString,
+                _registered_method=True)
+        self.PromoteRollout = channel.unary_unary(
+                '/mlmesh.registry.v1.RegistryService/PromoteRollout',
+                request_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutResponse.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/mlmesh.registry.v1.RegistryService/AbortRollout',
+                request_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -188,6 +218,52 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartRollout(self, request, context):
+        """StartRollout starts sending a share of a model's traffic (canary) or a copy of it
+        (shadow) to a candidate version, judged by guards. One rollout per model at a time.
+        Protected and audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """GetRollout returns one rollout with its live figures. Protected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """ListRollouts lists rollouts, newest first. Protected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRollout(self, request, context):
+        """WatchRollout streams a rollout as it changes (weight, figures, decision) until it ends.
+        Protected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteRollout(self, request, context):
+        """PromoteRollout ends a running rollout by promoting its candidate now, whatever the
+        guards say. Protected and audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """AbortRollout ends a running rollout; production keeps serving. Protected and audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +326,36 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.StartRolloutRequest.FromString,
+                    response_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.StartRolloutResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutRequest.FromString,
+                    response_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'WatchRollout': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRollout,
+                    request_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutRequest.FromString,
+                    response_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutResponse.SerializeToString,
+            ),
+            'PromoteRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRollout,
+                    request_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutRequest.FromString,
+                    response_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutResponse.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=mlmesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -577,6 +683,168 @@ class RegistryService:
             '/mlmesh.registry.v1.RegistryService/ListAuditEvents',
             mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsRequest.SerializeToString,
             mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.registry.v1.RegistryService/StartRollout',
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.StartRolloutRequest.SerializeToString,
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.StartRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.registry.v1.RegistryService/GetRollout',
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutRequest.SerializeToString,
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.registry.v1.RegistryService/ListRollouts',
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsRequest.SerializeToString,
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlmesh.registry.v1.RegistryService/WatchRollout',
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutRequest.SerializeToString,
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.registry.v1.RegistryService/PromoteRollout',
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutRequest.SerializeToString,
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.registry.v1.RegistryService/AbortRollout',
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutRequest.SerializeToString,
+            mlmesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
