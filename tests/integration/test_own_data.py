@@ -15,7 +15,6 @@ import json
 import os
 import re
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from mlmesh.training.v1 import training_pb2 as pb
 from mlmesh_client import Client, MeshError
 from scripts import sample_data
 from services.launcher.mesh import Mesh
+from tests.integration.readme import run_line, walk_through
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -315,14 +315,6 @@ def test_a_version_in_use_cannot_be_deleted_until_its_job_ends(sdk: Client, tabl
 # -- the README's walk-through, as written ----------------------------------------------------
 
 
-def _walk_through() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Train on your own data") :]
-    section = section[: section.index("\n### ", 1)]
-    (block,) = re.findall(r"^```bash\n(.*?)^```", section, flags=re.M | re.S)[:1]
-    return [line for line in block.splitlines() if line.strip()]
-
-
 def test_the_readme_walk_through_runs_as_written(mesh: Mesh, key: str, tmp_path: Path) -> None:
     # In a directory of its own (the files it writes stay there), with the venv and scripts
     # where the README's lines look for them, and the test mesh's gateway for localhost:8000.
@@ -331,16 +323,8 @@ def test_the_readme_walk_through_runs_as_written(mesh: Mesh, key: str, tmp_path:
     gateway = f"127.0.0.1:{mesh.settings.gateway_port}"
     env = {**os.environ, "MLMESH_GATEWAY": gateway, "MLMESH_API_KEY": key}
     outputs = []
-    for line in _walk_through():
-        done = subprocess.run(
-            ["bash", "-c", line.replace("localhost:8000", gateway)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}"
+    for line in walk_through("### Train on your own data"):
+        done = run_line(line.replace("localhost:8000", gateway), cwd=tmp_path, env=env, timeout=600)
         outputs.append((line, done.stdout, done.stderr))
     text = {line: out + err for line, out, err in outputs}
 

@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from services.launcher.mesh import Mesh
 from services.training.ml.train import train
 from tests.conftest import free_port, metric_sample
 from tests.integration.models import log_classifier
+from tests.integration.readme import run_line, walk_through
 from tests.integration.replicas import inference_replica, service_replica
 from tests.integration.test_training_ml import a_spec
 
@@ -409,14 +409,6 @@ def test_another_registry_decides_while_the_first_is_stopped(ctx: Ctx, tmp_path:
             time.sleep(0.5)
 
 
-def _walk_through() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Safe rollouts") :]
-    section = section[: section.index("\n### ", 1)]
-    (block,) = re.findall(r"^```bash\n(.*?)^```", section, flags=re.M | re.S)[:1]
-    return [line for line in block.splitlines() if line.strip()]
-
-
 @pytest.mark.slow
 def test_the_readme_walk_through_rolls_back_the_weaker_version(
     ctx: Ctx, keys: dict[str, str]
@@ -433,17 +425,8 @@ def test_the_readme_walk_through_rolls_back_the_weaker_version(
     gateway = f"127.0.0.1:{ctx.mesh.settings.gateway_port}"
     env = {**os.environ, "MLMESH_GATEWAY": gateway, "MLMESH_API_KEY": keys["alice"]}
     said = {}
-    for line in _walk_through():
-        done = subprocess.run(
-            ["bash", "-c", line.replace("mnist-classifier", name)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert done.returncode == 0, (line, done.stdout, done.stderr)
+    for line in walk_through("### Safe rollouts"):
+        done = run_line(line.replace("mnist-classifier", name), cwd=ROOT, env=env, timeout=300)
         said[line.split()[1] + " " + line.split()[2]] = done.stdout
         print(f"$ {line}\n{done.stdout}")
     watched = said["rollout watch"]
