@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ import numpy as np
 
 from services.common import db
 from services.common.settings import Settings
-from services.launcher.mesh import API_KEY_HEADER, Mesh, http_ok
+from services.launcher.mesh import API_KEY_HEADER, Mesh, child_env, http_ok
 from services.launcher.process import Child, ChildSpec, Command, LaunchError, port_open
 
 log = logging.getLogger("bench.predict")
@@ -57,6 +58,7 @@ log = logging.getLogger("bench.predict")
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / ".bench"  # ignored: the MLServer venv, the last run's state and logs
 PREDICT_PATH = "/mlmesh.inference.v1.InferenceService/Predict"
+PREDICT_BATCH_PATH = "/mlmesh.inference.v1.InferenceService/PredictBatch"
 MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 CONCURRENCY = (1, 8, 32)
 PIXELS = 784
@@ -69,6 +71,13 @@ TARGET_VS_MLFLOW = 5.0
 TARGET_P99_MS = 50.0
 TARGET_CACHED_P50_MS = 2.0
 TARGET_SCALING = 3.0
+# Targets of issue 19 (serving near the transport floor), reported (never enforced).
+TARGET_OF_FLOOR = 0.60  # uncached REST /predict at the highest concurrency, of the floor's
+TARGET_P50_OVER_FLOOR_MS = 0.5  # uncached REST p50 at c=1 - floor p50 - forward pass p50
+TARGET_CACHED_P50_19_MS = 1.5  # cached REST p50 at c=1
+TARGET_BATCH_OF_FORWARD = 0.70  # batches of 32 at c=8, images/s of the in-process batch 32
+BATCH_IMAGES = 32
+BATCH_CONCURRENCY = 8
 # Targets of "Serve any model", reported (never enforced).
 TARGET_VS_PEERS = 2.0  # MNIST and sklearn: mlmesh req/s at the highest concurrency
 TARGET_OF_CEILING = 0.90  # ResNet: mlmesh images/s vs the in-process best batch
@@ -96,6 +105,11 @@ OIP_GRPC = "gRPC through Envoy, OIP ModelInfer raw"
 PREDICT_REST = "REST through Envoy"
 OIP_REST = "REST through Envoy, /v2 infer JSON"
 OIP_REST_BINARY = "REST through Envoy, /v2 infer binary"
+PREDICT_BATCH_GRPC = f"gRPC through Envoy, PredictBatch of {BATCH_IMAGES}"
+OIP_BATCH_GRPC = f"gRPC through Envoy, OIP ModelInfer raw, {BATCH_IMAGES} rows"
+# The transport floor (bench/floor.py): the same RPCs answered with fixed responses, behind an
+# Envoy rendered from the mesh's gateway configuration.
+FLOOR = "floor (fixed answers)"
 MLSERVER_REST = "REST /v2 infer JSON"
 MLSERVER_GRPC = "gRPC OIP ModelInfer raw"
 INVOCATIONS = "REST /invocations"
@@ -298,6 +312,7 @@ class LoadResult:
     machine_busy: float = math.nan  # share of all CPUs' time busy during the run
     detail: str = ""
     latencies: list[float] = field(default_factory=list, repr=False)  # ms, sorted (h2load)
+    server_cpu_ms: float = math.nan  # the server processes' CPU time per request answered
 
     @property
     def rps(self) -> float:
@@ -647,6 +662,7 @@ class Bench:
     loads: list[float] = field(default_factory=list)  # 1-min load average before each row
     checks: list[Check] = field(default_factory=list)
     rollouts: list[RolloutSlice] = field(default_factory=list)
+    processes: int = 1  # mlmesh's Inference processes (and the floor's)
 
     def next_range(self) -> int:
         first = self.counter
@@ -704,12 +720,13 @@ def load_rows(
     run: Callable[[int, float], LoadResult],
     note: str = "",
     probe: Callable[[], dict[str, float]] | None = None,
+    levels: Sequence[int] = (),
 ) -> None:
-    """Warm up, then measure, at each concurrency; a failure becomes a row that says so.
-    ``probe`` (mlmesh's rows) reads the service's own timings before and after the measured
-    run, which the row's notes then give."""
+    """Warm up, then measure, at each concurrency (``levels``, or the model's); a failure
+    becomes a row that says so. ``probe`` (mlmesh's rows) reads the service's own timings
+    before and after the measured run, which the row's notes then give."""
     tool = "h2load" if path.startswith("gRPC") else "wrk"
-    for c in bench.concurrencies(model):
+    for c in levels or bench.concurrencies(model):
         load = load_average()
         bench.loads.append(load)
         try:
@@ -722,7 +739,10 @@ def load_rows(
             before = probe() if probe else {}
             result = run(c, bench.args.duration)
             if probe:
-                itself = server_side(metrics_delta(before, probe()))
+                delta = metrics_delta(before, probe())
+                if result.requests and not math.isnan(delta.get("cpu_s", math.nan)):
+                    result.server_cpu_ms = delta["cpu_s"] * 1e3 / result.requests
+                itself = server_side(delta)
                 result.detail = "; ".join(x for x in (itself, result.detail) if x)
         except Exception as exc:  # keep going: one broken row must not lose the others
             log.warning("%s %s %s c=%d failed: %s", model, system, path, c, exc)
@@ -741,14 +761,15 @@ SERVER_METRICS = {
 ROWS_ANSWERED = "model_predictions_total"
 
 
-def scrape(url: str) -> dict[str, float]:
+def scrape(*urls: str) -> dict[str, float]:
     """The sums and counts of SERVER_METRICS' histograms and the rows answered (all labels
-    added up), and when it was read ("wall", monotonic seconds)."""
+    and all ``urls``, the Inference processes, added up), and when they were read ("wall",
+    monotonic seconds)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url, timeout=10).text
+    texts = [httpx.get(url, timeout=10).text for url in urls]
     found: dict[str, float] = {"wall": time.monotonic()}
-    for family in text_string_to_metric_families(text):
+    for family in (f for text in texts for f in text_string_to_metric_families(text)):
         for sample in family.samples:
             if sample.name == ROWS_ANSWERED:
                 found["rows"] = found.get("rows", 0.0) + sample.value
@@ -757,6 +778,19 @@ def scrape(url: str) -> dict[str, float]:
                     if sample.name == metric + suffix:
                         found[key + suffix] = found.get(key + suffix, 0.0) + sample.value
     return found
+
+
+def probe_of(urls: Sequence[str], pids: Sequence[int]) -> Callable[[], dict[str, float]]:
+    """What a row reads of the server before and after it: the Inference processes' metrics
+    (``urls``; none for the floor) and the CPU time the server's processes (``pids``) used
+    ("cpu_s")."""
+
+    def probe() -> dict[str, float]:
+        found = scrape(*urls) if urls else {"wall": time.monotonic()}
+        found["cpu_s"] = process_cpu_s(*pids)
+        return found
+
+    return probe
 
 
 def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -860,10 +894,23 @@ class Model:
         }
 
 
+def api_key(settings: Settings) -> str:
+    """The key of the first client in a private mesh's settings (bench_settings makes one)."""
+    return settings.api_keys.split(",")[0].split("=", 1)[1]
+
+
+def predict_body(image: np.ndarray) -> Body:
+    """``POST /predict``'s JSON for one image, its first VARIED pixels varied per request."""
+    return Body.from_json(
+        json_with({"image": "@data@"}, {"@data@": array_json(image.ravel(), range(VARIED))}),
+        [0.0] * VARIED,
+    )
+
+
 def sdk_client(settings: Settings):
     from mlmesh_client.client import Client
 
-    _, key = settings.api_keys.split(",")[0].split("=", 1)
+    key = api_key(settings)
     return Client(f"{settings.gateway_host}:{settings.gateway_port}", api_key=key)
 
 
@@ -1089,7 +1136,7 @@ def wait_for_model(settings: Settings, model: Model, timeout_s: float) -> str | 
     from mlmesh.oip.v2 import grpc_predict_v2_pb2 as oip
 
     host, port = settings.gateway_host, settings.gateway_port
-    auth = {API_KEY_HEADER: settings.api_keys.split(",")[0].split("=", 1)[1]}
+    auth = {API_KEY_HEADER: api_key(settings)}
     if not (ROOT / "services" / "inference").is_dir():
         return "services/inference/ does not exist yet (no Inference service in this tree)"
     message = model_infer_raw(model.name, model.tensors)
@@ -1123,6 +1170,7 @@ def h2load_rows(
     caches: Sequence[str],
     note: str = "",
     probe: Callable[[], dict[str, float]] | None = None,
+    levels: Sequence[int] = (),
 ) -> None:
     """Pre-flight ``target`` (which stores the answer), then load it: per cache, "uncached"
     with ``cache-control: no-cache``, "cached" as it is, "none" for servers without a cache."""
@@ -1164,6 +1212,7 @@ def h2load_rows(
             lambda c, s, t=sent: h2.run(t, c, s),
             "; ".join(x for x in (fixed, note) if x),
             probe,
+            levels,
         )
 
 
@@ -1209,38 +1258,31 @@ def mlmesh_rows(
     wrk: Wrk,
     h2: H2load,
     forward: Callable[[dict[str, np.ndarray]], object] | None,
-    pid: int,
+    processes: list[tuple[int, str]],
 ) -> None:
     """mlmesh's rows of one model: the interleaved checks against the in-process ``forward``
     (the service's runtime; None: no checks), the Open Inference Protocol's rows, then MNIST's
     own routes."""
-    from mlmesh.inference.v1 import inference_pb2
-
     why = wait_for_model(settings, model, timeout_s=120.0)
     if why:
         bench.skip(f"{model.key}: mlmesh rows", why)
         return
     host, port = settings.gateway_host, settings.gateway_port  # gRPC too goes through Envoy
-    _, key = settings.api_keys.split(",")[0].split("=", 1)
-    auth = {API_KEY_HEADER: key}
-    probe = partial(scrape, f"http://127.0.0.1:{settings.inference_ops_port}/metrics")
-    mnist = model.key == "mnist"
+    key = api_key(settings)
+    pids = [pid for pid, _ in processes]
+    probe = probe_of([url for _, url in processes], pids)
     # MNIST keeps its issue-4 rows (cached and uncached): ModelInfer, Predict, POST /predict.
-    caches = ("uncached", "cached") if mnist else ("uncached",)
-    fixed = model.inputs(bench.next_range())
-    # gRPC, h2load: one fixed message, raw little-endian contents (as tritonclient).
-    target = GrpcTarget(
-        "infer", host, port, MODEL_INFER_PATH, model_infer_raw(model.name, fixed), 0, auth
-    )
+    caches = ("uncached", "cached") if model.key == "mnist" else ("uncached",)
     if forward is not None:
+        # gRPC, h2load: one fixed message, raw little-endian contents (as tritonclient).
         checked = GrpcTarget(
             f"{model.key}-check",
             host,
             port,
             MODEL_INFER_PATH,
-            target.message,
+            model_infer_raw(model.name, model.inputs(bench.next_range())),
             0,
-            {**auth, "cache-control": "no-cache"},
+            {API_KEY_HEADER: key, "cache-control": "no-cache"},
         )
         try:
             answer = grpc_call(host, port, MODEL_INFER_PATH, checked.message, checked.headers)
@@ -1262,32 +1304,119 @@ def mlmesh_rows(
                     h2,
                     checked,
                     concurrency,
-                    pid,
+                    pids,
                     probe,
                 )
-    h2load_rows(bench, h2, model, "mlmesh", OIP_GRPC, target, caches, probe=probe)
+    serving_rows(bench, "mlmesh", settings, model, wrk, h2, caches, probe)
+
+
+def serving_rows(
+    bench: Bench,
+    system: str,
+    gateway: Settings,
+    model: Model,
+    wrk: Wrk,
+    h2: H2load,
+    caches: Sequence[str],
+    probe: Callable[[], dict[str, float]] | None = None,
+) -> None:
+    """The rows of one model through the gateway ``gateway`` names, as ``system`` (mlmesh,
+    or the floor): the Open Inference Protocol over gRPC and REST; for MNIST also its own
+    Predict and /predict, and batches of BATCH_IMAGES over PredictBatch and ModelInfer."""
+    from mlmesh.inference.v1 import inference_pb2
+
+    host, port = gateway.gateway_host, gateway.gateway_port  # gRPC too goes through Envoy
+    auth = {API_KEY_HEADER: api_key(gateway)}
+    mnist = model.key == "mnist"
+    fixed = model.inputs(bench.next_range())
+    # gRPC, h2load: one fixed message, raw little-endian contents (as tritonclient).
+    target = GrpcTarget(
+        "infer", host, port, MODEL_INFER_PATH, model_infer_raw(model.name, fixed), 0, auth
+    )
+    h2load_rows(bench, h2, model, system, OIP_GRPC, target, caches, probe=probe)
     # REST through Envoy, wrk: every uncached request a new input.
-    api_key = auth
-    infer_url = f"{settings.gateway_url}/v2/models/{model.name}/infer"
-    oip = HttpTarget("oip", infer_url, oip_json_body(model.tensors, model.varied), api_key)
-    wrk_rows(bench, wrk, model, "mlmesh", OIP_REST, oip, ("uncached",), probe=probe)
+    infer_url = f"{gateway.gateway_url}/v2/models/{model.name}/infer"
+    oip = HttpTarget("oip", infer_url, oip_json_body(model.tensors, model.varied), auth)
+    uncached = [c for c in caches if c != "cached"]
+    wrk_rows(bench, wrk, model, system, OIP_REST, oip, uncached, probe=probe)
     if model.binary_rest:
         binary = HttpTarget(
-            "oip-binary", infer_url, oip_binary_body(model.tensors, model.varied), api_key
+            "oip-binary", infer_url, oip_binary_body(model.tensors, model.varied), auth
         )
         note = "binary tensor extension, binary output"
-        wrk_rows(bench, wrk, model, "mlmesh", OIP_REST_BINARY, binary, ("uncached",), note, probe)
+        wrk_rows(bench, wrk, model, system, OIP_REST_BINARY, binary, uncached, note, probe)
     if not mnist:
         return
     message = inference_pb2.PredictRequest(image=fixed[0].array.ravel().tolist())
     target = GrpcTarget("predict", host, port, PREDICT_PATH, message.SerializeToString(), 0, auth)
-    h2load_rows(bench, h2, model, "mlmesh", PREDICT_GRPC, target, caches, probe=probe)
-    body = Body.from_json(
-        json_with({"image": "@data@"}, {"@data@": array_json(fixed[0].array.ravel(), range(4))}),
-        [0.0] * VARIED,
+    h2load_rows(bench, h2, model, system, PREDICT_GRPC, target, caches, probe=probe)
+    body = predict_body(fixed[0].array)
+    rest = HttpTarget("rest", f"{gateway.gateway_url}/predict", body, auth, True)
+    wrk_rows(bench, wrk, model, system, PREDICT_REST, rest, caches, probe=probe)
+    # Batches: BATCH_IMAGES different images a request, computed afresh (no-cache), at
+    # BATCH_CONCURRENCY; their target is the in-process pass at that batch, not the floor.
+    images = model.batch(BATCH_IMAGES)
+    batch = inference_pb2.PredictBatchRequest(
+        images=[inference_pb2.Image(pixels=row.tolist()) for row in images[fixed[0].name]]
     )
-    rest = HttpTarget("rest", f"{settings.gateway_url}/predict", body, api_key, True)
-    wrk_rows(bench, wrk, model, "mlmesh", PREDICT_REST, rest, caches, probe=probe)
+    levels = [BATCH_CONCURRENCY]
+    target = GrpcTarget("batch", host, port, PREDICT_BATCH_PATH, batch.SerializeToString(), 0, auth)
+    h2load_rows(bench, h2, model, system, PREDICT_BATCH_GRPC, target, uncached, probe=probe,
+                levels=levels)  # fmt: skip
+    stacked = [Tensor(t.name, t.datatype, images[t.name]) for t in model.tensors]
+    target = GrpcTarget(
+        "infer-batch", host, port, MODEL_INFER_PATH, model_infer_raw(model.name, stacked), 0, auth
+    )
+    h2load_rows(bench, h2, model, system, OIP_BATCH_GRPC, target, uncached, probe=probe,
+                levels=levels)  # fmt: skip
+
+
+@contextmanager
+def floor_gateway(settings: Settings, log_dir: Path) -> Iterator[tuple[Settings, list[int]]]:
+    """bench/floor.py, as many processes as the mesh has Inference processes, and an Envoy
+    in front of them rendered from the mesh's gateway configuration (its keys, policy, TLS to
+    the upstream), with the floor in the Inference service's place: that gateway's settings,
+    while they run, and the floor processes' pids."""
+    from gateway.render import render_envoy_config
+    from services.launcher.mesh import envoy_spec, grpc_serving
+
+    floor = settings.model_copy(
+        update={
+            "inference_address": f"127.0.0.1:{free_port()}",
+            "inference_health_port": free_port(),
+            "inference_http_port": free_port(),
+            "gateway_port": free_port(),
+            "gateway_admin_port": free_port(),
+            "gateway_metrics_port": free_port(),
+            "gateway_mlflow_port": free_port(),
+        }
+    )
+    config = render_envoy_config(
+        floor, settings.state_dir / "mlmesh.binpb", log_dir.parent / "envoy-floor.yaml"
+    )
+    envoy = envoy_spec(floor).command()
+    envoy_argv = [str(envoy.argv[0]), "-c", str(config), *map(str, envoy.argv[3:])]
+    env = child_env(floor)
+    with contextlib.ExitStack() as stack:
+        pids = []
+        for e in floor.inference_endpoints():
+            ports = ["--health-port", str(e.health_port), "--http-port", str(e.http_port)]
+            argv = [sys.executable, "-m", "bench.floor", "--address", e.address, *ports]
+            ready = partial(grpc_serving, e.health_address)
+            child = stack.enter_context(child_server(f"floor-{e.index}", argv, env, ready, log_dir))
+            pids.append(child.pid)
+        ready = partial(http_ok, f"{floor.gateway_url}/ready")
+        stack.enter_context(child_server("envoy-floor", envoy_argv, env, ready, log_dir))
+        yield floor, pids
+
+
+def floor_rows(bench: Bench, settings: Settings, model: Model, wrk: Wrk, h2: H2load) -> None:
+    """The floor's rows, as mlmesh's MNIST rows (its answers are fixed, so: no cache)."""
+    try:
+        with floor_gateway(settings, settings.state_dir / "logs") as (floor, pids):
+            serving_rows(bench, FLOOR, floor, model, wrk, h2, ("none",), probe_of([], pids))
+    except LaunchError as exc:
+        bench.skip(PARTS["floor"], f"it did not start: {exc}")
 
 
 # -- baseline servers ---------------------------------------------------------------------------
@@ -1298,19 +1427,13 @@ def child_server(
     name: str,
     argv: list[str],
     env: dict[str, str],
-    ready_url: str,
-    port: int,
+    ready: Callable[[], bool],
     log_dir: Path,
     timeout_s: float = 180.0,
 ) -> Iterator[Child]:
     """Run a server as the launcher runs its children (own group, log file), until ready."""
     spec = ChildSpec(
-        name=name,
-        what=f"{name} at 127.0.0.1:{port}",
-        command=lambda: Command(argv),
-        ready=partial(http_ok, ready_url),
-        timeout_s=timeout_s,
-        ports=[("127.0.0.1", port)],
+        name=name, what=name, command=lambda: Command(argv), ready=ready, timeout_s=timeout_s
     )
     child = Child(spec, spec.command(), log_dir / f"{name}.log", env)
     child.start()
@@ -1368,9 +1491,8 @@ def mlflow_serve_rows(bench: Bench, settings: Settings, wrk: Wrk, logs: Path) ->
             f"mlflow-{model.key}", f"http://127.0.0.1:{port}/invocations", model.invocations
         )
         try:
-            with child_server(
-                f"mlflow-serve-{model.key}", argv, env, f"http://127.0.0.1:{port}/ping", port, logs
-            ):
+            ready = partial(http_ok, f"http://127.0.0.1:{port}/ping")
+            with child_server(f"mlflow-serve-{model.key}", argv, env, ready, logs):
                 wrk_rows(
                     bench,
                     wrk,
@@ -1442,6 +1564,7 @@ PARTS = {
     "mlserver": "Seldon MLServer",
     "forward": "the in-process forward pass",
     "rollout": "rollouts: canary and shadow against none (MNIST Predict, concurrency 32)",
+    "floor": "the transport floor (bench/floor.py behind the same gateway configuration)",
 }
 
 
@@ -1481,7 +1604,7 @@ def mlserver_rows(bench: Bench, wrk: Wrk, h2: H2load, work_dir: Path, logs: Path
     argv = [str(python.parent / "mlserver"), "start", str(repo)]
     env = peer_env(bench.args.inference_threads, python.parent)
     try:
-        with child_server("mlserver", argv, env, f"{base}/v2/health/live", http_port, logs):
+        with child_server("mlserver", argv, env, partial(http_ok, f"{base}/v2/health/live"), logs):
             for model in bench.models.values():
                 ready = f"{base}/v2/models/{model.key}/ready"
                 deadline = time.monotonic() + 120
@@ -1661,13 +1784,24 @@ def ceiling(bench: Bench, model: str, batch: int | None = None) -> ForwardRow | 
 # -- the service against the in-process pass, interleaved --------------------------------------
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, every thread) process ``pid`` has used; NaN where unknown."""
+def process_cpu_s(*pids: int) -> float:
+    """CPU seconds (user + system, every thread) processes ``pids`` have used together; NaN
+    where unknown."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stats = [Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split() for pid in pids]
+        return sum(int(f[11]) + int(f[12]) for f in stats) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return math.nan
+
+
+def inference_processes(mesh: Mesh) -> list[tuple[int, str]]:
+    """(pid, /metrics URL) of each of the mesh's Inference processes: mlmesh's CPU and its
+    own timings are the sum over them."""
+    pids = mesh.pids()
+    return [
+        (pids[e.name], f"http://127.0.0.1:{e.ops_port}/metrics")
+        for e in mesh.settings.inference_endpoints()
+    ]
 
 
 @dataclass
@@ -1685,7 +1819,7 @@ class Check:
     forward_cpu_ms: float  # this process's CPU per input
     served_rps: float
     served_p50_ms: float
-    served_cpu_ms: float  # the Inference process's CPU per row answered (warm-ups included)
+    served_cpu_ms: float  # the Inference processes' CPU per row answered (warm-ups included)
     server: str  # what the service measured of itself (server_side)
     loads: list[float]  # 1-min load averages before each slice
 
@@ -1698,7 +1832,7 @@ def interleaved_check(
     h2: H2load,
     target: GrpcTarget,
     concurrency: int,
-    pid: int,
+    pids: Sequence[int],
     probe: Callable[[], dict[str, float]],
 ) -> Check:
     """``--rounds`` rounds of one in-process slice and one served slice (``--slice-seconds``
@@ -1717,9 +1851,9 @@ def interleaved_check(
                     time_forward(model.key, "check", forward, batch, a.slice_seconds, quiet=True)
                 )
                 continue
-            before, cpu = probe(), process_cpu_s(pid)
+            before, cpu = probe(), process_cpu_s(*pids)
             served.append(h2.run(target, concurrency, a.slice_seconds, a.warm_up))
-            served_cpu += process_cpu_s(pid) - cpu
+            served_cpu += process_cpu_s(*pids) - cpu
             for key, value in metrics_delta(before, probe()).items():
                 served_metrics[key] = served_metrics.get(key, 0.0) + value
     served_rows = served_metrics.get("rows", 0.0)
@@ -1805,6 +1939,10 @@ def uptime() -> str:
         return f"load average {os.getloadavg()}"
 
 
+def cpu_ms(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
 def ms(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}"
 
@@ -1865,6 +2003,75 @@ def issue4_targets(bench: Bench) -> list[Target]:
             )
         else:
             out.append((f"{name}: c={cmax} vs c={cmin}", "not measured", None))
+    return out
+
+
+def floor_targets(bench: Bench) -> list[Target]:
+    """The targets of issue 19, on the MNIST rows: mlmesh against the floor (the same
+    gateway, a servicer answering fixed responses), the in-process pass and mlflow serve."""
+    cmax, cmin = max(bench.args.concurrency), min(bench.args.concurrency)
+    rest = partial(bench.find, "mnist", "mlmesh", PREDICT_REST)
+    floor = partial(bench.find, "mnist", FLOOR, PREDICT_REST, "none")
+    out: list[Target] = []
+    ours, base = rest("uncached", cmax), floor(cmax)
+    name = f"uncached REST through Envoy at c={cmax} ≥ {TARGET_OF_FLOOR:.0%} of the floor's"
+    if ours and base and base.rps:
+        share = ours.rps / base.rps
+        measured = f"{ours.rps:.0f} / {base.rps:.0f} req/s = **{share:.0%}**"
+        out.append((name, measured, share >= TARGET_OF_FLOOR))
+    else:
+        out.append((name, "not measured", None))
+    ours, base, one = rest("uncached", cmin), floor(cmin), ceiling(bench, "mnist", 1)
+    name = (
+        f"uncached REST p50 at c={cmin} ≤ the floor's p50 + the in-process batch-1 pass's p50 "
+        f"+ {TARGET_P50_OVER_FLOOR_MS:g} ms"
+    )
+    if ours and base and one:
+        bound = base.p50_ms + one.p50_ms + TARGET_P50_OVER_FLOOR_MS
+        measured = (
+            f"{ms(ours.p50_ms)} ms against {ms(base.p50_ms)} + {one.p50_ms:.2f} + "
+            f"{TARGET_P50_OVER_FLOOR_MS:g} = {bound:.2f} ms: **{ours.p50_ms - bound:+.2f} ms**"
+        )
+        out.append((name, measured, ours.p50_ms <= bound))
+    else:
+        out.append((name, "not measured", None))
+    theirs = bench.find("mnist", MLFLOW_SERVE, INVOCATIONS, "none", cmin)
+    name = f"uncached REST p50 at c={cmin} below `mlflow models serve`'s"
+    if ours and theirs:
+        measured = f"{ms(ours.p50_ms)} / {ms(theirs.p50_ms)} ms"
+        out.append((name, measured, ours.p50_ms < theirs.p50_ms))
+    else:
+        out.append((name, "not measured", None))
+    cached = rest("cached", cmin)
+    out.append(
+        (
+            f"cached REST p50 at c={cmin} < {TARGET_CACHED_P50_19_MS:g} ms",
+            f"p50 **{ms(cached.p50_ms)} ms**" if cached else "not measured",
+            cached.p50_ms < TARGET_CACHED_P50_19_MS if cached else None,
+        )
+    )
+    cached = rest("cached", cmax)
+    out.append(
+        (
+            f"cached REST p99 at c={cmax} < {TARGET_P99_MS:g} ms",
+            f"p99 **{ms(cached.p99_ms)} ms**" if cached else "not measured",
+            cached.p99_ms < TARGET_P99_MS if cached else None,
+        )
+    )
+    forward = ceiling(bench, "mnist", BATCH_IMAGES)
+    for path in (PREDICT_BATCH_GRPC, OIP_BATCH_GRPC):
+        ours = bench.find("mnist", "mlmesh", path, "uncached", BATCH_CONCURRENCY)
+        name = (
+            f"{path}, uncached, c={BATCH_CONCURRENCY}: images/s ≥ "
+            f"{TARGET_BATCH_OF_FORWARD:.0%} of the in-process pass at batch {BATCH_IMAGES}"
+        )
+        if ours and forward:
+            images = ours.rps * BATCH_IMAGES
+            share = images / forward.images_per_s
+            measured = f"{images:.0f} / {forward.images_per_s:.0f} images/s = **{share:.0%}**"
+            out.append((name, measured, share >= TARGET_BATCH_OF_FORWARD))
+        else:
+            out.append((name, "not measured", None))
     return out
 
 
@@ -1946,11 +2153,11 @@ def checks_section(bench: Bench) -> list[str]:
         "## mlmesh against the in-process pass, interleaved (the targets' measurements)",
         "",
         f"{a.rounds} rounds, each one slice of the service's runtime in this process and one "
-        f"of mlmesh's ModelInfer over gRPC (h2load straight to the Inference port, "
+        f"of mlmesh's ModelInfer over gRPC (h2load through Envoy, "
         f"`cache-control: no-cache`, one fixed input; {a.warm_up:g} s uncounted warm-up on "
         f"the same connections), {a.slice_seconds:g} s each, in ABBA order, so that load from "
         "the machine's other users falls on both alike. *CPU per input*: this process's CPU "
-        "time per input in-process, the Inference process's per row answered when served "
+        "time per input in-process, the Inference processes' (summed) per row answered when served "
         "(every thread, warm-ups included); their difference is what serving costs beyond "
         "the model. *in the service* comes from the service's own metrics: time from the "
         "request's arrival in its handler to its answer, and the forward passes (of the "
@@ -1987,22 +2194,36 @@ ROWS_EXPLAINED = (
     "design, is the limit); *load avg* the machine's 1-minute load average when the row "
     "began (other users' work included). mlmesh's notes give what the service measured of "
     "itself during the row (its metrics): the mean time a request spent in it, and its "
-    "forward passes with their mean rows (the dynamic batcher)."
+    "forward passes with their mean rows (the dynamic batcher). *of the floor*: the row's "
+    "requests/s as a share of the floor's on the same path and concurrency, and its p50 "
+    "beyond the floor's; *server CPU ms/request*: the CPU time the server's processes (every "
+    "Inference process, or the floor's) used during the measured run, per request (Envoy's "
+    "and Redis's not included; n/a for the peers)."
 )
+
+
+def of_floor(bench: Bench, row: Row) -> str:
+    """A row's requests/s as a share of the floor's on its path and concurrency, and its p50
+    beyond the floor's; empty where the floor has no such row."""
+    base = bench.find(row.model, FLOOR, row.path, "none", row.concurrency)
+    if row.result is None or base is None or not base.rps:
+        return ""
+    return f"{row.result.rps / base.rps:.0%}, {row.result.p50_ms - base.p50_ms:+.2f} ms"
 
 
 def model_table(bench: Bench, model: Model) -> list[str]:
     lines = [
         "| server | path | load generator | cache | concurrency | requests/s | p50 ms | p99 ms "
-        "| errors | cached answers | load-gen CPU | machine busy | load avg | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| of the floor (req/s, p50) | server CPU ms/request | errors | cached answers "
+        "| load-gen CPU | machine busy | load avg | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in (r for r in bench.rows if r.model == model.key):
         r = row.result
         if r is None:
             lines.append(
                 f"| {row.system} | {row.path} | {row.tool} | {row.cache} | {row.concurrency} "
-                f"| - | - | - | - | - | - | - | {row.load:.1f} | {row.note} |"
+                f"| - | - | - | - | - | - | - | - | - | {row.load:.1f} | {row.note} |"
             )
             continue
         hits = "n/a" if r.cached is None else f"{r.cached}/{r.requests}"
@@ -2010,7 +2231,8 @@ def model_table(bench: Bench, model: Model) -> list[str]:
         rps = f"{r.rps:.0f}" if r.rps >= 100 else f"{r.rps:.1f}"
         lines.append(
             f"| {row.system} | {row.path} | {row.tool} | {row.cache} | {row.concurrency} "
-            f"| {rps} | {ms(r.p50_ms)} | {ms(r.p99_ms)} | {r.errors} | {hits} "
+            f"| {rps} | {ms(r.p50_ms)} | {ms(r.p99_ms)} | {of_floor(bench, row)} "
+            f"| {cpu_ms(r.server_cpu_ms)} | {r.errors} | {hits} "
             f"| {r.loadgen_cpu:.0%} | {r.machine_busy:.0%} | {row.load:.1f} | {notes} |"
         )
     return lines
@@ -2115,15 +2337,24 @@ def report(bench: Bench, command: str, started: float, tools: str) -> str:
         f"(`MLMESH_INFERENCE_THREADS={a.inference_threads}`, one forward-pass thread), the "
         "in-process ceiling's, the ResNet's ONNX session options (which mlflow serve and "
         "MLServer read), and `OMP_NUM_THREADS`/`MKL_NUM_THREADS` of the peers (torch, numpy). "
-        "Each server is one process with one worker: mlflow serve `-w 1`, MLServer "
-        "`parallel_workers: 1` (its default; no adaptive batching), mlmesh one Inference "
-        "process (its dynamic batching on: up to 32 per pass, its default)",
+        "Each server at its defaults: mlflow serve one worker (`-w 1`), MLServer "
+        "`parallel_workers: 1` (no adaptive batching), mlmesh one Inference process per core "
+        f"({bench.processes} here, behind Envoy; its dynamic batching on: up to 32 per pass); "
+        f"the floor as many processes as mlmesh",
         "",
         "Models:",
         "",
         *[f"- **{m.title}**: {m.about}." for m in bench.models.values()],
     ]
     if "mnist" in bench.models:
+        lines += [
+            "",
+            "## Targets (issue 19: near the transport floor; MNIST)",
+            "",
+            "| target | measured | verdict |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {t} | {m} | {verdict(ok)} |" for t, m, ok in floor_targets(bench)]
         lines += [
             "",
             "## Targets (issue 4: MNIST, mlmesh's own routes)",
@@ -2160,7 +2391,7 @@ def report(bench: Bench, command: str, started: float, tools: str) -> str:
 
 def print_targets(bench: Bench) -> None:
     print("\nTargets (reported, not enforced):", flush=True)
-    found = issue4_targets(bench) if "mnist" in bench.models else []
+    found = floor_targets(bench) + issue4_targets(bench) if "mnist" in bench.models else []
     for t, m, ok in found + any_model_targets(bench):
         mark = {None: "n/a   ", True: "HOLDS ", False: "MISSES"}[ok]
         print(f"  [{mark}] {t}: {m.replace('**', '')}", flush=True)
@@ -2204,7 +2435,7 @@ def rollout_rows(bench: Bench, settings: Settings, model: Model, h2: H2load) -> 
         model.name, production.source, run_id=production.run_id, model_id=logged
     )
     host, port = settings.gateway_host, settings.gateway_port
-    _, key = settings.api_keys.split(",")[0].split("=", 1)
+    key = api_key(settings)
     auth = [(API_KEY_HEADER, key)]
     message = inference_pb2.PredictRequest(image=model.inputs(0)[0].array.ravel().tolist())
     target = GrpcTarget(
@@ -2293,6 +2524,94 @@ def rollout_section(bench: Bench) -> list[str]:
 # -- main ---------------------------------------------------------------------------------------
 
 
+# -- scaling: requests/s by the number of Inference processes ----------------------------------
+
+
+@dataclass
+class ScalingStep:
+    processes: int
+    mlmesh: LoadResult | None
+    floor: LoadResult | None
+    load: float
+
+
+def rest_rate(
+    wrk: Wrk, gateway: Settings, model: Model, bench: Bench, concurrency: int
+) -> LoadResult:
+    """Uncached REST /predict through ``gateway`` at ``concurrency``: a warm-up, then the
+    measured run, each with new inputs."""
+    body = predict_body(model.tensors[0].array)
+    auth = {API_KEY_HEADER: api_key(gateway)}
+    target = HttpTarget("scaling", f"{gateway.gateway_url}/predict", body, auth)
+    warm = wrk.run(target, concurrency, bench.args.warm_up, "vary", bench.next_range())
+    time.sleep(0.0 if math.isnan(warm.p99_ms) else min(10.0, warm.p99_ms / 1e3))
+    return wrk.run(target, concurrency, bench.args.duration, "vary", bench.next_range())
+
+
+def scaling_run(bench: Bench, settings: Settings, wrk: Wrk, work_dir: Path) -> list[ScalingStep]:
+    """The mesh with 1, 2, ... --scaling Inference processes, one after another on the same
+    databases (MNIST registered once): uncached REST /predict at the highest concurrency
+    through Envoy, and the floor with as many processes, each step."""
+    steps = []
+    model = None
+    c = max(bench.args.concurrency)
+    for n in range(1, bench.args.scaling + 1):
+        print(f"\n== {n} Inference process(es) ==", flush=True)
+        with Mesh(settings.model_copy(update={"inference_processes": n})) as mesh:
+            ready = mesh.settings
+            if model is None:
+                model = register_mnist(ready, bench.args.train_images, work_dir)
+            why = wait_for_model(ready, model, timeout_s=120.0)
+            if why:
+                bench.skip(f"scaling with {n} process(es)", why)
+                continue
+            load = load_average()
+            ours = rest_rate(wrk, ready, model, bench, c)
+            with floor_gateway(ready, ready.state_dir / "logs") as (floor, _):
+                theirs = rest_rate(wrk, floor, model, bench, c)
+        steps.append(ScalingStep(n, ours, theirs, load))
+        print(f"  {n}: mlmesh {ours.rps:.0f} req/s, floor {theirs.rps:.0f} req/s", flush=True)
+    return steps
+
+
+def scaling_report(bench: Bench, steps: list[ScalingStep], command: str, started: float) -> str:
+    a = bench.args
+    c = max(a.concurrency)
+    lines = [
+        "# Prediction serving: scaling by Inference processes",
+        "",
+        "Written by `bench/predict.py --scaling N`; each run replaces this file. For each N "
+        "from 1, a mesh with `MLMESH_INFERENCE_PROCESSES=N` (Envoy balancing over them) and "
+        "the floor (`bench/floor.py`, N processes behind an Envoy rendered from the same "
+        f"configuration); MNIST, uncached REST `/predict` through Envoy at c={c}, wrk, "
+        f"{a.warm_up:g} s warm-up then {a.duration:g} s measured.",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(started))}, "
+        f"{(time.monotonic() - a.t0) / 60:.1f} minutes  ",
+        f"Machine: {machine()}; {versions()}  ",
+        f"Load: `uptime` when the run began: `{a.uptime_start}`; when it ended: `{uptime()}`",
+        "",
+        "| Inference processes | mlmesh req/s | p50 ms | p99 ms | floor req/s | floor p50 ms "
+        "| of the floor | vs 1 process | machine busy | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    first = steps[0].mlmesh.rps if steps and steps[0].mlmesh else math.nan
+    for step in steps:
+        ours, theirs = step.mlmesh, step.floor
+        if ours is None or theirs is None:
+            continue
+        share = ours.rps / theirs.rps if theirs.rps else math.nan
+        lines.append(
+            f"| {step.processes} | {ours.rps:.0f} | {ms(ours.p50_ms)} | {ms(ours.p99_ms)} "
+            f"| {theirs.rps:.0f} | {ms(theirs.p50_ms)} | {share:.0%} | {ours.rps / first:.2f}x "
+            f"| {ours.machine_busy:.0%} | {step.load:.1f} |"
+        )
+    if bench.notes:
+        lines += ["", "## Notes", ""] + [f"- {' '.join(n.split())}" for n in bench.notes]
+    return "\n".join(lines) + "\n"
+
+
 def check_tools() -> str | None:
     missing = [t for t in ("wrk", "h2load") if shutil.which(t) is None]
     if missing:
@@ -2307,16 +2626,28 @@ def comma_set(text: str) -> list[str]:
     return list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_load_arguments(
+    parser: argparse.ArgumentParser, concurrency: Sequence[int], concurrency_help: str
+) -> None:
+    """The options every bench script loads its rows with: --duration, --warm-up (seconds
+    per row) and --concurrency (comma-separated, run in increasing order)."""
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per row")
     parser.add_argument("--warm-up", type=float, default=2.0, help="warm-up seconds per row")
     parser.add_argument(
         "--concurrency",
         type=lambda s: sorted({int(x) for x in s.split(",")}),
-        default=list(CONCURRENCY),
-        help="comma-separated concurrencies (default 1,8,32; MNIST runs at each, the other "
-        "models at the lowest and highest)",
+        default=list(concurrency),
+        help=concurrency_help,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_load_arguments(
+        parser,
+        CONCURRENCY,
+        "comma-separated concurrencies (default 1,8,32; MNIST runs at each, the other models "
+        "at the lowest and highest)",
     )
     parser.add_argument(
         "--models",
@@ -2359,6 +2690,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated parts to run, the others skipped: {', '.join(PARTS)} (e.g. "
         "--only rollout, with --models mnist)",
     )
+    parser.add_argument(
+        "--scaling",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the whole run: MNIST's uncached REST at the highest concurrency with "
+        "1, 2, ... N Inference processes, and the floor with as many (report: "
+        "results/predict-scaling.md)",
+    )
     parser.add_argument("--reinstall-mlserver", action="store_true")
     parser.add_argument(
         "--rate-limits",
@@ -2373,6 +2713,8 @@ def main(argv: list[str] | None = None) -> int:
         "predict-PARTS.md beside it, so a partial run leaves the full report alone)",
     )
     args = parser.parse_args(argv)
+    if args.out is None and args.scaling:
+        args.out = ROOT / "bench" / "results" / "predict-scaling.md"
     if args.out is None:
         stem = "predict-" + "-".join(sorted(args.only)) if args.only else "predict"
         args.out = ROOT / "bench" / "results" / f"{stem}.md"
@@ -2415,9 +2757,22 @@ def main(argv: list[str] | None = None) -> int:
         f"rows), {args.loadgen_threads} thread(s) each, one process at a time"
     )
     print(f"state, logs and load scripts: {state_dir}", flush=True)
+    command = "python -m bench.predict " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.scaling:
+        try:
+            steps = scaling_run(bench, settings, wrk, work_dir)
+        except LaunchError as exc:
+            print(f"error: the mesh did not start: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            drop_databases(settings)
+        args.out.write_text(scaling_report(bench, steps, command.strip(), started_wall))
+        print(f"\nwrote {args.out}", flush=True)
+        return 0
     try:
         with Mesh(settings) as mesh:
             settings = mesh.settings
+            bench.processes = settings.inference_process_count
             registrations = {
                 "mnist": lambda: register_mnist(settings, args.train_images, work_dir),
                 "resnet": lambda: register_resnet(settings, args.inference_threads, work_dir),
@@ -2431,7 +2786,7 @@ def main(argv: list[str] | None = None) -> int:
                     bench.skip(f"{key}: every row", f"registering it failed: {exc}")
             # Per model, the in-process pass and then mlmesh's rows, close in time: the
             # machine's other load changes by the minute. Then the peers.
-            for part in ("forward", "mlmesh", "rollout"):
+            for part in ("forward", "floor", "mlmesh", "rollout"):
                 if part in args.skip:
                     bench.skip(PARTS[part], f"--skip {part}")
             for model in bench.models.values():
@@ -2439,10 +2794,13 @@ def main(argv: list[str] | None = None) -> int:
                 if "forward" not in args.skip:
                     print(f"\n== {model.title}: {PARTS['forward']} ==", flush=True)
                     forward = in_process_rows(bench, model, args.inference_threads)
+                if model.key == "mnist" and "floor" not in args.skip:
+                    print(f"\n== {PARTS['floor']} ==", flush=True)
+                    floor_rows(bench, settings, model, wrk, h2)
                 if "mlmesh" not in args.skip:
                     print(f"\n== {model.title}: {PARTS['mlmesh']} ==", flush=True)
-                    pid = mesh.pids().get("inference", 0)
-                    mlmesh_rows(bench, settings, model, wrk, h2, forward, pid)
+                    processes = inference_processes(mesh)
+                    mlmesh_rows(bench, settings, model, wrk, h2, forward, processes)
                 if model.key == "mnist" and "rollout" not in args.skip:
                     print(f"\n== {model.title}: {PARTS['rollout']} ==", flush=True)
                     rollout_rows(bench, settings, model, h2)
@@ -2461,7 +2819,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         drop_databases(settings)
-    command = "python -m bench.predict " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(bench, command.strip(), started_wall, tools))
     print_targets(bench)

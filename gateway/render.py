@@ -543,17 +543,19 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
     if not keys:
         raise ApiKeyError("no API keys configured: set MLMESH_API_KEYS or MLMESH_API_KEYS_FILE")
     mesh_tls = mesh_tls_files(settings)
-    addresses = {
-        "registry": settings.registry_address,
-        "training": settings.training_address,
-        "inference": settings.inference_address,
+    # Each cluster's endpoints, as (host, port): one per Inference process of the launcher,
+    # which Envoy balances per request (see the README's architecture section).
+    inference = settings.inference_endpoints()
+    endpoints = {
+        "registry": [split_address(settings.registry_address)],
+        "training": [split_address(settings.training_address)],
+        "inference": [split_address(e.address) for e in inference],
     }
     clusters = []
     for service, cluster in SERVICE_CLUSTERS.items():
         if any(c["name"] == cluster for c in clusters):
             continue  # health-checked through the first service it serves
-        host, port = split_address(addresses[cluster])
-        clusters.append({"name": cluster, "service": service, "host": host, "port": port})
+        clusters.append({"name": cluster, "service": service, "endpoints": endpoints[cluster]})
     # Native gRPC requests match a route by RPC path. REST requests meet api_key_auth and
     # strict_json.lua before the transcoder, on their REST path: every REST binding has a
     # route, public only where the RPC is, that names the message its body maps to; any other
@@ -652,8 +654,7 @@ def render_envoy_config(settings: Settings, descriptor_path: Path, out_path: Pat
         grpc_clusters=clusters,
         oip_http={
             "name": OIP_HTTP_CLUSTER,
-            "host": split_address(settings.inference_address)[0],
-            "port": settings.inference_http_port,
+            "endpoints": [(e.host, e.http_port) for e in inference],
         },
         ops_host=split_address(settings.registry_address)[0],
         ops_port=settings.registry_ops_port,

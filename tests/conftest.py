@@ -53,6 +53,9 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "inference_ops_port": free_port(),
         "inference_http_port": free_port(),
         "inference_health_port": free_port(),
+        # One Inference process, whatever the cores (the default): two cores are shared by
+        # the whole mesh here. test_inference_processes.py runs two.
+        "inference_processes": 1,
         "gateway_port": free_port(),
         "gateway_admin_port": free_port(),
         "gateway_metrics_port": free_port(),

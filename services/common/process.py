@@ -142,3 +142,17 @@ async def serve_process(
         gc.collect()
         gc.freeze()
         await wait_for_termination()
+
+
+def run_service(
+    settings: Settings, address: str, ops_port: int, build: Callable[[Backends], ServiceParts]
+) -> None:
+    """A service process's entrypoint: ``serve_process`` on the event loop the settings name
+    (uvloop by default)."""
+    main = serve_process(settings, address, ops_port, build)
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)

@@ -114,6 +114,7 @@ class GrpcServer:
         registrations: Sequence[Registration],
         limiter: RateLimiter | None = None,
         health_address: str = "",
+        interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
     ) -> None:
         self._settings = settings
         self._address = address
@@ -123,7 +124,13 @@ class GrpcServer:
         self._health = health.aio.HealthServicer()
         limit = settings.grpc_max_message_bytes
         self._server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(limiter)],
+            # mlmesh's own (identity, limits, errors, access log, metrics) unless told otherwise:
+            # bench/floor.py serves without any, to measure the transport alone.
+            interceptors=(
+                [ServiceInterceptor(limiter, settings.prediction_log_every)]
+                if interceptors is None
+                else list(interceptors)
+            ),
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -8,8 +8,10 @@ and pass it down; nothing else reads the environment.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -66,6 +68,56 @@ class MeshTlsFiles:
             self.gateway_key,
         )  # fmt: skip
         return [p for p in wanted if not p.is_file()]
+
+
+# Inference process i listens on each of the Inference ports plus i times this step: ports
+# plus i would collide at once (the ops port 9104 + 1 is the OIP HTTP port 9105), and gRPC
+# 50053 + 10 is the health port 50063. A step of 100 keeps 16 processes' ports clear of each
+# other and of the other services' defaults.
+INFERENCE_PORT_STEP = 100
+
+
+@dataclass(frozen=True)
+class InferenceEndpoint:
+    """Where one of the launcher's Inference processes listens (Settings.inference_endpoints)."""
+
+    index: int  # 0, 1, ...: process 0 listens on the configured ports themselves
+    address: str  # host:port of its gRPC server (mutual TLS)
+    health_port: int  # its plain-text grpc.health.v1 port, same host
+    ops_port: int  # its /ready, /health, /metrics
+    http_port: int  # its Open Inference Protocol REST face (/v2), same host
+
+    @property
+    def name(self) -> str:
+        """The launcher's name for the process (its log file, Mesh.pids()): ``inference``,
+        then ``inference-1``, ``inference-2``, ..."""
+        return "inference" if self.index == 0 else f"inference-{self.index}"
+
+    @property
+    def host(self) -> str:
+        return split_address(self.address)[0]
+
+    @property
+    def health_address(self) -> str:
+        return f"{self.host}:{self.health_port}"
+
+    def ports(self) -> dict[str, int]:
+        """Every port the process binds, by what it serves."""
+        return {
+            "gRPC": split_address(self.address)[1],
+            "health": self.health_port,
+            "ops": self.ops_port,
+            "OIP HTTP": self.http_port,
+        }
+
+    def settings_update(self) -> dict[str, object]:
+        """The settings that differ for this process: its own ports."""
+        return {
+            "inference_address": self.address,
+            "inference_health_port": self.health_port,
+            "inference_ops_port": self.ops_port,
+            "inference_http_port": self.http_port,
+        }
 
 
 class Settings(BaseSettings):
@@ -139,11 +191,20 @@ class Settings(BaseSettings):
         description="HTTP port of the Inference process's Open Inference Protocol REST face "
         "(/v2), which the gateway forwards to; the same host as MLMESH_INFERENCE_ADDRESS.",
     )
+    inference_processes: int = Field(
+        0,
+        ge=0,
+        description="How many Inference processes the launcher runs, behind one gateway "
+        "cluster; process i listens on each MLMESH_INFERENCE_* port plus 100 x i. 0: one per "
+        "core this process may use (`len(os.sched_getaffinity(0))`). Compose and Kubernetes "
+        "run one per container or pod (1) and scale by replicas.",
+    )
     registry_inference_target: str = Field(
         "",
         description="host:port at which the Registry reaches the Inference service to check "
         "that a version loads before making it production or staging; empty: "
-        "MLMESH_INFERENCE_ADDRESS (right when both run on one machine).",
+        "MLMESH_INFERENCE_ADDRESS (right when both run on one machine: the launcher's "
+        "Inference process 0; every process loads a promoted version on its own).",
     )
     promotion_load_timeout_s: float = Field(
         120.0,
@@ -166,6 +227,21 @@ class Settings(BaseSettings):
         1.0,
         description="How long the batcher waits for more requests before a forward pass "
         "that is not full; 0 batches only what is already queued.",
+    )
+    batch_max_size_cuda: int = Field(
+        256,
+        description="Most rows the dynamic batcher puts in one forward pass of a version that "
+        "runs on a CUDA device (a GPU answers a large batch in about the time of a small one).",
+    )
+    batch_max_wait_ms_cuda: float = Field(
+        2.0,
+        description="How long the batcher waits for more requests before a forward pass on a "
+        "CUDA device that is not full.",
+    )
+    inference_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where forward passes run: auto (a CUDA device when there is one, else "
+        "the CPU), cpu, or cuda (refused at start-up where there is none).",
     )
     inference_threads: int = Field(
         1, description="Threads one forward pass uses (ONNX Runtime intra-op / torch)."
@@ -325,6 +401,17 @@ class Settings(BaseSettings):
         "`fashion-mnist-classifier`.)",
     )
     log_level: str = Field("INFO", description="Log level of every process.")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="The event loop of the service processes: uvloop (libuv, in C: less CPU "
+        "per request) or Python's own asyncio loop.",
+    )
+    prediction_log_every: int = Field(
+        100,
+        ge=1,
+        description="The access log's share of predictions answered OK: one line per this "
+        "many (errors always have theirs; 1 logs every one). Every other RPC is logged.",
+    )
 
     @model_validator(mode="after")
     def _databases_of_the_state_dir(self) -> Settings:
@@ -352,6 +439,39 @@ class Settings(BaseSettings):
                 raise ValueError(f"MLMESH_GATEWAY_TLS_{name}_FILE {path} is not a file")
         return self
 
+    @model_validator(mode="after")
+    def _inference_ports_apart(self) -> Settings:
+        # The ports of Inference processes 1, 2, ... must be free of each other and of every
+        # port the launcher's other processes bind on the same machine. (Process 0's are the
+        # configured ports, checked by whoever binds them, as any service's: a gateway may
+        # well render one upstream for all three services.)
+        taken: dict[int, str] = {}
+        for name in (
+            "registry_ops_port", "registry_health_port", "training_ops_port",
+            "training_health_port", "worker_ops_port", "gateway_port", "gateway_admin_port",
+            "gateway_metrics_port", "gateway_mlflow_port",
+        ):  # fmt: skip
+            taken[getattr(self, name)] = f"MLMESH_{name.upper()}"
+        taken[split_address(self.registry_address)[1]] = "MLMESH_REGISTRY_ADDRESS"
+        taken[split_address(self.training_address)[1]] = "MLMESH_TRAINING_ADDRESS"
+        taken.pop(0, None)  # a port of 0 is off
+        for e in self.inference_endpoints():
+            for what, port in e.ports().items():
+                where = f"Inference process {e.index}'s {what} port"
+                if e.index > 0 and not 0 < port < 65536:
+                    raise ValueError(
+                        f"{where} would be {port}, not a TCP port: lower "
+                        "MLMESH_INFERENCE_PROCESSES or the MLMESH_INFERENCE_* ports"
+                    )
+                if e.index > 0 and port in taken:
+                    raise ValueError(
+                        f"{where} {port} is also {taken[port]}: give the Inference ports room "
+                        f"(process i uses each plus {INFERENCE_PORT_STEP} x i) or lower "
+                        "MLMESH_INFERENCE_PROCESSES"
+                    )
+                taken[port] = where
+        return self
+
     @field_validator("rate_limits")
     @classmethod
     def _valid_rate_limits(cls, value: str) -> str:
@@ -374,6 +494,31 @@ class Settings(BaseSettings):
         """inference_flavors as a tuple; onnx is always among them."""
         listed = (f.strip() for f in self.inference_flavors.split(","))
         return tuple(dict.fromkeys(["onnx", *(f for f in listed if f)]))
+
+    @property
+    def inference_process_count(self) -> int:
+        """How many Inference processes the launcher runs: inference_processes, or with 0,
+        the cores this process may use."""
+        return self.inference_processes or len(os.sched_getaffinity(0))
+
+    def inference_endpoints(self) -> list[InferenceEndpoint]:
+        """Each Inference process's name and ports, process 0 first: the one place the
+        launcher, the gateway renderer, Prometheus targets and the tests take them from."""
+        host, port = split_address(self.inference_address)
+        return [
+            InferenceEndpoint(
+                index=i,
+                address=f"{host}:{port + INFERENCE_PORT_STEP * i}",
+                health_port=self.inference_health_port + INFERENCE_PORT_STEP * i,
+                ops_port=self.inference_ops_port + INFERENCE_PORT_STEP * i,
+                http_port=self.inference_http_port + INFERENCE_PORT_STEP * i,
+            )
+            for i in range(self.inference_process_count)
+        ]
+
+    def for_inference_process(self, endpoint: InferenceEndpoint) -> Settings:
+        """These settings as Inference process ``endpoint`` runs with them: its own ports."""
+        return self.model_copy(update=endpoint.settings_update())
 
     @property
     def mlflow_port(self) -> int:

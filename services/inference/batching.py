@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ class Batcher:
         self._max_size = max(1, max_size)
         self._max_wait_s = max(0.0, max_wait_s)
         self._forward_duration = metrics.FORWARD_DURATION.labels(runtime)
-        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()  # None: close() was called
+        self._queue: deque[_Item | None] = deque()  # None: close() was called
+        self._wakeup: asyncio.Future[None] | None = None  # the batcher waits for a request
         self._carry: _Item | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -80,7 +82,7 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="batcher")
         future: asyncio.Future[Arrays] = loop.create_future()
-        self._queue.put_nowait(_Item(inputs, rows, future))
+        self._put(_Item(inputs, rows, future))
         self._pending += 1
         try:
             return await future
@@ -99,8 +101,26 @@ class Batcher:
         """Answer everything queued, then stop."""
         self._closed = True
         if self._task is not None:
-            self._queue.put_nowait(None)
+            self._put(None)
             await self._task
+
+    def _put(self, item: _Item | None) -> None:
+        self._queue.append(item)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _wait(self, deadline: float | None) -> None:
+        """Until a request is queued, or the loop's clock passes ``deadline``. (A future and
+        a timer: asyncio.wait_for would make a task per wait.)"""
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup = loop.create_future()
+        timer = None if deadline is None else loop.call_at(deadline, _wake, wakeup)
+        try:
+            await wakeup
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
 
     async def _run(self) -> None:
         stopping = False
@@ -111,25 +131,29 @@ class Batcher:
 
     async def _collect(self, stopping: bool) -> tuple[list[_Item], bool]:
         """The next batch, and whether close()'s marker was reached."""
-        first = self._carry or (None if stopping else await self._queue.get())
+        first = self._carry
         self._carry = None
+        if first is None:
+            if stopping:
+                return [], True
+            while not self._queue:
+                await self._wait(None)
+            first = self._queue.popleft()
         if first is None:
             return [], True
         batch, rows = [first], first.rows
-        deadline = time.monotonic() + self._max_wait_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_wait_s
         while rows < self._max_size and not stopping:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.monotonic()
+            if not self._queue:
                 # Wait only for requests that are on their way: none is, when every call
                 # not yet answered is in this batch already.
-                if remaining <= 0 or self._pending <= len(batch):
+                if loop.time() >= deadline or self._pending <= len(batch):
                     break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
+                await self._wait(deadline)
+                if not self._queue:
                     break
+            item = self._queue.popleft()
             if item is None:
                 stopping = True
             elif rows + item.rows > self._max_size or not first.fits(item):
@@ -178,3 +202,8 @@ class Batcher:
         self._forward_duration.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(rows)
         return out
+
+
+def _wake(wakeup: asyncio.Future[None]) -> None:
+    if not wakeup.done():
+        wakeup.set_result(None)

@@ -15,8 +15,7 @@ import hashlib
 import logging
 import struct
 import time
-from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from redis.asyncio import Redis
@@ -122,22 +121,79 @@ def _array(data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     return array.reshape(shape)
 
 
+class RedisWrites:
+    """SETs with a time to live, sent to Redis one pipeline at a time: those asked for while
+    a pipeline is out go in the next one. A lone request's write goes at once; under load,
+    writes gather while the previous pipeline is out, so a round trip serves many requests.
+    The prediction cache's answers and the feedback store's prediction ids share it: a
+    request queues both (``add``) and awaits the one pipeline that carries them."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._pending: list[tuple[str, bytes | str, int]] = []
+        self._done: asyncio.Future[None] | None = None  # the next pipeline's
+        self._sender: asyncio.Task[None] | None = None  # held: the loop's refs are weak
+        self._on_failure: dict[Callable[[Exception], None], None] = {}  # the next pipeline's
+
+    def add(
+        self,
+        items: Sequence[tuple[str, bytes | str]],
+        ttl_s: int,
+        on_failure: Callable[[Exception], None],
+    ) -> asyncio.Future[None]:
+        """Queue SETs for the next pipeline: the future of that pipeline. If it fails, it
+        fails with what Redis raised, and ``on_failure`` is called with that once per
+        pipeline (however many requests it carried for the same owner)."""
+        loop = asyncio.get_running_loop()
+        if self._done is None:
+            self._done = loop.create_future()
+        done = self._done
+        self._pending.extend((key, value, ttl_s) for key, value in items)
+        self._on_failure[on_failure] = None  # an ordered set
+        if self._sender is None:
+            self._sender = loop.create_task(self._send())
+        return done
+
+    async def _send(self) -> None:
+        try:
+            while self._pending:
+                pending, self._pending = self._pending, []
+                on_failure, self._on_failure = self._on_failure, {}
+                done, self._done = self._done, None
+                assert done is not None
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for key, value, ttl_s in pending:
+                            pipe.set(key, value, ex=ttl_s)
+                        await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    for handler in on_failure:
+                        handler(exc)
+                    done.set_exception(exc)
+                    done.exception()  # retrieved: the owners were told
+                else:
+                    done.set_result(None)
+        finally:
+            self._sender = None
+
+
 class PredictionCache:
     """Reads and writes cached probabilities; a TTL of 0 turns it off.
 
-    Concurrent requests share Redis round trips: the reads of every request that asks in one
-    turn of the event loop go out as one MGET, and their writes as one pipeline. Under load
-    that is one round trip for a whole batch of requests instead of two per request. A write
-    is awaited, so a caller's next request finds its answer cached.
+    Concurrent requests share Redis round trips: one MGET is out at a time, and the reads
+    asked for meanwhile go out together in the next; writes likewise, in pipelines
+    (RedisWrites, with the feedback store's). A lone request waits for nobody; under load a
+    round trip serves many requests instead of two per request. A write is awaited, so a
+    caller's next request finds its answer cached.
     """
 
-    def __init__(self, redis: Redis, ttl_s: int) -> None:
+    def __init__(self, redis: Redis, ttl_s: int, writes: RedisWrites) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
+        self._writes = writes
         self._paused_until = 0.0
         self._reads: list[tuple[list[str], asyncio.Future[list[bytes | None]]]] = []
-        self._writes: list[tuple[list[tuple[str, bytes]], asyncio.Future[None]]] = []
-        self._flushes: set[asyncio.Task[None]] = set()
+        self._reader: asyncio.Task[None] | None = None  # held: the loop's refs are weak
 
     @property
     def enabled(self) -> bool:
@@ -163,51 +219,37 @@ class PredictionCache:
         if not self._usable():
             return [None] * len(keys)
         future: asyncio.Future[list[bytes | None]] = asyncio.get_running_loop().create_future()
-        if not self._reads:
-            self._start(self._flush_reads())
         self._reads.append((keys, future))
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
         return await future
 
-    async def put_many(self, items: list[tuple[str, bytes]]) -> None:
-        """Store each (key, value) with the TTL; failures are logged, not raised."""
+    def stage(self, items: list[tuple[str, bytes]]) -> asyncio.Future[None] | None:
+        """Queue (key, value) entries to store with the TTL: the future of the pipeline that
+        carries them (await it so that the next request finds them), None when there is
+        nothing to store. A failure is logged and counted here; awaiting the future raises
+        it, for the caller to ignore."""
         if not items or not self._usable():
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._writes:
-            self._start(self._flush_writes())
-        self._writes.append((items, future))
-        await future
+            return None
+        return self._writes.add(items, self._ttl_s, self._write_failed)
 
-    def _start(self, flush: Coroutine[Any, Any, None]) -> None:
-        # The loop keeps only weak references to tasks: hold each flush until it is done.
-        task = asyncio.get_running_loop().create_task(flush)
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+    def _write_failed(self, exc: Exception) -> None:
+        self._failed("write", exc)
 
-    async def _flush_reads(self) -> None:
-        reads, self._reads = self._reads, []
-        keys = [key for batch, _ in reads for key in batch]
+    async def _read(self) -> None:
         try:
-            values = await self._redis.mget(keys)
-        except (RedisError, OSError) as exc:
-            self._failed("read", exc)
-            values = [None] * len(keys)
-        start = 0
-        for batch, future in reads:
-            if not future.done():
-                future.set_result(values[start : start + len(batch)])
-            start += len(batch)
-
-    async def _flush_writes(self) -> None:
-        writes, self._writes = self._writes, []
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for batch, _ in writes:
-                    for key, value in batch:
-                        pipe.set(key, value, ex=self._ttl_s)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed("write", exc)
-        for _, future in writes:
-            if not future.done():
-                future.set_result(None)
+            while self._reads:
+                reads, self._reads = self._reads, []
+                keys = [key for batch, _ in reads for key in batch]
+                try:
+                    values = await self._redis.mget(keys)
+                except (RedisError, OSError) as exc:
+                    self._failed("read", exc)
+                    values = [None] * len(keys)
+                start = 0
+                for batch, future in reads:
+                    if not future.done():
+                        future.set_result(values[start : start + len(batch)])
+                    start += len(batch)
+        finally:
+            self._reader = None

@@ -16,6 +16,7 @@ import numpy as np
 from services.common.model_contract import FeatureReference
 
 _EPSILON = 1e-4  # floor of a bin's share, so an empty bin does not make the score infinite
+FOLD_ROWS = 64  # rows observed before they are binned together
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -40,6 +41,8 @@ class DriftMonitor:
         self._batches: deque[tuple[int, np.ndarray]] = deque()
         self._counts = np.zeros(self.bins, dtype=np.int64)
         self._rows = 0
+        self._pending: list[tuple[int, np.ndarray]] = []  # (rows, values) not binned yet
+        self._pending_rows = 0
         self._lock = threading.Lock()
 
     def _bin(self, values: np.ndarray) -> np.ndarray:
@@ -50,12 +53,33 @@ class DriftMonitor:
         return np.searchsorted(self.edges[1:-1], values, side="right")
 
     def observe(self, values: np.ndarray) -> None:
-        """Add a batch of rows (the first axis) of this input to the window."""
-        rows = len(values) if values.ndim else 1
-        counts = np.bincount(self._bin(values.ravel()), minlength=self.bins)
+        """Add a batch of rows (the first axis) of this input to the window.
+
+        Batches are binned FOLD_ROWS rows at a time, or when the window is read: one
+        vectorised pass over many single-image requests instead of one per request (on the
+        serving event loop). The window still forgets whole batches, oldest first."""
         with self._lock:
-            self._batches.append((rows, counts))
-            self._counts += counts
+            rows = len(values) if values.ndim else 1
+            self._pending.append((rows, values))
+            self._pending_rows += rows
+            if self._pending_rows >= FOLD_ROWS:
+                self._fold()
+
+    def _fold(self) -> None:
+        """Bin the pending batches (the lock held): each batch's counts in one bincount, the
+        batch's number offsetting its bins."""
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if not pending:
+            return
+        sizes = [v.size for _, v in pending]
+        index = self._bin(np.concatenate([v.ravel() for _, v in pending]))
+        index += np.repeat(np.arange(len(pending), dtype=np.int64) * self.bins, sizes)
+        counts = np.bincount(index, minlength=len(pending) * self.bins).reshape(
+            len(pending), self.bins
+        )
+        for (rows, _), batch_counts in zip(pending, counts, strict=True):
+            self._batches.append((rows, batch_counts))
+            self._counts += batch_counts
             self._rows += rows
             while self._rows - self._batches[0][0] >= self.window_rows:
                 n, old = self._batches.popleft()
@@ -65,11 +89,14 @@ class DriftMonitor:
     @property
     def rows(self) -> int:
         """Rows in the window."""
-        return self._rows
+        with self._lock:
+            self._fold()
+            return self._rows
 
     def score(self) -> float:
         """PSI of the window against the reference; NaN before any row was seen."""
         with self._lock:
+            self._fold()
             total = self._counts.sum()
             if total == 0:
                 return float("nan")

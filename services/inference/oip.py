@@ -3,7 +3,7 @@
 Both of the protocol's faces, the gRPC service ``inference.GRPCInferenceService``
 (oip_servicer.py) and the REST routes under ``/v2`` (oip_http.py), decode their tensors into
 numpy and call OpenInference. It checks them against the version's model contract (read from
-its MLflow signature: services/common/model_contract.py) and asks ``Inference.infer``, so the
+its MLflow signature: services/common/model_contract.py) and asks ``Inference.answer``, so the
 batching, the prediction cache, model loading and the metrics are those of mlmesh's own
 Predict, for every model mlmesh serves.
 

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import asyncpg
@@ -46,7 +47,14 @@ from services.common.settings import Settings
 from services.inference import metrics
 from services.inference.batching import Batcher
 from services.inference.drift import DriftMonitor
-from services.inference.runtime import ModelRaised, Runtime, check_answers, load_runtime
+from services.inference.runtime import (
+    CUDA,
+    ModelRaised,
+    Runtime,
+    check_answers,
+    load_runtime,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +78,29 @@ class LoadedModel:
     batcher: Batcher
     drift: dict[str, DriftMonitor] = field(default_factory=dict)  # by input name
     size_bytes: int = 0
+    _exported: set[str] = field(default_factory=set)  # drift monitors in the metrics
 
-    @property
+    @cached_property
     def labels(self) -> tuple[str, str]:
         return self.name, str(self.version)
 
-    @property
+    @cached_property
     def cache_scope(self) -> str:
         """What identifies this version's answers in the prediction cache."""
         return f"{self.name}:{self.version}:{self.run_id}"
 
     def observe(self, inputs: Mapping[str, np.ndarray]) -> None:
-        """Feed the drift monitors (inputs with a reference) and export their scores."""
+        """Feed the drift monitors (inputs with a reference). Their gauges appear with the
+        first rows and read the monitor when scraped: the score is computed per scrape, not
+        per request."""
         for name, monitor in self.drift.items():
             monitor.observe(inputs[name])
-            metrics.INPUT_DRIFT.labels(*self.labels, name).set(monitor.score())
-            metrics.DRIFT_WINDOW.labels(*self.labels, name).set(monitor.rows)
+            if name not in self._exported:
+                self._exported.add(name)
+                metrics.INPUT_DRIFT.labels(*self.labels, name).set_function(monitor.score)
+                metrics.DRIFT_WINDOW.labels(*self.labels, name).set_function(
+                    lambda monitor=monitor: monitor.rows
+                )
 
     def forget_metrics(self) -> None:
         metrics.MODELS_LOADED.remove(*self.labels, self.runtime.kind)
@@ -145,6 +160,8 @@ class ModelRepository:
         self._audit_db = None if settings.inference_follow_mlflow_aliases else audit_db
         self._store = MlflowStore(settings.mlflow_tracking_uri)
         self._forward_executor = forward_executor
+        # Where forward passes run (MLMESH_INFERENCE_DEVICE), decided once, at start-up.
+        self._device = resolve_device(settings.inference_device)
         self._aliases: dict[tuple[str, str], int] = {}
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Task[LoadedModel]] = {}
@@ -314,6 +331,7 @@ class ModelRepository:
         found = await asyncio.to_thread(self._store.get_model_version, name, version)
         read = await asyncio.to_thread(self._read, name, version, found.run_id, what)
         s = self._settings
+        on_cuda = read.runtime.device == CUDA  # larger batches: settings per device
         model = LoadedModel(
             name=name,
             version=version,
@@ -323,8 +341,10 @@ class ModelRepository:
             batcher=Batcher(
                 forward_of(read.runtime, read.contract),
                 self._forward_executor,
-                s.batch_max_size if read.contract.batched else 1,
-                s.batch_max_wait_ms / 1e3,
+                (s.batch_max_size_cuda if on_cuda else s.batch_max_size)
+                if read.contract.batched
+                else 1,
+                (s.batch_max_wait_ms_cuda if on_cuda else s.batch_max_wait_ms) / 1e3,
                 read.runtime.kind,
             ),
             drift={
@@ -337,9 +357,10 @@ class ModelRepository:
         metrics.MODELS_LOADED.labels(*model.labels, read.runtime.kind).set(1)
         metrics.MODEL_LOAD_DURATION.observe(time.monotonic() - started)
         log.info(
-            "loaded %s (%s, %.1f MB; %s) in %.2f s",
+            "loaded %s (%s on %s, %.1f MB; %s) in %.2f s",
             what,
             read.runtime.kind,
+            read.runtime.device,
             read.size_bytes / 1e6,
             read.contract.describe(),
             time.monotonic() - started,
@@ -397,6 +418,7 @@ class ModelRepository:
                 threads=self._settings.inference_threads,
                 flavors=self._settings.inference_flavor_list,
                 what=what,
+                device=self._device,
             )
             _try_example(meta, local, runtime, contract, what)
             size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())

@@ -40,7 +40,7 @@ from services.common.rollouts import (
     running_rollout,
 )
 from services.inference import metrics
-from services.inference.cache import BACKOFF_S
+from services.inference.cache import BACKOFF_S, RedisWrites
 from services.inference.repository import LoadedModel, ModelRepository
 
 log = logging.getLogger(__name__)
@@ -263,61 +263,45 @@ class Labelled:
 class FeedbackStore:
     """Answers kept under their prediction_id for the retention window, and scored once."""
 
-    def __init__(self, redis: Redis, retention_s: int, tally: Tally) -> None:
+    def __init__(self, redis: Redis, retention_s: int, tally: Tally, writes: RedisWrites) -> None:
         self._redis = redis
         self._retention_s = retention_s
         self._tally = tally
-        self._pending: list[tuple[str, str]] = []
+        self._writes = writes
         self._paused_until = 0.0
-        self._waiter: asyncio.Future[None] | None = None
-        self._writes: set[asyncio.Task[None]] = set()  # held: the loop's refs are weak
 
     @staticmethod
     def new_ids(count: int) -> list[str]:
         return [secrets.token_hex(12) for _ in range(count)]
 
-    async def remember(
+    def stage(
         self,
         ids: Sequence[str],
         model: LoadedModel,
         classes: np.ndarray | None,
         role: str,
         rollout: Rollout | None,
-    ) -> None:
-        """Keep each answer's version and class under its id (nothing for answers without a
-        class); a Redis failure only costs their feedback. The answers of every request that
-        asks in one turn of the event loop go out in one pipeline (as the cache's writes)."""
+    ) -> asyncio.Future[None] | None:
+        """Queue each answer's version and class under its id (nothing for answers without a
+        class), in the pipeline that carries the cache's writes of the same requests: its
+        future (await it so that the id is known when the answer goes out), or None. A Redis
+        failure only costs their feedback: logged here, never raised to the caller."""
         if classes is None or self._retention_s <= 0 or time.monotonic() < self._paused_until:
-            return
+            return None
         base = {"m": model.name, "v": model.version, "s": role,
                 "r": rollout.rollout_id if rollout else ""}  # fmt: skip
-        if self._waiter is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(self._write())
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
-        waiter = self._waiter
-        for pid, cls in zip(ids, classes.tolist(), strict=True):
-            self._pending.append((f"{PREDICTION_KEY_PREFIX}:{pid}", json.dumps({**base, "p": cls})))
-        await asyncio.shield(waiter)
+        items = [
+            (f"{PREDICTION_KEY_PREFIX}:{pid}", json.dumps({**base, "p": cls}))
+            for pid, cls in zip(ids, classes.tolist(), strict=True)
+        ]
+        return self._writes.add(items, self._retention_s, self._write_failed)
 
-    async def _write(self) -> None:
-        await asyncio.sleep(0)  # the requests of this turn of the loop join the pipeline
-        pending, self._pending = self._pending, []
-        waiter, self._waiter = self._waiter, None
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, value in pending:
-                    pipe.set(key, value, ex=self._retention_s)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            # As the prediction cache does: a Redis outage costs one try, not one per request.
-            self._paused_until = time.monotonic() + BACKOFF_S
-            log.warning("could not keep %d answers for feedback (not trying for %.0f s): %s",
-                        len(pending), BACKOFF_S, exc)  # fmt: skip
-        finally:
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+    def _write_failed(self, exc: Exception) -> None:
+        # As the prediction cache does: a Redis outage costs one try, not one per request.
+        if time.monotonic() >= self._paused_until:
+            log.warning("could not keep answers for feedback (not trying for %.0f s): %s",
+                        BACKOFF_S, exc)  # fmt: skip
+        self._paused_until = time.monotonic() + BACKOFF_S
 
     async def label(self, feedback: Sequence[tuple[str, int]], max_batch: int) -> Labelled:
         """Score true labels against the answers kept; each id once."""

@@ -3,6 +3,10 @@
 - an ``onnx`` flavor, or mlmesh's own ONNX export inside the model (ONNX_PATH_IN_MODEL): ONNX
   Runtime (on a CPU it ran mlmesh's CNN 2-3x faster than eager torch);
 - a ``pytorch`` flavor: the module itself, in inference mode;
+- on a CUDA device (MLMESH_INFERENCE_DEVICE): torch on the GPU for a version with a pytorch
+  flavor, even when it has an ONNX export, unless the installed ONNX Runtime has its CUDA
+  provider (the ``onnxruntime`` package mlmesh installs has not: ``onnxruntime-gpu`` is the
+  same module in another distribution, and pip installs the two over each other);
 - anything else with a ``python_function`` flavor (scikit-learn, XGBoost, LightGBM, a custom
   pyfunc): ``mlflow.pyfunc``, in process.
 
@@ -39,10 +43,51 @@ class ModelRaised(Exception):
     """The model's own code failed on a request (its type and message say how)."""
 
 
+CPU, CUDA = "cpu", "cuda"
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device can run torch here: an NVIDIA device node, and torch (a CUDA
+    build) seeing it. torch is imported only where such a node exists."""
+    if not Path("/dev/nvidiactl").exists() and not Path("/dev/nvidia0").exists():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_device(setting: str) -> str:
+    """The device MLMESH_INFERENCE_DEVICE names: ``auto`` is CUDA when cuda_available(), else
+    the CPU; ``cuda`` where there is none is refused, saying so."""
+    if setting == CPU or (setting == "auto" and not cuda_available()):
+        return CPU
+    if setting == CUDA and not cuda_available():
+        raise RuntimeError(
+            "MLMESH_INFERENCE_DEVICE=cuda, but no CUDA device is usable here (no NVIDIA device "
+            "node, or torch does not see one); use auto or cpu"
+        )
+    return CUDA
+
+
+def pick_flavor(flavors: Sequence[str], has_onnx: bool, device: str, onnx_on_cuda: bool) -> str:
+    """The flavor a version runs with: ONNX (the export mlmesh logs, or the onnx flavor) on
+    ONNX Runtime, unless the device is CUDA and ONNX Runtime cannot use it while the version
+    has a pytorch flavor this service loads: then torch, on the GPU. Else its pytorch or
+    python_function flavor (``flavors``: the one it has, if this service loads it); "" when
+    none."""
+    if has_onnx and (device == CPU or onnx_on_cuda or PYTORCH not in flavors):
+        return ONNX
+    for flavor in (PYTORCH, PYFUNC):
+        if flavor in flavors:
+            return flavor
+    return ""
+
+
 class Runtime(Protocol):
     """A forward pass: the contract's inputs (name -> array) to its outputs."""
 
     kind: str  # onnxruntime, torch or pyfunc
+    device: str  # cpu or cuda: where its forward pass runs
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
@@ -53,15 +98,19 @@ class OnnxRuntime:
 
     kind = "onnxruntime"
 
-    def __init__(self, path: Path, contract: ModelContract, threads: int, what: str) -> None:
+    def __init__(
+        self, path: Path, contract: ModelContract, threads: int, what: str, device: str = CPU
+    ) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self._session = onnxruntime.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
-        )
+        providers = ["CPUExecutionProvider"]
+        if device == CUDA:
+            providers.insert(0, "CUDAExecutionProvider")
+        self._session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        self.device = CUDA if "CUDAExecutionProvider" in self._session.get_providers() else CPU
         graph_in = [i.name for i in self._session.get_inputs()]
         graph_out = [o.name for o in self._session.get_outputs()]
         self._feed = _match([t.name for t in contract.inputs], graph_in, what, "inputs")
@@ -82,8 +131,9 @@ class TorchRuntime:
 
     kind = "torch"
 
-    def __init__(self, module: Any, contract: ModelContract) -> None:
-        self._module = module
+    def __init__(self, module: Any, contract: ModelContract, device: str = CPU) -> None:
+        self._module = module.to(device) if device != CPU else module
+        self.device = device
         self._inputs = [t.name for t in contract.inputs]
         self._outputs = contract.outputs
 
@@ -91,7 +141,7 @@ class TorchRuntime:
         import torch
 
         tensors = [
-            torch.from_numpy(a if a.flags.writeable else a.copy())
+            torch.from_numpy(a if a.flags.writeable else a.copy()).to(self.device)
             for a in (inputs[name] for name in self._inputs)
         ]
         with torch.inference_mode():
@@ -110,6 +160,7 @@ class PyfuncRuntime:
     one unnamed tensor, a dict of arrays otherwise."""
 
     kind = "pyfunc"
+    device = CPU
 
     def __init__(self, model: Any, contract: ModelContract, string_columns: set[str]) -> None:
         self._model = model
@@ -135,50 +186,74 @@ class PyfuncRuntime:
 
 
 def load_runtime(
-    model_dir: Path, contract: ModelContract, *, threads: int, flavors: Sequence[str], what: str
+    model_dir: Path,
+    contract: ModelContract,
+    *,
+    threads: int,
+    flavors: Sequence[str],
+    what: str,
+    device: str = CPU,
 ) -> Runtime:
-    """Load the MLflow model in ``model_dir`` with the runtime its flavor asks for.
+    """Load the MLflow model in ``model_dir`` with the runtime its flavor asks for, on
+    ``device`` where the runtime can use it (pick_flavor; the CPU otherwise).
 
     ``flavors`` are those this service may load besides ONNX; ``what`` names the version in
     errors (FailedPrecondition: the version cannot be served here, and why).
     """
     model = mlflow.models.Model.load(str(model_dir))
     available = model.flavors
-    if (model_dir / ONNX_PATH_IN_MODEL).exists():
-        return OnnxRuntime(model_dir / ONNX_PATH_IN_MODEL, contract, threads, what)
-    if ONNX in available:
-        return OnnxRuntime(model_dir / available[ONNX]["data"], contract, threads, what)
-    for flavor in (PYTORCH, PYFUNC):
-        if flavor not in available:
-            continue
-        if flavor not in flavors:
-            raise FailedPrecondition(
-                f"{what} is a {flavor} model, and this service loads only "
-                f"{', '.join(sorted({ONNX, *flavors}))} (MLMESH_INFERENCE_FLAVORS: loading a "
-                f"{flavor} model runs code from the artifact store)"
-            )
-        try:
-            if flavor == PYTORCH:
-                import torch
-                from mlflow import pytorch as mlflow_pytorch
+    export = model_dir / ONNX_PATH_IN_MODEL
+    onnx_path = export if export.exists() else None
+    if onnx_path is None and ONNX in available:
+        onnx_path = model_dir / available[ONNX]["data"]
+    # Of pytorch and python_function, the first the version has is the one it runs with.
+    own = next((f for f in (PYTORCH, PYFUNC) if f in available), None)
+    if own is not None and own not in flavors and onnx_path is None:
+        raise FailedPrecondition(
+            f"{what} is a {own} model, and this service loads only "
+            f"{', '.join(sorted({ONNX, *flavors}))} (MLMESH_INFERENCE_FLAVORS: loading a "
+            f"{own} model runs code from the artifact store)"
+        )
+    loadable = [own] if own is not None and own in flavors else []
+    onnx_on_cuda = _onnx_on_cuda(device)
+    flavor = pick_flavor(loadable, onnx_path is not None, device, onnx_on_cuda)
+    if flavor == ONNX:
+        assert onnx_path is not None
+        return OnnxRuntime(onnx_path, contract, threads, what, CUDA if onnx_on_cuda else CPU)
+    if not flavor:
+        raise FailedPrecondition(
+            f"{what} cannot be served: it has none of the flavors mlmesh runs (onnx, pytorch, "
+            f"python_function); its flavors are {', '.join(available) or 'none'}"
+        )
+    try:
+        if flavor == PYTORCH:
+            import torch
+            from mlflow import pytorch as mlflow_pytorch
 
-                torch.set_num_threads(max(1, threads))
-                return TorchRuntime(mlflow_pytorch.load_model(str(model_dir)), contract)
-            strings = {
-                spec.name
-                for spec in (model.signature.inputs.inputs if contract.columnar else [])
-                if getattr(spec.type, "name", "") == "string"
-            }
-            return PyfuncRuntime(mlflow.pyfunc.load_model(str(model_dir)), contract, strings)
-        except Exception as exc:  # a missing dependency, a corrupt artifact, ...
-            raise FailedPrecondition(
-                f"{what} cannot be served: MLflow could not load its {flavor} model "
-                f"({type(exc).__name__}: {exc})"
-            ) from exc
-    raise FailedPrecondition(
-        f"{what} cannot be served: it has none of the flavors mlmesh runs (onnx, pytorch, "
-        f"python_function); its flavors are {', '.join(available) or 'none'}"
-    )
+            torch.set_num_threads(max(1, threads))
+            module = mlflow_pytorch.load_model(str(model_dir), map_location=device)
+            return TorchRuntime(module, contract, device)
+        strings = {
+            spec.name
+            for spec in (model.signature.inputs.inputs if contract.columnar else [])
+            if getattr(spec.type, "name", "") == "string"
+        }
+        return PyfuncRuntime(mlflow.pyfunc.load_model(str(model_dir)), contract, strings)
+    except Exception as exc:  # a missing dependency, a corrupt artifact, ...
+        raise FailedPrecondition(
+            f"{what} cannot be served: MLflow could not load its {flavor} model "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _onnx_on_cuda(device: str) -> bool:
+    """Whether the installed ONNX Runtime has its CUDA provider (onnxruntime-gpu; the CPU
+    package mlmesh installs has not)."""
+    if device != CUDA:
+        return False
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def check_answers(

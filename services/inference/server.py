@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from mlmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from mlmesh.oip.v2 import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from services.common.process import Backends, ServiceParts, serve_process
+from services.common.process import Backends, ServiceParts, run_service
 from services.common.server import (
     Registration,
     configure_logging,
@@ -15,7 +14,7 @@ from services.common.server import (
     server_ssl_context,
 )
 from services.common.settings import Settings, split_address
-from services.inference.cache import PredictionCache
+from services.inference.cache import PredictionCache, RedisWrites
 from services.inference.oip import OpenInference
 from services.inference.oip_http import OipHttpServer
 from services.inference.oip_servicer import OipServicer
@@ -35,12 +34,13 @@ def build(backends: Backends) -> ServiceParts:
     forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
     repository = ModelRepository(s, forward, backends.pool)
     tally = Tally(backends.redis)
+    writes = RedisWrites(backends.redis)  # the cache's and the feedback store's, batched
     inference = Inference(
         repository,
-        PredictionCache(backends.redis, s.prediction_cache_ttl_s),
+        PredictionCache(backends.redis, s.prediction_cache_ttl_s, writes),
         s.default_model_name,
         RolloutFollower(repository, backends.pool, tally),
-        FeedbackStore(backends.redis, s.feedback_retention_s, tally),
+        FeedbackStore(backends.redis, s.feedback_retention_s, tally, writes),
         s.shadow_queue_size,
     )
     oip = OpenInference(inference, repository, s.inference_max_batch_images)
@@ -88,6 +88,4 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings)
     configure_mlflow_client(settings)
-    asyncio.run(
-        serve_process(settings, settings.inference_address, settings.inference_ops_port, build)
-    )
+    run_service(settings, settings.inference_address, settings.inference_ops_port, build)

@@ -1,18 +1,21 @@
 """The Inference domain: a version's inputs in, its outputs out, through cache and batcher.
 
 Every protocol face calls here: the Open Inference Protocol (any model, its tensors as its
-contract names them) with ``infer``, and mlmesh's own Predict RPCs (image classifiers) with
+contract names them) with ``answer``, and mlmesh's own Predict RPCs (image classifiers) with
 ``classify``. Caching, batching, drift, model resolution, errors and metrics live only here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from redis.exceptions import RedisError
 
 from services.common.errors import FailedPrecondition, Internal, InvalidArgument
 from services.common.rollouts import CANARY, SHADOW, Rollout
@@ -124,12 +127,12 @@ class Inference:
         *,
         read_cache: bool = True,
     ) -> Answer:
-        """``infer`` for a routed request: timed and counted in its rollout's figures,
+        """The answer to a routed request: timed and counted in its rollout's figures,
         shadowed when the rollout says so, and its answers kept for feedback."""
         model, rollout = routed.model, routed.rollout
         started = time.perf_counter()
         try:
-            answer = await self.infer(model, inputs, outputs, read_cache=read_cache)
+            answer, stored = await self._infer(model, inputs, outputs, read_cache)
         except Internal:
             if rollout is not None:
                 self._rollouts.record(rollout, model, routed.role,
@@ -147,7 +150,19 @@ class Inference:
             else ""
         )  # fmt: skip
         classes = classes_of(answer.outputs) if model.contract.batched else None
-        await self._feedback.remember(ids, model, classes, role, rollout)
+        # One pipeline carries both; awaited, so that the caller's next request finds its
+        # answer cached and its id known. A failure was logged and counted by its owner.
+        writes = {
+            w
+            for w in (
+                self._cache.stage(stored),
+                self._feedback.stage(ids, model, classes, role, rollout),
+            )
+            if w is not None
+        }
+        for written in writes:
+            with contextlib.suppress(RedisError, OSError):
+                await asyncio.shield(written)
         return Answer(answer.model_name, answer.model_version, answer.outputs, answer.cached,
                       tuple(ids))  # fmt: skip
 
@@ -177,16 +192,16 @@ class Inference:
         already = self._repository.holds(name, version)
         return Loaded(await self._repository.get(name, version), already)
 
-    async def infer(
+    async def _infer(
         self,
         model: LoadedModel,
         inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str] = (),
-        *,
-        read_cache: bool = True,
-    ) -> Answer:
+        outputs: Sequence[str],
+        read_cache: bool,
+    ) -> tuple[Answer, list[tuple[str, bytes]]]:
         """``model``'s outputs (those named, or all) for ``inputs``, checked against its
-        contract already. ``read_cache=False`` computes fresh answers (still stored)."""
+        contract already, and the cache entries to store for the answers computed.
+        ``read_cache=False`` computes fresh answers (still to be stored)."""
         wanted = [model.contract.output(n).name for n in outputs] or [
             o.name for o in model.contract.outputs
         ]
@@ -201,17 +216,16 @@ class Inference:
             model.batcher.arrived()
         answers = [decode_outputs(v) if v is not None else None for v in found]
         missing = [i for i, a in enumerate(answers) if a is None]
+        stored: list[tuple[str, bytes]] = []
         if missing:
             computed = await self._compute(model, inputs, rows, missing)
             if rows is None:
                 answers[0] = computed
-                stored = [(keys[0], encode_outputs({n: computed[n] for n in wanted}))]
+                stored.append((keys[0], encode_outputs({n: computed[n] for n in wanted})))
             else:
-                stored = []
                 for j, i in enumerate(missing):
                     answers[i] = {n: computed[n][j] for n in wanted}
                     stored.append((keys[i], encode_outputs(answers[i])))
-            await self._cache.put_many(stored)
         if missing and len(missing) == len(answers) and rows is not None:
             result = {n: computed[n] for n in wanted}  # nothing cached: no re-stacking
         elif rows is None:
@@ -226,7 +240,7 @@ class Inference:
         if missing:
             metrics.CACHE_MISSES.labels(name).inc(len(missing))
         metrics.PREDICTIONS.labels(*model.labels).inc(len(answers))
-        return Answer(name, model.version, result, cached)
+        return Answer(name, model.version, result, cached), stored
 
     async def classify(
         self,

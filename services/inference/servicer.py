@@ -38,17 +38,23 @@ def routing_key(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
-def _prediction(p: Predictions, i: int) -> pb.Prediction:
+def _fields(p: Predictions, i: int) -> dict[str, object]:
+    """The fields of image ``i``'s answer: those of pb.Prediction, which PredictResponse
+    repeats (each response is built once from them, never copied from another message)."""
     probabilities = p.probabilities[i]
     best = int(probabilities.argmax())
-    return pb.Prediction(
-        prediction=best,
-        confidence=float(probabilities[best]),
-        probabilities=probabilities.tolist(),
-        cached=bool(p.cached[i]),
-        class_name=p.class_name(best),
-        prediction_id=p.prediction_ids[i] if i < len(p.prediction_ids) else "",
-    )
+    return {
+        "prediction": best,
+        "confidence": float(probabilities[best]),
+        "probabilities": probabilities.tolist(),
+        "cached": bool(p.cached[i]),
+        "class_name": p.class_name(best),
+        "prediction_id": p.prediction_ids[i] if i < len(p.prediction_ids) else "",
+    }
+
+
+def _prediction(p: Predictions, i: int) -> pb.Prediction:
+    return pb.Prediction(**_fields(p, i))
 
 
 def _image(image: pb.Image, field: str) -> tuple[np.ndarray, Shape]:
@@ -79,18 +85,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             read_cache=not fresh_requested(context),
             routing_key=routing_key(context),
         )
-        answer = _prediction(p, 0)
-        metrics.PREDICTION_DURATION.labels("Predict").observe(time.perf_counter() - started)
-        return pb.PredictResponse(
-            prediction=answer.prediction,
-            confidence=answer.confidence,
-            probabilities=answer.probabilities,
-            model_name=p.model_name,
-            model_version=p.model_version,
-            cached=answer.cached,
-            class_name=answer.class_name,
-            prediction_id=answer.prediction_id,
+        response = pb.PredictResponse(
+            model_name=p.model_name, model_version=p.model_version, **_fields(p, 0)
         )
+        metrics.PREDICTION_DURATION.labels("Predict").observe(time.perf_counter() - started)
+        return response
 
     async def PredictBatch(
         self, request: pb.PredictBatchRequest, context: grpc.aio.ServicerContext

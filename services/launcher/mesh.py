@@ -9,7 +9,10 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
+from itertools import groupby
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -88,6 +91,25 @@ def python_service(
         timeout_s=60.0,
         ports=[(host, port), split_address(health), *((host, p) for p in ops_ports)],
     )
+
+
+def inference_specs(settings: Settings) -> list[ChildSpec]:
+    """The Inference processes (Settings.inference_endpoints), started together: each gets
+    its own ports as MLMESH_INFERENCE_* variables, and the gateway balances over them."""
+    specs = []
+    for endpoint in settings.inference_endpoints():
+        own = settings.for_inference_process(endpoint)
+        spec = python_service(
+            own,
+            endpoint.name,
+            "services.inference",
+            endpoint.address,
+            endpoint.ops_port,
+            endpoint.http_port,
+        )
+        env = {f"MLMESH_{k.upper()}": str(v) for k, v in endpoint.settings_update().items()}
+        specs.append(replace(spec, env=env, group="inference"))
+    return specs
 
 
 def worker_spec(settings: Settings) -> ChildSpec:
@@ -180,16 +202,14 @@ def mesh_specs(settings: Settings) -> list[ChildSpec]:
         python_service(s, "registry", "services.registry", s.registry_address, s.registry_ops_port),
         python_service(s, "training", "services.training", s.training_address, s.training_ops_port),
         worker_spec(s),
-        python_service(
-            s,
-            "inference",
-            "services.inference",
-            s.inference_address,
-            s.inference_ops_port,
-            s.inference_http_port,
-        ),
+        *inference_specs(s),
         envoy_spec(s),
     ]
+
+
+def stages(specs: Sequence[ChildSpec]) -> list[list[ChildSpec]]:
+    """``specs`` in start order, those of one group (ChildSpec.group) in one stage."""
+    return [list(stage) for _, stage in groupby(specs, key=lambda spec: spec.group or spec.name)]
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -249,8 +269,14 @@ class Mesh:
             )
             env = child_env(self.settings)
             self._watchdog = Watchdog(env)
-            for spec in mesh_specs(self.settings):
-                self._bring_up(spec, env)
+            for stage in stages(mesh_specs(self.settings)):
+                started = [self._bring_up(spec, env) for spec in stage]
+                for child in started:
+                    if child is not None:
+                        self._wait_ready(*child)
+                for spec in stage:
+                    if spec.after_ready is not None:
+                        spec.after_ready()
         except BaseException:
             self.stop()
             raise
@@ -346,6 +372,10 @@ class Mesh:
         """What a developer needs once the mesh is up: URLs and the API key."""
         s = self.settings
         client, key = self.api_key or ("?", "?")
+        inference = s.inference_endpoints()
+        inference_grpc = ", ".join(e.address for e in inference)
+        processes = f"{len(inference)} process" + ("es" if len(inference) > 1 else "")
+        inference_ops = ", ".join(f":{e.ops_port}" for e in inference)
         rows = [
             ("gateway (REST + gRPC)", s.gateway_url),
             ("MLflow UI and API", f"{s.gateway_mlflow_url} (through the gateway)"),
@@ -358,14 +388,14 @@ class Mesh:
             (
                 "services",
                 f"registry {s.registry_address}, training {s.training_address}, inference "
-                f"{s.inference_address} (gRPC, mutual TLS: certificates in "
+                f"{inference_grpc} ({processes}; gRPC, mutual TLS: certificates in "
                 f"{s.mesh_tls.directory}); MLflow {s.mlflow_tracking_uri} (services' side)",
             ),
             ("Open Inference Protocol", f"{s.gateway_url}/v2 (REST), the gateway (gRPC)"),
             (
                 "metrics",
                 f"registry :{s.registry_ops_port}, training :{s.training_ops_port}, "
-                f"worker :{s.worker_ops_port}, inference :{s.inference_ops_port} (GET /metrics); "
+                f"worker :{s.worker_ops_port}, inference {inference_ops} (GET /metrics); "
                 f"MLflow {s.mlflow_tracking_uri.rstrip('/')}/metrics; "
                 f"Envoy http://{s.gateway_host}:{s.gateway_metrics_port}/stats/prometheus",
             ),
@@ -415,7 +445,9 @@ class Mesh:
             log.info("wrote the mesh's %s in %s", ", ".join(written), files.directory)
         return settings.model_copy(update={"mtls_dir": files.directory.resolve()})
 
-    def _bring_up(self, spec: ChildSpec, env: dict[str, str]) -> None:
+    def _bring_up(self, spec: ChildSpec, env: dict[str, str]) -> tuple[Child, float] | None:
+        """Start ``spec``'s child unless it may reuse what answers already; the child and
+        when it started, for _wait_ready (None: nothing started)."""
         self._check_abort()
         if spec.ready():
             if not spec.reuse_existing:
@@ -424,17 +456,15 @@ class Mesh:
                     "other ports (MLMESH_* settings)"
                 )
             log.info("%s already answers; using it", spec.what)
-        else:
-            if spec.install is not None:
-                spec.install()
-            if spec.reuse_existing and spec.ready():
-                log.info("%s answers after installing it; using it", spec.what)
-            else:
-                self._start(spec, env)
-        if spec.after_ready is not None:
-            spec.after_ready()
+            return None
+        if spec.install is not None:
+            spec.install()
+        if spec.reuse_existing and spec.ready():
+            log.info("%s answers after installing it; using it", spec.what)
+            return None
+        return self._start(spec, env)
 
-    def _start(self, spec: ChildSpec, env: dict[str, str]) -> None:
+    def _start(self, spec: ChildSpec, env: dict[str, str]) -> tuple[Child, float]:
         busy = [f"{host}:{port}" for host, port in spec.ports if port_open(host, port)]
         if busy:
             raise LaunchError(
@@ -447,12 +477,15 @@ class Mesh:
             raise
         except Exception as exc:
             raise LaunchError(f"{spec.what}: cannot prepare it: {exc}") from exc
-        child = Child(spec, command, self.log_dir / f"{spec.name}.log", env)
+        child = Child(spec, command, self.log_dir / f"{spec.name}.log", {**env, **spec.env})
         child.start()
         self._children.append(child)
         if self._watchdog is not None:
             self._watchdog.watch(child)
-        started = time.monotonic()
+        return child, time.monotonic()
+
+    def _wait_ready(self, child: Child, started: float) -> None:
+        spec = child.spec
         while not spec.ready():
             self._check_abort()
             code = child.exit_code()

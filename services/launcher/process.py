@@ -55,6 +55,11 @@ class ChildSpec:
     after_ready: Callable[[], None] | None = None
     # host:port pairs the child binds; they must be free before it starts.
     ports: Sequence[tuple[str, int]] = field(default_factory=tuple)
+    # Environment of this child only, over the mesh's (an Inference process's own ports).
+    env: Mapping[str, str] = field(default_factory=dict)
+    # Children of one group, next to each other in the start order, start at once (the
+    # Inference processes); what comes after waits until all of them are ready.
+    group: str = ""
     stop_signal: signal.Signals = signal.SIGTERM
     # PostgreSQL wants its shutdown signal on the postmaster only; its backends treat
     # SIGINT as "cancel query". Everything else gets it on the whole group.

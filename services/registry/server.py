@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from mlmesh.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.common.process import Backends, ServiceParts, serve_process
+from services.common.process import Backends, ServiceParts, run_service
 from services.common.server import Registration, configure_logging, configure_mlflow_client
 from services.common.settings import Settings
 from services.registry.registry import Registry
@@ -53,6 +52,4 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings)
     configure_mlflow_client(settings)
-    asyncio.run(
-        serve_process(settings, settings.registry_address, settings.registry_ops_port, build)
-    )
+    run_service(settings, settings.registry_address, settings.registry_ops_port, build)

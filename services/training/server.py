@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 from mlmesh.datasets.v1 import datasets_pb2, datasets_pb2_grpc
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
-from services.common.process import Backends, ServiceParts, serve_process
+from services.common.process import Backends, ServiceParts, run_service
 from services.common.server import Registration, configure_logging, configure_mlflow_client
 from services.common.settings import Settings
 from services.datasets.formats import cpu_count
@@ -69,6 +68,4 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings)
     configure_mlflow_client(settings)  # sweeps open and close their parent runs here
-    asyncio.run(
-        serve_process(settings, settings.training_address, settings.training_ops_port, build)
-    )
+    run_service(settings, settings.training_address, settings.training_ops_port, build)

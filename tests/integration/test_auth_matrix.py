@@ -100,6 +100,14 @@ def leave_no_job_running(mesh: Mesh, keys: dict[str, str]) -> Iterator[None]:
     cancel_live_jobs(mesh, [(API_KEY_HEADER, keys["alice"])])
 
 
+def cancel_if_submitted(mesh: Mesh, keys: dict[str, str], method: Method) -> None:
+    """After a Submit* that may have been accepted: cancel the job at once. An empty
+    SubmitTrainingJob trains the full MNIST, and left running it takes the worker's cores from
+    the rest of the matrix."""
+    if method.path.rsplit("/", 1)[-1].startswith("Submit"):
+        cancel_live_jobs(mesh, [(API_KEY_HEADER, keys["alice"])])
+
+
 # -- completeness -------------------------------------------------------------------------------
 
 
@@ -129,10 +137,13 @@ def test_matrix_covers_what_the_gateway_serves(mesh: Mesh) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.path)
-def test_grpc(gateway_channel: grpc.Channel, keys: dict[str, str], method: Method) -> None:
+def test_grpc(
+    mesh: Mesh, gateway_channel: grpc.Channel, keys: dict[str, str], method: Method
+) -> None:
     no_key = call_raw(gateway_channel, method, [])
     wrong = call_raw(gateway_channel, method, [(API_KEY_HEADER, WRONG_KEY)])
     valid = call_raw(gateway_channel, method, [(API_KEY_HEADER, keys["alice"])])
+    cancel_if_submitted(mesh, keys, method)
     unauthenticated = grpc.StatusCode.UNAUTHENTICATED
     if RPC_ACCESS[method.path] == "protected":
         assert _code(no_key) == unauthenticated, no_key
@@ -156,7 +167,9 @@ def _rest_ids(call: tuple[Method, str, str, str]) -> str:
 
 
 @pytest.mark.parametrize("call", REST_CALLS, ids=_rest_ids)
-def test_rest(rest: httpx.Client, keys: dict[str, str], call: tuple[Method, str, str, str]) -> None:
+def test_rest(
+    mesh: Mesh, rest: httpx.Client, keys: dict[str, str], call: tuple[Method, str, str, str]
+) -> None:
     method, verb, template, body = call
     path = concrete(template)
     content = ("[{}]" if method.client_streaming else "{}") if body else None
@@ -166,6 +179,7 @@ def test_rest(rest: httpx.Client, keys: dict[str, str], call: tuple[Method, str,
 
     no_key, wrong = send({}), send({API_KEY_HEADER: WRONG_KEY})
     valid = send({API_KEY_HEADER: keys["alice"]})
+    cancel_if_submitted(mesh, keys, method)
     where = f"{verb} {path}"
     if RPC_ACCESS[method.path] == "protected":
         assert (no_key.status_code, wrong.status_code) == (401, 401), where

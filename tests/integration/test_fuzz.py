@@ -16,7 +16,9 @@ the module, failures included: MLMESH_FUZZ_SEED=<that seed> makes the same cases
 failure found by chance can be replayed, fixed and checked.
 
 Submissions that happen to be valid start real work: each accepted Submit* is cancelled at
-once (its Cancel* RPC), and the module cancels any job left live at the end.
+once (its Cancel* RPC), and the module cancels any job left live at the end. SubmitFeedback
+starts nothing (it records labels), so it has no Cancel*; a fuzzed id was never issued, so
+an accepted one must have recorded no label.
 """
 
 from __future__ import annotations
@@ -384,6 +386,9 @@ def _ident(b: bytes) -> bytes:
 
 _BY_PATH = {m.path: m for m in METHODS}
 
+# Submit RPCs that record data and start no work: there is nothing to cancel.
+RECORDS_ONLY = {"/mlmesh.inference.v1.InferenceService/SubmitFeedback"}
+
 
 def _ids_in(message: object) -> dict[str, str]:
     """Every non-empty string field named *_id in a message, nested ones included."""
@@ -403,9 +408,13 @@ def cancel_accepted(
     service, name = method.path.rsplit("/", 1)
     if not name.startswith("Submit"):
         return
+    reply = message_factory.GetMessageClass(_output_descriptor(method)).FromString(response)
+    if method.path in RECORDS_ONLY:
+        recorded = reply.recorded  # type: ignore[attr-defined]
+        assert recorded == 0, f"{method.path} recorded a fuzzed id: {reply}"
+        return
     cancel = _BY_PATH.get(f"{service}/Cancel{name.removeprefix('Submit')}")
     assert cancel is not None, f"{method.path} has no Cancel RPC to undo it"
-    reply = message_factory.GetMessageClass(_output_descriptor(method)).FromString(response)
     request_type = message_factory.GetMessageClass(_input_descriptor(cancel))
     ids = _ids_in(reply)
     fields = {f.name for f in request_type.DESCRIPTOR.fields}

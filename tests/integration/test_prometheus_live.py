@@ -43,16 +43,17 @@ def prometheus(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     port = free_port()
     mlflow = urlsplit(s.mlflow_tracking_uri)
     targets = {
-        "registry": f"127.0.0.1:{s.registry_ops_port}",
-        "training": f"127.0.0.1:{s.training_ops_port}",
-        "inference": f"127.0.0.1:{s.inference_ops_port}",
-        "worker": f"127.0.0.1:{s.worker_ops_port}",
-        "envoy": f"{s.gateway_host}:{s.gateway_metrics_port}",
-        "mlflow": f"{mlflow.hostname}:{mlflow.port}",
-        "prometheus": f"127.0.0.1:{port}",
+        "registry": [f"127.0.0.1:{s.registry_ops_port}"],
+        "training": [f"127.0.0.1:{s.training_ops_port}"],
+        # One target per Inference process (the launcher runs Settings.inference_endpoints()).
+        "inference": [f"127.0.0.1:{e.ops_port}" for e in s.inference_endpoints()],
+        "worker": [f"127.0.0.1:{s.worker_ops_port}"],
+        "envoy": [f"{s.gateway_host}:{s.gateway_metrics_port}"],
+        "mlflow": [f"{mlflow.hostname}:{mlflow.port}"],
+        "prometheus": [f"127.0.0.1:{port}"],
     }
-    for job, target in targets.items():
-        (config_dir / "targets" / f"{job}.json").write_text(json.dumps([{"targets": [target]}]))
+    for job, listed in targets.items():
+        (config_dir / "targets" / f"{job}.json").write_text(json.dumps([{"targets": listed}]))
     config_path = config_dir / "prometheus.yml"
     config = yaml.safe_load(config_path.read_text())
     config["global"]["scrape_interval"] = "1s"  # the test waits for scrapes, not 15 s

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from services.common.limits import (
     TRAINING_SUBMISSIONS,
     parse_limits,
 )
-from services.common.ratelimit import KEY_PREFIX, RateLimited, RateLimiter
+from services.common.ratelimit import KEY_PREFIX, RateLimited, RateLimiter, lease_size
 from services.launcher.mesh import Mesh
 from tests.conftest import SHARED_REDIS, free_port, metric_sample
 from tests.integration.replicas import inference_replica, second_gateway
@@ -199,6 +200,60 @@ async def test_a_bucket_is_atomic_refills_and_is_per_client() -> None:
         assert all([await take(limiter, f"{tag}-vip") for _ in range(50)])  # off for this one
     finally:
         await redis.aclose()
+
+
+async def test_a_process_takes_its_tokens_in_leases_and_never_more_than_the_bucket() -> None:
+    """Two processes (limiters) on one bucket of 100, refilled at 400/s, take leases of 5
+    tokens: 300 predictions at once get the burst (within a lease per process, plus what
+    refilled meanwhile) in about 100 / 5 calls to Redis, not 300."""
+    redis = Redis.from_url(f"{SHARED_REDIS}/15")
+    limits = parse_limits("predictions=400/s:100")
+    assert lease_size(limits[(PREDICTIONS, "")]) == 5
+    processes = [RateLimiter(redis, limits), RateLimiter(redis, limits)]
+    calls = 0
+    for limiter in processes:
+        script = limiter._script
+
+        async def counted(*args, _script=script, **kwargs):
+            nonlocal calls
+            calls += 1
+            return await _script(*args, **kwargs)
+
+        limiter._script = counted
+    client = f"{secrets.token_hex(4)}-leases"
+    try:
+
+        async def take(limiter: RateLimiter) -> bool:
+            try:
+                await limiter.acquire(PREDICTIONS, client)
+            except RateLimited:
+                return False
+            return True
+
+        started = time.monotonic()
+        results = await asyncio.gather(*(take(processes[i % 2]) for i in range(300)))
+        elapsed = time.monotonic() - started
+        admitted = results.count(True)
+        assert 100 - 2 * 4 <= admitted <= 100 + 400 * elapsed + 1, (admitted, elapsed)
+        assert calls <= admitted / 5 + 10, calls  # a call per lease, and a few that found none
+    finally:
+        await redis.aclose()
+
+
+def test_a_lease_is_a_twentieth_of_the_rate_and_of_the_burst() -> None:
+    texts = ("predictions=2000/s:4000", "predictions=20/s:5", "predictions=40/s:40",
+             "predictions=100000/s:1000", "predictions=5/m:3")  # fmt: skip
+    sizes = {text: lease_size(parse_limits(text)[(PREDICTIONS, "")]) for text in texts}
+    # Submissions and registry writes are rare: exact, a call per request, whatever the limit.
+    other = parse_limits("registry_writes=2000/s:4000")[(REGISTRY_WRITES, "")]
+    assert lease_size(other, REGISTRY_WRITES) == 1
+    assert sizes == {
+        "predictions=2000/s:4000": 100,  # the default: a Redis call per 100 predictions
+        "predictions=20/s:5": 1,  # small limits are exact: a call per request
+        "predictions=40/s:40": 2,
+        "predictions=100000/s:1000": 50,  # the burst bounds it
+        "predictions=5/m:3": 1,
+    }
 
 
 async def test_without_redis_predictions_pass_and_writes_are_refused() -> None:

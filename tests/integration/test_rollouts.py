@@ -163,7 +163,8 @@ def test_bad_rollout_requests_are_refused(ctx: Ctx) -> None:
 
 def test_canary_split_sticky_feedback_and_rollback_by_accuracy(ctx: Ctx) -> None:
     name = ctx.model([0, 3])
-    guards = pb.RolloutGuards(min_requests=100, max_accuracy_drop=0.05, min_feedback=100)
+    # The accuracy guard waits for 137 labels per version (the fewest the candidate may get below).
+    guards = pb.RolloutGuards(min_requests=100, max_accuracy_drop=0.05, min_feedback=137)
     rollout = ctx.start(name, 2, mode=pb.ROLLOUT_MODE_CANARY, weight=20, guards=guards)
     assert rollout.state == pb.ROLLOUT_STATE_RUNNING and rollout.weight == 20
     n = 1000
@@ -184,8 +185,12 @@ def test_canary_split_sticky_feedback_and_rollback_by_accuracy(ctx: Ctx) -> None
     # No labels yet: the accuracy guard waits, whatever the request count.
     time.sleep(2.5)
     assert ctx.get(rollout.rollout_id).state == pb.ROLLOUT_STATE_RUNNING
-    # Labels for the first 1,000 answers, in batches; the same ids again are unknown.
-    labelled = [(a, label_of(i)) for i, a in enumerate(answers)]
+    # Labels for the first 1,000 answers, in batches; the same ids again are unknown. The
+    # candidate's labels go last, so the controller cannot decide before the last batch: until
+    # then the candidate has at most 263 - 250 = 13 labels, short of min_feedback.
+    labelled = sorted(
+        ((a, label_of(i)) for i, a in enumerate(answers)), key=lambda p: p[0].model_version
+    )
     for start in range(0, n, 250):
         batch = labelled[start : start + 250]
         reply = ctx.inference.SubmitFeedback(

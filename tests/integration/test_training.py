@@ -196,8 +196,11 @@ def test_idempotency_key_trains_once(training, auth) -> None:
 
 
 def test_two_jobs_at_once_on_one_worker(training, auth) -> None:
+    # Tiny jobs: what is checked is that they overlap, and each one's start-up alone (a process,
+    # torch, MLflow) outlasts the gap between the two starts.
+    tiny = {**SMALL, "train_subset": 500}
     jobs = [
-        training.SubmitTrainingJob(pb.SubmitTrainingJobRequest(seed=s, **SMALL), metadata=auth).job
+        training.SubmitTrainingJob(pb.SubmitTrainingJobRequest(seed=s, **tiny), metadata=auth).job
         for s in (1, 2)
     ]
     finished = [wait_for(j.job_id, training, auth, TERMINAL) for j in jobs]
@@ -404,7 +407,9 @@ def test_sigkill_of_the_worker_loses_no_job(mesh: Mesh, training, auth, spare_wo
     os.kill(mesh_worker, signal.SIGSTOP)
     try:
         job = training.SubmitTrainingJob(
-            pb.SubmitTrainingJobRequest(train_subset=8000, epochs=2, experiment_name="it-training"),
+            # Big enough to be killed mid-training (the kill follows the run's start at once),
+            # small enough that training it twice is not the test's whole cost.
+            pb.SubmitTrainingJobRequest(train_subset=3000, epochs=2, experiment_name="it-training"),
             metadata=auth,
         ).job
         running = wait_for(job.job_id, training, auth, {pb.JOB_STATE_RUNNING})

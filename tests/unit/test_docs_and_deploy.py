@@ -125,6 +125,10 @@ def test_compose_has_one_front_door_and_mounts_the_mesh_certificates() -> None:
         assert all(path.endswith(target.rsplit("/", 1)[1]) for target, path in files.items())
         # Their health checks ask the plain-text health port.
         assert f"127.0.0.1:{health}" in services[name]["healthcheck"]["test"][-1], name
+    # One Inference process per container, and one gateway endpoint that Docker's DNS
+    # resolves to every container: compose scales with --scale inference=N.
+    for name in ("inference", "gateway-config"):
+        assert services[name]["environment"]["MLMESH_INFERENCE_PROCESSES"] == "1", name
     gateway = {"ca.crt", "gateway.crt", "gateway.key"}
     for name in ("gateway-config", "envoy"):
         assert set(mounted(name)) == {f"{directory}/{f}" for f in gateway}, name

@@ -264,6 +264,22 @@ def test_the_drift_window_forgets_old_rows() -> None:
     assert monitor.score() > 1.0
 
 
+def test_single_rows_are_binned_together_and_the_window_still_forgets_row_by_row() -> None:
+    rng = np.random.default_rng(1)
+    rows = rng.random((150, 784)).astype(np.float32) ** 2  # skewed dark: far from uniform
+    pixels = FeatureReference(np.linspace(0, 1, 11), np.ones(10))
+    one_by_one = DriftMonitor(pixels, window_rows=100)
+    for row in rows:  # 150 requests of one image: binned FOLD_ROWS at a time, or when read
+        one_by_one.observe(row[np.newaxis])
+    assert one_by_one.rows == 100  # the oldest 50 single-row batches are gone, no more
+    last = DriftMonitor(pixels, window_rows=100)
+    last.observe(rows[50:])
+    assert one_by_one.score() == pytest.approx(last.score(), rel=1e-12)
+    assert one_by_one.score() > 0.1
+    one_by_one.observe(rows[:3])  # read at once: not left pending
+    assert one_by_one.rows == 100 and one_by_one.score() != pytest.approx(last.score())
+
+
 def test_uneven_bins_are_searched_and_out_of_range_values_land_in_the_end_bins() -> None:
     column = FeatureReference(np.array([0.0, 1.0, 10.0, 100.0]), np.array([0.5, 0.25, 0.25]))
     monitor = DriftMonitor(column, window_rows=1000)

@@ -312,6 +312,9 @@ def test_configmap_names_only_real_settings() -> None:
     settings = Settings(**{k.removeprefix("MLMESH_").lower(): v for k, v in data.items()})
     assert settings.redis_url == "redis://redis:6379/0"
     assert settings.mlflow_tracking_uri == "http://mlflow:5000"
+    # A pod is one Inference process (and Envoy's renderer, which reads this ConfigMap too,
+    # renders one endpoint: the headless Service); replicas scale it.
+    assert [e.address for e in settings.inference_endpoints()] == ["0.0.0.0:50053"]
     # No password in a ConfigMap: PGPASSWORD comes from the mlmesh-postgres Secret.
     for url in (settings.database_url, settings.mlflow_backend_store_uri):
         assert (urlsplit(url).hostname, urlsplit(url).password) == ("postgres", None), url

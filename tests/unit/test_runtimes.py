@@ -21,7 +21,15 @@ from services.common.model_contract import contract_of
 from services.common.settings import Settings
 from services.inference.batching import Batcher
 from services.inference.repository import LoadedModel, ModelRepository, forward_of
-from services.inference.runtime import ModelRaised, load_runtime
+from services.inference.runtime import (
+    CPU,
+    CUDA,
+    ModelRaised,
+    cuda_available,
+    load_runtime,
+    pick_flavor,
+    resolve_device,
+)
 
 WHAT = "model 'm' version 1"
 
@@ -61,6 +69,30 @@ def test_a_pytorch_model_runs_on_torch_and_the_setting_can_refuse_it(tmp_path: P
         FailedPrecondition, match="is a pytorch model, and this service loads only onnx"
     ):
         load(path, flavors=("onnx",))
+
+
+def test_the_device_a_version_runs_on() -> None:
+    """ONNX on the CPU always; on a CUDA device, torch for a version with a pytorch flavor,
+    unless ONNX Runtime has its CUDA provider (the package mlmesh installs has not)."""
+    assert pick_flavor(["pytorch"], True, CPU, False) == "onnx"  # mlmesh's export, on the CPU
+    assert pick_flavor(["pytorch"], True, CUDA, False) == "pytorch"  # torch on the GPU
+    assert pick_flavor(["pytorch"], True, CUDA, True) == "onnx"  # onnxruntime-gpu installed
+    assert pick_flavor([], True, CUDA, False) == "onnx"  # pytorch not loaded here: the CPU
+    assert pick_flavor(["python_function"], False, CUDA, False) == "python_function"
+    assert pick_flavor([], False, CPU, False) == ""
+    # This machine has no GPU: auto is the CPU, and cuda is refused, saying why.
+    if not cuda_available():
+        assert resolve_device("auto") == CPU
+        with pytest.raises(RuntimeError, match="no CUDA device is usable here"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == CPU
+
+
+def test_every_runtime_says_where_it_runs(tmp_path: Path) -> None:
+    runtime, _ = load(saved_torch(tmp_path / "torch"))
+    assert runtime.device == CPU
+    runtime, _ = load(saved_sklearn(tmp_path / "sklearn")[0])
+    assert runtime.device == CPU
 
 
 def test_a_scikit_learn_model_runs_through_pyfunc_with_its_columns(tmp_path: Path) -> None:

@@ -178,6 +178,7 @@ def running_gateway(tmp: Path, descriptor: Path) -> Iterator[Gateway]:
         registry_address=address,
         training_address=address,
         inference_address=address,
+        inference_processes=1,  # the one upstream stands for every service
         registry_ops_port=_free_port(),
         gateway_port=_free_port(),
         gateway_admin_port=_free_port(),
