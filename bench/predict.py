@@ -48,6 +48,7 @@ import grpc
 import httpx
 import numpy as np
 
+from gateway.keys import new_api_key
 from services.common import db
 from services.common.settings import Settings
 from services.launcher.mesh import API_KEY_HEADER, Mesh, child_env, http_ok
@@ -841,7 +842,7 @@ def bench_settings(
         "mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}",
         "training_queue": f"arq:mlmesh-bench-{tag}",
         "state_dir": state_dir,
-        "api_keys": f"bench={secrets.token_urlsafe(24)}",
+        "api_keys": f"bench={new_api_key(24)}",
         "api_keys_file": None,
         "default_model_name": f"bench-mnist-{tag}",
         "shutdown_grace_s": 3.0,

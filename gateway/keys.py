@@ -78,9 +78,21 @@ def load_api_keys(settings: Settings) -> dict[str, str]:
     return keys
 
 
+def new_api_key(nbytes: int = 32) -> str:
+    """A random URL-safe key that does not start with "-".
+
+    ``token_urlsafe`` starts one key in 64 with "-", and a command line then reads
+    ``--api-key -Xy...`` as a missing value followed by an option: the README's
+    ``mlmesh --api-key "$MLMESH_API_KEY"`` would fail for that key.
+    """
+    while (key := secrets.token_urlsafe(nbytes)).startswith("-"):
+        pass
+    return key
+
+
 def write_dev_key(path: Path, client: str = "dev") -> tuple[str, str]:
     """Generate a development key into ``path`` (mode 0600) and return (client, key)."""
-    key = secrets.token_urlsafe(32)
+    key = new_api_key()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.keys import new_api_key
 from gateway.tls import ensure_mesh_certificates
 from mlmesh.training.v1 import training_pb2, training_pb2_grpc
 from services.common import db
@@ -61,9 +62,7 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "gateway_metrics_port": free_port(),
         "gateway_mlflow_port": free_port(),
         "state_dir": state_dir,
-        "api_keys": ",".join(
-            f"{c}={secrets.token_urlsafe(24)}" for c in ("alice", "bob", "erin", "dave")
-        ),
+        "api_keys": ",".join(f"{c}={new_api_key(24)}" for c in ("alice", "bob", "erin", "dave")),
         # Roomy for the tests' own traffic (the fuzzing among it); erin gets small buckets
         # that tests/integration/test_rate_limits.py drains, and dave one.
         "rate_limits": (

@@ -15,6 +15,7 @@ from gateway.keys import (
     ApiKeyError,
     ApiKeysWatcher,
     load_api_keys,
+    new_api_key,
     parse_api_keys,
     write_dev_key,
 )
@@ -51,6 +52,15 @@ def test_bad_api_keys_are_named_without_the_key(text: str, needle: str) -> None:
     with pytest.raises(ApiKeyError, match=needle) as err:
         parse_api_keys(text, "MLMESH_API_KEYS")
     assert GOOD not in str(err.value)
+
+
+def test_generated_keys_never_start_with_a_dash() -> None:
+    # token_urlsafe starts one key in 64 with "-": among 3,000 some would (all but surely),
+    # and `mlmesh --api-key "$KEY"` would read such a key as an option.
+    keys = [new_api_key(24) for _ in range(3000)]
+    assert not [k for k in keys if k.startswith("-")]
+    assert len(set(keys)) == len(keys) and all(len(k) == 32 for k in keys)
+    assert parse_api_keys(f"alice={keys[0]}", "x") == {"alice": keys[0]}
 
 
 def test_keys_file_and_env_combine(tmp_path: Path) -> None:

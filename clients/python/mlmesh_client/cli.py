@@ -629,7 +629,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--gateway", help="gateway host:port (default $MLMESH_GATEWAY or 127.0.0.1:8000)"
     )
-    parser.add_argument("--api-key", help="API key (default $MLMESH_API_KEY)")
+    parser.add_argument(
+        "--api-key",
+        help="API key (default $MLMESH_API_KEY); write --api-key=KEY for a key that starts "
+        'with "-"',
+    )
     parser.add_argument(
         "--tls", action="store_true", help="the gateway speaks TLS (trust the system's CAs)"
     )
