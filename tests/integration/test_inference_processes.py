@@ -200,3 +200,19 @@ def test_requests_reach_both_processes_and_a_promotion_is_served_by_both(
             rest_predict(2)
             oip_predict(2)
         assert all(predictions(e, name, 2) > 0 for e in endpoints)
+
+        # The cache is the mesh's, not a process's: one image asked 30 times is computed once,
+        # and both processes answer repeats from it (all 29 on one: about 2 in a billion).
+        image = rng.random(784, dtype=np.float32).tolist()
+        hits = [metric_sample(scrape(e), "prediction_cache_hits_total", model_name=name)
+                for e in endpoints]  # fmt: skip
+        cached = [
+            rest.post("/v1/predict", json={"image": image, "model_name": name}).json()["cached"]
+            for _ in range(30)
+        ]
+        assert cached == [False] + [True] * 29, cached
+        rose = [
+            metric_sample(scrape(e), "prediction_cache_hits_total", model_name=name) - h
+            for e, h in zip(endpoints, hits, strict=True)
+        ]
+        assert sum(rose) == 29 and all(r > 0 for r in rose), rose
