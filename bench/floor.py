@@ -15,7 +15,6 @@ answered with a response built once at start, as large as an MNIST answer.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 
@@ -29,6 +28,7 @@ from mlmesh.oip.v2 import grpc_predict_v2_pb2_grpc
 from services.common.server import (
     GrpcServer,
     Registration,
+    run_on_event_loop,
     server_ssl_context,
     wait_for_termination,
 )
@@ -158,13 +158,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
-    main = serve(settings, args.address, args.health_port, args.http_port)
-    if settings.event_loop == "uvloop":  # as the services run (services/common/process.py)
-        import uvloop
-
-        uvloop.run(main)
-    else:
-        asyncio.run(main)
+    # On the event loop the services run on (MLMESH_EVENT_LOOP).
+    run_on_event_loop(settings.event_loop, serve(settings, args.address, args.health_port,
+                                                 args.http_port))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ processes are separate endpoints instead.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import sys
@@ -46,6 +45,7 @@ from bench.predict import (
 )
 from mlmesh.inference.v1 import inference_pb2 as pb
 from mlmesh.inference.v1 import inference_pb2_grpc
+from services.common.server import run_on_event_loop
 from services.launcher.process import port_open
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,12 +77,8 @@ def serve(kind: str, port: int, pool: int) -> None:
         server.add_insecure_port(f"127.0.0.1:{port}")
         server.start()
         server.wait_for_termination()
-    elif kind == "aio+uvloop":
-        import uvloop
-
-        uvloop.run(serve_aio(port))
-    else:
-        asyncio.run(serve_aio(port))
+    else:  # aio+uvloop or aio+asyncio
+        run_on_event_loop(kind.removeprefix("aio+"), serve_aio(port))
 
 
 @dataclass

@@ -18,7 +18,12 @@ from services.common import db
 from services.common.limits import parse_limits
 from services.common.ops import OpsServer, mlflow_check, postgres_check, redis_check
 from services.common.ratelimit import RateLimiter
-from services.common.server import GrpcServer, Registration, wait_for_termination
+from services.common.server import (
+    GrpcServer,
+    Registration,
+    run_on_event_loop,
+    wait_for_termination,
+)
 from services.common.settings import Settings, split_address
 
 log = logging.getLogger(__name__)
@@ -149,10 +154,4 @@ def run_service(
 ) -> None:
     """A service process's entrypoint: ``serve_process`` on the event loop the settings name
     (uvloop by default)."""
-    main = serve_process(settings, address, ops_port, build)
-    if settings.event_loop == "uvloop":
-        import uvloop
-
-        uvloop.run(main)
-    else:
-        asyncio.run(main)
+    run_on_event_loop(settings.event_loop, serve_process(settings, address, ops_port, build))

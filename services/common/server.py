@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +179,17 @@ async def wait_for_termination() -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("termination signal received")
+
+
+def run_on_event_loop(event_loop: str, main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` to the end on the event loop named (MLMESH_EVENT_LOOP): ``uvloop``
+    (libuv, in C) or ``asyncio`` (Python's own)."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 def configure_logging(settings: Settings) -> None:
