@@ -11,7 +11,7 @@ there, which then cannot be served. So:
 - the state directory holds an id (``STATE_DIR/mesh-id``) and MLflow's database is stamped
   with the id of the state directory whose artifacts it describes. Before the launcher starts
   MLflow it compares the two and refuses a mismatch, saying what to do;
-- ``python -m services.launcher reset`` drops the state directory's databases and artifacts,
+- ``mlmesh-server reset`` drops the state directory's databases and artifacts,
   for a fresh start.
 """
 
@@ -151,7 +151,7 @@ def _new_mesh_id(state_dir: Path) -> str:
 
 _WHAT_TO_DO = (
     "Either set MLMESH_STATE_DIR to the state directory that holds those artifacts, if it "
-    "still exists; or start afresh with `python -m services.launcher reset --yes` (it drops "
+    "still exists; or start afresh with `mlmesh-server reset --yes` (it drops "
     "this state directory's databases, {databases}, and its artifacts); or point "
     "MLMESH_DATABASE_URL and MLMESH_MLFLOW_BACKEND_STORE_URI at other databases."
 )

@@ -231,7 +231,7 @@ def test_up_uses_running_postgres_and_redis(state_dir: Path) -> None:
     assert not any("postgres -D" in c or "redis-server" in c for c in commands), commands
     assert refused.returncode == 1, refused.stderr
     assert f"artifacts are in {state_dir}/mlartifacts" in refused.stderr
-    assert "python -m services.launcher reset --yes" in refused.stderr
+    assert "mlmesh-server reset --yes" in refused.stderr
 
 
 def test_up_starts_private_postgres_and_redis(state_dir: Path) -> None:

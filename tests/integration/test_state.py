@@ -72,7 +72,7 @@ def test_the_database_is_paired_with_one_state_directory(
         check_state(settings(tmp_path / "second", urls))
     message = str(refused.value)
     assert f"artifacts are in {(tmp_path / 'first' / 'mlartifacts').resolve()}" in message
-    assert "python -m services.launcher reset --yes" in message
+    assert "mlmesh-server reset --yes" in message
     assert "MLMESH_STATE_DIR" in message
 
     # So is the first one made afresh (its directory removed, its databases still there).
