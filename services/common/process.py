@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,6 +58,7 @@ class ServiceParts:
     registrations: Sequence[Registration]
     background: Sequence[Coroutine[Any, Any, None]] = ()
     sites: Sequence[Site] = ()
+    closers: Sequence[Callable[[], Awaitable[None]]] = ()  # after the servers drained
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ async def serving(
         limiter = RateLimiter(redis, parse_limits(settings.rate_limits))
         backends = Backends(settings, pool, redis, http, limiter)
         parts = build(backends)
+        for close in parts.closers:
+            stack.push_async_callback(close)
         server = GrpcServer(settings, address, parts.registrations, limiter, health_address)
         ops = OpsServer(
             split_address(address)[0],

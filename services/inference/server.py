@@ -35,9 +35,10 @@ def build(backends: Backends) -> ServiceParts:
     repository = ModelRepository(s, forward, backends.pool)
     tally = Tally(backends.redis)
     writes = RedisWrites(backends.redis)  # the cache's and the feedback store's, batched
+    cache = PredictionCache(backends.redis, s.prediction_cache_ttl_s, writes)
     inference = Inference(
         repository,
-        PredictionCache(backends.redis, s.prediction_cache_ttl_s, writes),
+        cache,
         s.default_model_name,
         RolloutFollower(repository, backends.pool, tally),
         FeedbackStore(backends.redis, s.feedback_retention_s, tally, writes),
@@ -69,6 +70,7 @@ def build(backends: Backends) -> ServiceParts:
             inference.shadow.run(),
             tally.flush_forever(),
         ],
+        closers=[writes.lane.aclose, cache.lane.aclose],
         sites=[
             OipHttpServer(
                 oip,
